@@ -1,0 +1,246 @@
+"""The ``carclf`` command: parses arguments, validates input, calls the library.
+
+Exit codes: 0 success, 2 bad input or configuration (one-line reason on stderr), 1 anything
+else. Each command prints the path of what it wrote as the last line of standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from carclf import __version__
+from carclf.errors import UserInputError
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not three numbers: {text!r}") from None
+    if len(parts) != 3 or min(parts) < 0:
+        raise argparse.ArgumentTypeError(f"need train,val,test ratios, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Workers log at WARNING: per-report INFO lines would drown the one line per epoch.
+        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> str:
+    from carclf.data.synth import write_toy_dataset
+
+    counts = (args.train, args.val, args.test)
+    return str(write_toy_dataset(args.out, per_class=counts, seed=args.seed, size=args.size))
+
+
+def cmd_audit(args: argparse.Namespace) -> str:
+    from carclf.data.audit import write_audit
+
+    manifest = write_audit(args.root, args.manifest, args.ratios, args.seed, force=args.force)
+    return str(manifest)
+
+
+def cmd_train(args: argparse.Namespace) -> str:
+    from carclf.config import load_config
+    from carclf.train import run_training
+
+    cfg = load_config(args.config, args.set)
+    _init_ray()
+    result = run_training(cfg)
+    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}), file=sys.stderr)
+    return str(result.run_dir)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> str:
+    from carclf.evaluate import evaluate
+
+    result = evaluate(args.source, args.manifest, args.split, args.out)
+    print(json.dumps(result.metrics["summary"], indent=1), file=sys.stderr)
+    return str(result.report)
+
+
+def cmd_export(args: argparse.Namespace) -> str:
+    from carclf.export import export_run
+
+    bundle = export_run(args.run, args.out, name=args.name)
+    return str(bundle.path)
+
+
+def cmd_predict(args: argparse.Namespace) -> str:
+    from carclf.bundle import load_bundle
+    from carclf.data.transforms import load_image
+    from carclf.inference import OnnxClassifier
+
+    clf = OnnxClassifier(load_bundle(args.bundle))
+    probs = clf.probabilities([load_image(_existing(p)) for p in args.images])
+    preds = clf.top_k(probs, args.top_k)
+    for path, pred in zip(args.images, preds, strict=True):
+        print(json.dumps({"image": path, **pred}))
+    return str(args.bundle)
+
+
+def cmd_explain(args: argparse.Namespace) -> str:
+    from carclf.bundle import load_bundle
+    from carclf.data.transforms import load_image
+    from carclf.explain import Explainer, save_explanations
+
+    explainer = Explainer.from_bundle(load_bundle(args.bundle))
+    images = [load_image(_existing(p)) for p in args.images]
+    exps = explainer.explain(images, method=args.method, target=args.target)
+    names = [Path(p).stem for p in args.images]
+    for path, exp in zip(save_explanations(exps, names, Path(args.out)), exps, strict=True):
+        print(json.dumps({"overlay": str(path), "label": exp.label, "score": exp.score}))
+    return str(args.out)
+
+
+def cmd_serve(args: argparse.Namespace) -> str:
+    from ray import serve
+
+    _init_ray()
+    app = build_serve_app(args.bundles, api_key=args.api_key)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="carclf", route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {', '.join(args.bundles)} at {url} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return url
+
+
+def cmd_demo(args: argparse.Namespace) -> str:
+    from carclf.demo import run_demo
+
+    return str(run_demo(args.config, args.set, build_serve_app, port=args.port))
+
+
+def build_serve_app(bundles: Sequence[str], api_key: str | None = None):  # noqa: ANN201
+    """The Serve application of ``serve/`` for ``bundles``.
+
+    carclf does not import the ``serve`` package (it sits above carclf); like ``serve run``,
+    the CLI resolves the app builder by its import path at run time.
+    """
+    builder = importlib.import_module("serve.app")
+    settings = {"api_key": api_key} if api_key else {}
+    return builder.build_app(builder.AppArgs(bundles=list(bundles), settings=settings))
+
+
+def _existing(path: str) -> str:
+    if not Path(path).is_file():
+        raise UserInputError(f"image not found: {path}")
+    return path
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``carclf`` command."""
+    parser = argparse.ArgumentParser(prog="carclf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"carclf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded data set")
+    p.add_argument("--config", default="jobs/configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="data sets and manifests").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("synth", help="write the embedded toy data set")
+    p.add_argument("out")
+    p.add_argument("--train", type=int, default=160, help="images per class in train")
+    p.add_argument("--val", type=int, default=40)
+    p.add_argument("--test", type=int, default=40)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+    p = data.add_parser("audit", help="scan, check and split an image tree into a manifest")
+    p.add_argument("root")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--ratios", type=_ratios, default=(0.7, 0.15, 0.15))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--force", action="store_true", help="rebuild an existing manifest")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("train", help="Ray Train fine-tuning")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, plots and a report for a run or bundle")
+    p.add_argument("source", help="run directory or bundle directory")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="ONNX + safetensors bundle with the parity check")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", help="model name in the bundle (default: the config's task)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="top-k predictions from a bundle, without Serve")
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays from a bundle, without Serve")
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="gradcam")
+    p.add_argument("--target", help="class name or index (default: the predicted class)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="the Serve app on a local Ray")
+    p.add_argument("bundles", nargs="+")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key in the x-api-key header")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``carclf`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        out = args.func(args)
+    except UserInputError as exc:
+        print(f"carclf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

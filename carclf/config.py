@@ -1,0 +1,146 @@
+"""Configuration: YAML file → ``--set`` overrides → validated pydantic model → plain dict into Ray.
+
+The models here are the only schema of a carclf config. Workers re-validate the dict they are
+handed (``Config.model_validate``), and every output directory gets the resolved ``config.yaml``
+so that a run can be reproduced from what it wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from carclf.errors import UserInputError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    manifest: str | None = None
+    root: str | None = None
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per train worker")
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if not self.manifest and not self.root:
+            raise ValueError("set data.manifest (a Parquet manifest) or data.root (an image tree)")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = "resnet10t"
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    img_size: int | None = Field(None, gt=0, description="input side; None keeps the model's")
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="None keeps the model's")
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model arguments")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch, split across workers")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    monitor: Literal["val_acc", "val_f1_macro", "val_loss"] = "val_acc"
+    max_failures: int = Field(0, ge=-1)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class ExportConfig(_Strict):
+    parity_images: int = Field(32, ge=1, description="test images the ONNX parity check runs")
+    atol: float = Field(1e-4, gt=0.0, description="max abs logit difference ONNX vs PyTorch")
+    opset: int = Field(18, ge=13)
+
+
+class Config(_Strict):
+    """A carclf run: every command reads the keys it needs from this one model."""
+
+    output_dir: str
+    seed: int = 42
+    task: str = "body_type"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and a YAML-typed value (``3e-4`` is a float)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserInputError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 3e-4 as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.path=value`` override set."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict; the error names the source and the first bad key."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UserInputError(f"{source}: {key}: {err['msg']}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path}: the top level must be a mapping of keys")
+    return validate_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def save_config(cfg: Config, directory: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml`` beside an output."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "config.yaml"
+    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return out

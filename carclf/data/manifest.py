@@ -1,0 +1,111 @@
+"""The Parquet manifest: one row per usable image, a fixed schema, the label map in the metadata.
+
+The manifest is the only description of a data set that training, evaluation and export read, and
+the label order stored in it (``labels``) is the label order of every model trained on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from carclf.errors import UserInputError
+
+SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("label_index", pa.int32(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+    ]
+)
+LABELS_KEY = b"carclf.labels"
+ROOT_KEY = b"carclf.root"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: the table, the label order and where it was read from."""
+
+    table: pa.Table
+    labels: list[str]
+    path: Path | None = None
+
+    def split(self, name: str) -> list[tuple[str, int]]:
+        """``(path, label_index)`` of every image in split ``name``, in manifest order."""
+        rows = self.table.filter(pa.compute.equal(self.table["split"], name))
+        return list(zip(rows["path"].to_pylist(), rows["label_index"].to_pylist(), strict=True))
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(set(self.table["split"].to_pylist()))
+
+
+def write_manifest(rows: list[dict], labels: list[str], path: str | Path, root: str = "") -> Path:
+    """Write ``rows`` (dicts with the schema's columns) atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    metadata = {LABELS_KEY: json.dumps(labels).encode(), ROOT_KEY: root.encode()}
+    table = table.replace_schema_metadata(metadata)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
+    os.close(fd)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def validate_table(table: pa.Table, source: str) -> list[str]:
+    """Check the schema column by column and return the label map; the error names the column."""
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            raise UserInputError(f"{source}: manifest column {field.name!r} is missing")
+        actual = table.schema.field(field.name).type
+        if actual != field.type:
+            raise UserInputError(
+                f"{source}: manifest column {field.name!r} is {actual}, expected {field.type}"
+            )
+        if table[field.name].null_count:
+            raise UserInputError(f"{source}: manifest column {field.name!r} has null values")
+    meta = table.schema.metadata or {}
+    if LABELS_KEY not in meta:
+        raise UserInputError(f"{source}: manifest has no label map ({LABELS_KEY.decode()})")
+    labels = json.loads(meta[LABELS_KEY])
+    indices = table["label_index"].to_pylist()
+    if indices and (min(indices) < 0 or max(indices) >= len(labels)):
+        raise UserInputError(f"{source}: manifest column 'label_index' is outside the label map")
+    return labels
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"manifest not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserInputError(f"{path}: not a Parquet manifest ({exc})") from None
+    labels = validate_table(table, str(path))
+    return Manifest(table=table, labels=labels, path=path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,160 @@
+"""Explanations over pytorch-grad-cam: class-activation maps on the bundle's PyTorch weights.
+
+A CAM object keeps per-call state (hooks, activations, gradients), so :class:`Explainer` builds
+a fresh one for every call and releases it afterwards: concurrent requests never share one.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import (
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from safetensors.torch import load_file
+from torch import nn
+
+from carclf.bundle import Bundle
+from carclf.config import ModelConfig
+from carclf.data.transforms import Preprocess, eval_transform
+from carclf.errors import UserInputError
+from carclf.models import create_model
+
+METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+}
+
+
+@dataclass
+class Explanation:
+    """One explained image: the class explained, its score, the heatmap and the overlay."""
+
+    label: str
+    score: float
+    target: int
+    method: str
+    heatmap: np.ndarray  # float32 in [0, 1], the model's input size
+    overlay: Image.Image
+
+    def heatmap_image(self) -> Image.Image:
+        """The heatmap as an 8-bit grayscale image."""
+        return Image.fromarray((self.heatmap * 255).astype(np.uint8), mode="L")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """Encode an image as PNG."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Explainer:
+    """Grad-CAM family explanations for one model.
+
+    Args:
+        model: the classifier, in eval mode.
+        preprocess: its preprocessing (the bundle's).
+        labels: class names in index order.
+        target_layer: dotted name of the module to hook.
+    """
+
+    def __init__(
+        self, model: nn.Module, preprocess: Preprocess, labels: list[str], target_layer: str
+    ) -> None:
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.labels = labels
+        self.transform = eval_transform(preprocess)
+        modules = dict(model.named_modules())
+        if target_layer not in modules:
+            raise ValueError(f"target layer {target_layer!r} is not a module of the model")
+        self.target_layer = modules[target_layer]
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Explainer:
+        """Rebuild the PyTorch model from ``weights.safetensors`` (never a pickle)."""
+        info = bundle.info
+        model = create_model(ModelConfig(**info.model_spec), info.num_classes, pretrained=False)
+        model.load_state_dict(load_file(str(bundle.weights_path)))
+        return cls(model, info.preprocess, info.labels, info.cam_target_layer)
+
+    def resolve_target(self, target: int | str | None, default: int) -> int:
+        """A class index from an index, a class name or None (the predicted class)."""
+        if target is None or target == "":
+            return default
+        if isinstance(target, str) and not target.lstrip("-").isdigit():
+            if target not in self.labels:
+                raise UserInputError(f"target: unknown class {target!r}")
+            return self.labels.index(target)
+        index = int(target)
+        if not 0 <= index < len(self.labels):
+            raise UserInputError(f"target: class index {index} is outside 0..{len(self.labels) - 1}")
+        return index
+
+    def explain(
+        self, images: list[Image.Image], method: str = "gradcam", target: int | str | None = None
+    ) -> list[Explanation]:
+        """Explain a batch of decoded RGB images.
+
+        Args:
+            images: the images.
+            method: a key of :data:`METHODS`.
+            target: class to explain (name or index); None explains each predicted class.
+        """
+        if method not in METHODS:
+            raise UserInputError(f"method: unknown {method!r}; one of {', '.join(METHODS)}")
+        batch = torch.stack([self.transform(img) for img in images])
+        with torch.no_grad():
+            probs = torch.softmax(self.model(batch), dim=1).numpy()
+        targets = [self.resolve_target(target, int(p.argmax())) for p in probs]
+        with METHODS[method](model=self.model, target_layers=[self.target_layer]) as cam:
+            maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in targets])
+        out = []
+        for img, heat, t, p in zip(images, maps, targets, probs, strict=True):
+            heat = np.nan_to_num(heat.astype(np.float32)).clip(0.0, 1.0)
+            out.append(
+                Explanation(
+                    label=self.labels[t],
+                    score=float(p[t]),
+                    target=t,
+                    method=method,
+                    heatmap=heat,
+                    overlay=self.overlay(img, heat),
+                )
+            )
+        return out
+
+    def overlay(self, img: Image.Image, heat: np.ndarray) -> Image.Image:
+        """The heatmap drawn over the image as the model saw it (resized to the input size)."""
+        h, w = heat.shape
+        rgb = np.asarray(img.convert("RGB").resize((w, h)), dtype=np.float32) / 255.0
+        return Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True))
+
+
+def save_explanations(explanations: list[Explanation], names: list[str], out: Path) -> list[Path]:
+    """Write ``<name>.overlay.png`` and ``<name>.heatmap.png`` for each explanation."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for exp, name in zip(explanations, names, strict=True):
+        overlay = out / f"{name}.overlay.png"
+        exp.overlay.save(overlay)
+        exp.heatmap_image().save(out / f"{name}.heatmap.png")
+        written.append(overlay)
+    return written

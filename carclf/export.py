@@ -1,0 +1,131 @@
+"""Export a run's best checkpoint as a bundle, gated by an ONNX-vs-PyTorch parity check."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from carclf.bundle import ONNX_FILE, WEIGHTS_FILE, Bundle, BundleInfo, write_bundle
+from carclf.data.manifest import file_sha256, read_manifest
+from carclf.data.transforms import eval_transform, load_image
+from carclf.errors import UserInputError
+from carclf.inference import onnx_session
+from carclf.metrics import core_metrics, softmax
+from carclf.models import cam_target_layer
+from carclf.train import load_run
+
+
+class ParityError(RuntimeError):
+    """onnxruntime and PyTorch disagree on the same images: the export is not trustworthy."""
+
+
+def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path, opset: int) -> None:
+    """Write ``model`` as ONNX with a dynamic batch axis, input ``input``, output ``logits``."""
+    dummy = torch.zeros(2, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,  # one self-contained file; the bundle hashes it
+        verbose=False,
+    )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def parity_check(
+    model: nn.Module, onnx_path: Path, batch: torch.Tensor, atol: float
+) -> dict[str, float]:
+    """Compare PyTorch and onnxruntime logits on ``batch``; raise :class:`ParityError` on a gap.
+
+    Returns:
+        ``images``, ``top1_agreement`` and ``max_abs_diff`` of the comparison.
+    """
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    session, _ = onnx_session(str(onnx_path), threads=torch.get_num_threads())
+    actual = session.run(["logits"], {"input": batch.numpy()})[0]
+    agreement = float((expected.argmax(1) == actual.argmax(1)).mean())
+    max_diff = float(np.abs(expected - actual).max())
+    report = {"images": len(batch), "top1_agreement": agreement, "max_abs_diff": max_diff}
+    if agreement < 1.0 or max_diff > atol:
+        raise ParityError(
+            f"ONNX export differs from PyTorch on {len(batch)} images: top-1 agreement "
+            f"{agreement:.4f} (need 1.0), max |logit diff| {max_diff:.2e} (need <= {atol:.0e})"
+        )
+    return report
+
+
+def _load_batch(paths: list[str], transform) -> torch.Tensor:  # noqa: ANN001
+    return torch.stack([transform(load_image(p)) for p in paths])
+
+
+def _test_metrics(onnx_path: Path, records: list[tuple[str, int]], transform) -> dict:  # noqa: ANN001
+    session, _ = onnx_session(str(onnx_path), threads=torch.get_num_threads())
+    probs, labels = [], []
+    for start in range(0, len(records), 64):
+        chunk = records[start : start + 64]
+        batch = _load_batch([p for p, _ in chunk], transform).numpy()
+        probs.append(softmax(session.run(["logits"], {"input": batch})[0]))
+        labels += [y for _, y in chunk]
+    return {f"test_{k}": v for k, v in core_metrics(np.array(labels), np.concatenate(probs)).items()}
+
+
+def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) -> Bundle:
+    """Export the best checkpoint of ``run_dir`` into the bundle directory ``out``.
+
+    The parity check runs on the first ``export.parity_images`` test images (validation images
+    when the test split is empty), and the bundle's metrics are onnxruntime's on the test split.
+    """
+    trained = load_run(run_dir)
+    cfg, model = trained.cfg, trained.model
+    manifest = read_manifest(trained.manifest)
+    records = manifest.split("test") or manifest.split("val")
+    if not records:
+        raise UserInputError(f"{manifest.path}: no test or validation images for the parity check")
+    transform = eval_transform(trained.preprocess)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_tmp = Path(tmp) / ONNX_FILE
+        export_onnx(model, trained.preprocess.input_size, onnx_tmp, cfg.export.opset)
+        batch = _load_batch([p for p, _ in records[: cfg.export.parity_images]], transform)
+        parity = parity_check(model, onnx_tmp, batch, cfg.export.atol)
+        metrics = {**_test_metrics(onnx_tmp, records, transform), "parity": parity}
+        pre = trained.preprocess
+        info = BundleInfo(
+            name=name or cfg.task,
+            task=cfg.task,
+            labels=trained.labels,
+            arch=cfg.model.name,
+            num_classes=len(trained.labels),
+            input_size=pre.input_size,
+            mean=pre.mean,
+            std=pre.std,
+            interpolation=pre.interpolation,
+            crop_pct=pre.crop_pct,
+            cam_target_layer=cam_target_layer(model),
+            model_spec=cfg.model.model_dump(mode="json") | {"pretrained": False},
+            metrics=metrics,
+            manifest_sha256=file_sha256(manifest.path),
+        )
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        return write_bundle(
+            out,
+            info,
+            {
+                ONNX_FILE: lambda p: shutil.copyfile(onnx_tmp, p),
+                WEIGHTS_FILE: lambda p: save_file(weights, str(p)),
+            },
+        )
+

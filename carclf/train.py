@@ -1,0 +1,379 @@
+"""Ray Train fine-tuning: the driver (`run_training`) and the per-worker loop it launches.
+
+The worker step is plain PyTorch (``train_one_epoch``, ``predict_loader``) so it runs without Ray
+in unit tests and on a lent GPU. Ray adds the data-parallel wrapping, the reporting and the
+checkpoints. A rerun with the same ``output_dir`` resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from carclf.config import Config, save_config
+from carclf.data.audit import write_audit
+from carclf.data.dataset import ManifestDataset
+from carclf.data.manifest import Manifest, read_manifest
+from carclf.data.transforms import Preprocess, eval_transform, preprocess_for, train_transform
+from carclf.errors import UserInputError
+from carclf.metrics import core_metrics, softmax
+from carclf.models import check_model_name, create_model
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+RUN_FILE = "run.json"
+
+
+# --- plain PyTorch: one epoch of training, predictions over a loader -------------------------
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; return loss, accuracy and images/s of this worker."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images)
+        loss = criterion(logits, labels)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "images_per_s": seen / max(elapsed, 1e-9),
+    }
+
+
+@torch.no_grad()
+def predict_loader(
+    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for every batch of ``loader``, in order."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        all_logits.append(model(images.to(device)).float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum over every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-step cosine decay after a linear warmup, or none."""
+    if cfg.train.scheduler == "none":
+        return None
+    total = max(cfg.train.epochs * steps_per_epoch, 1)
+    warmup = cfg.train.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's generators."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- checkpoints: safetensors weights + the state needed to resume ---------------------------
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]
+) -> None:
+    """Write weights (safetensors), optimizer/scheduler state and metadata into ``directory``."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(directory / WEIGHTS_FILE))
+    torch.save(state, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load ``model.safetensors`` from a checkpoint directory into ``model`` (strict)."""
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    return model
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint: config, labels, preprocessing, metrics, epoch."""
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+# --- the Ray Train worker --------------------------------------------------------------------
+
+
+def _gather(array: np.ndarray) -> np.ndarray:
+    """Concatenate an array across all workers (identity without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return array
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, array)
+    return np.concatenate(parts)
+
+
+def _loaders(
+    cfg: Config, manifest: Manifest, pre: Preprocess, world: int
+) -> tuple[DataLoader, DataLoader]:
+    per_worker = max(cfg.train.batch_size // world, 1)
+    train_set = ManifestDataset(manifest.split("train"), train_transform(pre, cfg.data.augment))
+    val_set = ManifestDataset(manifest.split("val"), eval_transform(pre))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
+    train = DataLoader(train_set, per_worker, shuffle=True, generator=generator, **common)
+    val = DataLoader(val_set, per_worker, shuffle=False, **common)
+    return train, val
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: re-validate the config, train, report each epoch, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(config["cfg"])
+    torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))
+    seed_everything(cfg.seed)
+    ctx = ray.train.get_context()
+    manifest = read_manifest(config["manifest"])
+    model = create_model(cfg.model, len(manifest.labels))
+    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
+    train_loader, val_loader = _loaders(cfg, manifest, pre, ctx.get_world_size())
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=True)
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    start_epoch, best = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            load_weights(bare, d)
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+    device = ray.train.torch.get_device()
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, criterion, scheduler, device)
+        logits, labels = predict_loader(model, val_loader, device)
+        logits, labels = _gather(logits), _gather(labels)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+        val = {f"val_{k}": v for k, v in core_metrics(labels, softmax(logits)).items()}
+        metrics = {"epoch": epoch, **stats, "val_loss": val_loss, **val,
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_s": stats["images_per_s"] * ctx.get_world_size()}  # fmt: skip
+        score = metrics[cfg.train.monitor] * (-1 if cfg.train.monitor == "val_loss" else 1)
+        best = score if best is None else max(best, score)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if ctx.get_world_rank() == 0:
+                state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
+                         "scheduler": scheduler.state_dict() if scheduler else None}  # fmt: skip
+                meta = {"config": cfg.model_dump(mode="json"), "labels": manifest.labels,
+                        "preprocess": pre.model_dump(mode="json"), "metrics": metrics,
+                        "manifest": config["manifest"]}  # fmt: skip
+                save_checkpoint(Path(tmp), bare, state, meta)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its outputs and how its best epoch scored."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    metrics: dict[str, Any]
+    labels: list[str]
+
+
+def _epoch_logger() -> Any:
+    import ray.train
+
+    class EpochLog(ray.train.UserCallback):
+        """Appends rank 0's metrics to ``epochs.csv`` and prints one line per epoch."""
+
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            row = metrics[0]
+            new = not self.path.exists()
+            with self.path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+            print(
+                f"[carclf] epoch {row['epoch']}: train_loss {row['train_loss']:.3f} "
+                f"val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} "
+                f"val_f1 {row['val_f1_macro']:.3f} {row['images_per_s']:.0f} img/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return EpochLog
+
+
+def resolve_manifest(cfg: Config) -> Path:
+    """The manifest to train on: ``data.manifest``, or an audit of ``data.root`` into the run."""
+    if cfg.data.manifest:
+        return Path(cfg.data.manifest).resolve()
+    out = Path(cfg.output_dir) / "manifest.parquet"
+    return write_audit(cfg.data.root, out, seed=cfg.seed).resolve()
+
+
+def check_training_input(cfg: Config, manifest: Manifest) -> None:
+    """Refuse bad configuration before any worker starts."""
+    check_model_name(cfg.model.name)
+    for split in ("train", "val"):
+        if not manifest.split(split):
+            raise UserInputError(f"{manifest.path}: split {split!r} is empty")
+    n_train = len(manifest.split("train"))
+    if cfg.train.batch_size > n_train:
+        raise UserInputError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} "
+            "training images"
+        )
+    if cfg.train.batch_size < cfg.scaling.num_workers:
+        raise UserInputError("train.batch_size: smaller than scaling.num_workers")
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Fine-tune ``cfg.model`` on Ray Train; the run directory is ``cfg.output_dir``.
+
+    Rerunning with the same ``output_dir`` resumes from the last checkpoint there.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(cfg.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = resolve_manifest(cfg)
+    manifest = read_manifest(manifest_path)
+    check_training_input(cfg, manifest)
+    save_config(cfg, run_dir)
+    sign = "max" if cfg.train.monitor != "val_loss" else "min"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": str(manifest_path)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=cfg.train.monitor,
+                checkpoint_score_order=sign,
+            ),
+            callbacks=[_epoch_logger()(run_dir / "epochs.csv")],
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker))}},
+        ),
+    )
+    result = trainer.fit()
+    if not result.best_checkpoints:
+        raise RuntimeError(f"{run_dir}: training reported no checkpoint (already finished?)")
+    pick = max if sign == "max" else min
+    best_ckpt, best_metrics = pick(result.best_checkpoints, key=lambda c: c[1][cfg.train.monitor])
+    write_run_file(run_dir, Path(best_ckpt.path), best_metrics)
+    return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels)
+
+
+def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:
+    """Mark a run finished: ``run.json`` names its best checkpoint and that epoch's metrics."""
+    run = {"best_checkpoint": str(best_checkpoint), "metrics": metrics}
+    path = run_dir / RUN_FILE
+    path.write_text(json.dumps(run, indent=2))
+    return path
+
+
+@dataclass
+class TrainedModel:
+    """The best checkpoint of a run, loaded back into PyTorch."""
+
+    model: nn.Module
+    cfg: Config
+    labels: list[str]
+    preprocess: Preprocess
+    metrics: dict[str, Any]
+    manifest: str
+
+
+def load_run(run_dir: str | Path) -> TrainedModel:
+    """Load the best checkpoint of a finished run (``run.json`` names it), in eval mode."""
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise UserInputError(f"{run_dir}: not a finished training run (no {RUN_FILE})")
+    ckpt = Path(json.loads(run_file.read_text())["best_checkpoint"])
+    meta = read_meta(ckpt)
+    cfg = Config.model_validate(meta["config"])
+    model = create_model(cfg.model, len(meta["labels"]), pretrained=False)
+    load_weights(model, ckpt).eval()
+    return TrainedModel(
+        model=model,
+        cfg=cfg,
+        labels=meta["labels"],
+        preprocess=Preprocess.model_validate(meta["preprocess"]),
+        metrics=meta["metrics"],
+        manifest=meta["manifest"],
+    )

@@ -1,0 +1,1 @@
+"""The carclf Ray Serve application (``serve run serve/config.yaml``)."""

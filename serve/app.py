@@ -1,0 +1,43 @@
+"""The app builder: pydantic arguments → the Serve application for a list of bundles.
+
+Used by ``serve run serve/config.yaml``, ``serve deploy`` and ``carclf serve`` alike.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from ray.serve import Application
+
+from carclf.bundle import load_bundle
+from carclf.errors import UserInputError
+from serve.deployments import Classifier, Explainer
+from serve.ingress import Ingress, ServeSettings
+
+
+class AppArgs(BaseModel):
+    """Arguments of the carclf Serve application."""
+
+    bundles: list[str] = Field(min_length=1, description="bundle directories, one model each")
+    settings: ServeSettings = Field(default_factory=ServeSettings)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    classifier_replicas: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
+def build_app(args: AppArgs) -> Application:
+    """One classifier and one explainer per bundle, behind one FastAPI ingress."""
+    classifiers, explainers = {}, {}
+    batching = {"max_batch_size": args.max_batch_size,
+                "batch_wait_timeout_s": args.batch_wait_timeout_s}  # fmt: skip
+    for path in args.bundles:
+        name = load_bundle(path, verify=False).info.name
+        if name in classifiers:
+            raise UserInputError(f"two bundles are named {name!r}; model names must be unique")
+        classifiers[name] = Classifier.options(
+            name=f"classifier-{name}",
+            num_replicas=args.classifier_replicas,
+            user_config=batching,
+        ).bind(path, use_gpu=args.use_gpu)
+        explainers[name] = Explainer.options(name=f"explainer-{name}").bind(path)
+    return Ingress.bind(classifiers, explainers, args.settings.model_dump())

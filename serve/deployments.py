@@ -1,0 +1,105 @@
+"""The model deployments: one ONNX classifier and one Grad-CAM explainer per bundle.
+
+Both load the same bundle (verified hashes) and take decoded RGB images from the ingress, so
+the classifier and the explainer see the very same pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+from ray import serve
+
+from carclf.bundle import load_bundle
+from carclf.explain import Explainer as CamExplainer
+from carclf.explain import png_bytes
+from carclf.inference import OnnxClassifier
+from carclf.metrics import softmax
+
+log = logging.getLogger("ray.serve")
+
+
+def _replica_cpus() -> int:
+    """CPUs this replica was given: onnxruntime and torch get that many threads, no more."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:  # outside a replica (unit tests)
+        cpus = 1
+    return max(int(cpus), 1)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+class Classifier:
+    """onnxruntime inference with dynamic batching (``@serve.batch``).
+
+    Args:
+        bundle_path: the bundle directory.
+        use_gpu: use the CUDA provider when the replica has a GPU.
+    """
+
+    def __init__(self, bundle_path: str, use_gpu: bool = False) -> None:
+        bundle = load_bundle(bundle_path)
+        self.clf = OnnxClassifier(bundle, threads=_replica_cpus(), use_gpu=use_gpu)
+        self.info = bundle.info
+        log.info("classifier %s on %s", self.info.name, self.clf.provider)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch size and wait change at runtime through ``user_config``."""
+        self._batched.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
+        self._batched.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))
+
+    def metadata(self) -> dict[str, Any]:
+        """Name, labels, input shape and the active execution provider."""
+        return {
+            "name": self.info.name,
+            "labels": self.info.labels,
+            "input_size": list(self.info.input_size),
+            "arch": self.info.arch,
+            "provider": self.clf.provider,
+        }
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, images: list[Image.Image]) -> list[np.ndarray]:
+        return list(self.clf.probabilities(images))
+
+    async def predict(self, image: Image.Image, top_k: int = 5) -> dict:
+        """Top-k prediction for one decoded image (batched with concurrent requests)."""
+        probs = await self._batched(image)
+        return self.clf.top_k(probs[None], top_k)[0]
+
+    def infer_tensor(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits and probabilities for an already preprocessed NCHW batch (KServe V2)."""
+        logits = self.clf.logits(batch)
+        return {"logits": logits, "probabilities": softmax(logits)}
+
+    def check_health(self) -> None:
+        """A real inference on a blank image: a replica that cannot infer is unhealthy."""
+        self.clf.probabilities([Image.new("RGB", tuple(self.info.input_size[1:]))])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
+class Explainer:
+    """Grad-CAM explanations on the bundle's PyTorch weights; a new CAM object per request."""
+
+    def __init__(self, bundle_path: str) -> None:
+        import torch
+
+        torch.set_num_threads(_replica_cpus())
+        self.explainer = CamExplainer.from_bundle(load_bundle(bundle_path))
+
+    def explain(self, image: Image.Image, method: str = "gradcam", target: Any = None) -> dict:
+        """One explanation as JSON-ready fields with base64 PNGs."""
+        exp = self.explainer.explain([image], method=method, target=target)[0]
+        return {
+            "label": exp.label,
+            "score": exp.score,
+            "target": exp.target,
+            "method": exp.method,
+            "heatmap_png_b64": base64.b64encode(png_bytes(exp.heatmap_image())).decode(),
+            "overlay_png_b64": base64.b64encode(png_bytes(exp.overlay)).decode(),
+        }

@@ -1,0 +1,81 @@
+"""Shared fixtures: one tiny toy data set, one manifest, one Ray instance for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from carclf.config import Config, validate_config
+from carclf.data.audit import write_audit
+from carclf.data.manifest import read_manifest
+from carclf.data.synth import write_toy_dataset
+from carclf.models import create_model
+from carclf.train import save_checkpoint, write_run_file
+from carclf.data.transforms import preprocess_for
+
+# Torch on 2 cores: one thread per process keeps Ray workers from fighting over them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seven body types, 12/4/4 images per class at 64 px."""
+    return write_toy_dataset(tmp_path_factory.mktemp("toy"), per_class=(12, 4, 4), size=64)
+
+
+@pytest.fixture(scope="session")
+def toy_manifest(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_audit(toy_root, tmp_path_factory.mktemp("manifest") / "manifest.parquet")
+
+
+def tiny_config(output_dir: Path, manifest: Path, **sections: dict) -> Config:
+    """A config for tiny, fast runs; ``sections`` override whole sections' keys."""
+    raw = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "data": {"manifest": str(manifest), "augment": False},
+        "model": {"name": "scratch_cnn", "img_size": 32, "kwargs": {"filters": [8, 16]}},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3},
+        "scaling": {"num_workers": 1},
+        "export": {"parity_images": 8},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_config(raw)
+
+
+@pytest.fixture()
+def fake_run(tmp_path: Path, toy_manifest: Path) -> Path:
+    """A finished run directory written without Ray (untrained weights): for export tests."""
+    cfg = tiny_config(tmp_path / "run", toy_manifest)
+    labels = read_manifest(toy_manifest).labels
+    model = create_model(cfg.model, len(labels))
+    ckpt = tmp_path / "run" / "checkpoint_0"
+    ckpt.mkdir(parents=True)
+    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
+    meta = {"config": cfg.model_dump(mode="json"), "labels": labels,
+            "preprocess": pre.model_dump(mode="json"), "metrics": {"val_acc": 0.0},
+            "manifest": str(toy_manifest)}  # fmt: skip
+    save_checkpoint(ckpt, model, {"epoch": 0}, meta)
+    write_run_file(tmp_path / "run", ckpt, {"val_acc": 0.0})
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it; shut down at the end of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+        )
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from carclf.config import ModelConfig
+from carclf.errors import UserInputError
+from carclf.models import ScratchCNN, cam_target_layer, check_model_name, create_model
+
+
+@pytest.mark.parametrize("name", ["scratch_cnn", "scratch_cnn_bn", "resnet10t"])
+def test_models_build_with_the_class_count(name: str) -> None:
+    model = create_model(ModelConfig(name=name), num_classes=7)
+    out = model(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, 7)
+    layer = dict(model.named_modules())[cam_target_layer(model)]
+    assert isinstance(layer, torch.nn.Module)
+
+
+def test_scratch_cnn_is_configurable() -> None:
+    cfg = ModelConfig(
+        name="scratch_cnn_bn",
+        drop_rate=0.3,
+        kwargs={"filters": [4, 8, 16, 32], "kernel_size": 5, "dense_units": 0},
+    )
+    model = create_model(cfg, num_classes=3)
+    assert isinstance(model, ScratchCNN)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 32]
+    assert convs[0].kernel_size == (5, 5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert dict(model.named_modules())[cam_target_layer(model)] is convs[-1]
+
+
+def test_unknown_model_and_bad_kwargs_are_user_errors() -> None:
+    with pytest.raises(UserInputError, match="unknown model 'resnet_9000'"):
+        check_model_name("resnet_9000")
+    with pytest.raises(UserInputError, match="model.kwargs"):
+        create_model(ModelConfig(name="scratch_cnn", kwargs={"wings": 2}), 3)
+    with pytest.raises(UserInputError, match="no pretrained weights"):
+        create_model(ModelConfig(name="scratch_cnn", pretrained=True), 3)
