@@ -130,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> str:
     return str(run_demo(args.config, args.set, build_serve_app, port=args.port))
 
 
-def build_serve_app(bundles: Sequence[str], api_key: str | None = None):  # noqa: ANN201
+def build_serve_app(bundles: Sequence[str], api_key: str | None = None):
     """The Serve application of ``serve/`` for ``bundles``.
 
     carclf does not import the ``serve`` package (it sits above carclf); like ``serve run``,
@@ -152,8 +152,13 @@ def _existing(path: str) -> str:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ so that a run can be reproduced from what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,10 +92,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML 1.1 reads 3e-4 as a string; users mean a number.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 

@@ -86,8 +86,11 @@ def run_demo(
     if not ray.is_initialized():
         ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
     try:
-        step(3, f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
-                f"{cfg.train.epochs} epochs → {cfg.output_dir}")  # fmt: skip
+        step(
+            3,
+            f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
+            f"{cfg.train.epochs} epochs → {cfg.output_dir}",
+        )
         trained = run_training(cfg)
         step(4, "export: ONNX + safetensors, parity check against PyTorch")
         bundle = export_run(trained.run_dir, base / "bundle")
@@ -107,8 +110,10 @@ def run_demo(
     pred = answer["prediction"]
     print(f"test accuracy: {report.metrics['summary']['acc']:.4f}")
     print(f"test image:    {image}")
-    print(f"predicted:     {pred['label']} ({pred['score']:.3f}); "
-          f"Grad-CAM explained {answer['explanation']['label']}")  # fmt: skip
+    print(
+        f"predicted:     {pred['label']} ({pred['score']:.3f}); "
+        f"Grad-CAM explained {answer['explanation']['label']}"
+    )
     print(f"report:        {report.report}")
     print(f"bundle:        {bundle.path}")
     print(f"overlay:       {base / 'demo_overlay.png'}")

@@ -97,8 +97,10 @@ def _report(metrics: dict, source: Path, split: str, out: Path) -> Path:
     lines += [f"| {k} | {v:.4f} |" for k, v in s.items()]
     lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | "
-                     f"{row['f1-score']:.3f} | {int(row['support'])} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | "
+            f"{row['f1-score']:.3f} | {int(row['support'])} |"
+        )
     lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -128,15 +130,19 @@ def evaluate(source: str | Path, manifest: str | Path, split: str, out: str | Pa
     probs = np.concatenate([score(paths[i : i + 64]) for i in range(0, len(paths), 64)])
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(
-        pa.table({
-            "path": paths,
-            "true_label": [labels[i] for i in y_true],
-            "pred_label": [labels[i] for i in probs.argmax(1)],
-            "probabilities": [row.tolist() for row in probs.astype(np.float32)],
-        }),
+        pa.table(
+            {
+                "path": paths,
+                "true_label": [labels[i] for i in y_true],
+                "pred_label": [labels[i] for i in probs.argmax(1)],
+                "probabilities": [row.tolist() for row in probs.astype(np.float32)],
+            }
+        ),
         out / "predictions.parquet",
-    )  # fmt: skip
+    )
     metrics = compute_metrics(y_true, probs, labels)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_confusion(confusion(y_true, probs.argmax(1), len(labels)), labels, out / "confusion_matrix.png")
+    plot_confusion(
+        confusion(y_true, probs.argmax(1), len(labels)), labels, out / "confusion_matrix.png"
+    )
     return EvalResult(out, metrics, _report(metrics, source, split, out))

@@ -105,7 +105,9 @@ class Explainer:
             return self.labels.index(target)
         index = int(target)
         if not 0 <= index < len(self.labels):
-            raise UserInputError(f"target: class index {index} is outside 0..{len(self.labels) - 1}")
+            raise UserInputError(
+                f"target: class index {index} is outside 0..{len(self.labels) - 1}"
+            )
         return index
 
     def explain(

@@ -68,11 +68,11 @@ def parity_check(
     return report
 
 
-def _load_batch(paths: list[str], transform) -> torch.Tensor:  # noqa: ANN001
+def _load_batch(paths: list[str], transform) -> torch.Tensor:
     return torch.stack([transform(load_image(p)) for p in paths])
 
 
-def _test_metrics(onnx_path: Path, records: list[tuple[str, int]], transform) -> dict:  # noqa: ANN001
+def _test_metrics(onnx_path: Path, records: list[tuple[str, int]], transform) -> dict:
     session, _ = onnx_session(str(onnx_path), threads=torch.get_num_threads())
     probs, labels = [], []
     for start in range(0, len(records), 64):
@@ -80,7 +80,9 @@ def _test_metrics(onnx_path: Path, records: list[tuple[str, int]], transform) ->
         batch = _load_batch([p for p, _ in chunk], transform).numpy()
         probs.append(softmax(session.run(["logits"], {"input": batch})[0]))
         labels += [y for _, y in chunk]
-    return {f"test_{k}": v for k, v in core_metrics(np.array(labels), np.concatenate(probs)).items()}
+    return {
+        f"test_{k}": v for k, v in core_metrics(np.array(labels), np.concatenate(probs)).items()
+    }
 
 
 def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) -> Bundle:
@@ -128,4 +130,3 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
                 WEIGHTS_FILE: lambda p: save_file(weights, str(p)),
             },
         )
-

@@ -209,21 +209,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_one_epoch(model, train_loader, optimizer, criterion, scheduler, device)
         logits, labels = predict_loader(model, val_loader, device)
         logits, labels = _gather(logits), _gather(labels)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+        val_loss = float(
+            nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+        )
         val = {f"val_{k}": v for k, v in core_metrics(labels, softmax(logits)).items()}
-        metrics = {"epoch": epoch, **stats, "val_loss": val_loss, **val,
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_s": stats["images_per_s"] * ctx.get_world_size()}  # fmt: skip
+        metrics = {
+            "epoch": epoch,
+            **stats,
+            "val_loss": val_loss,
+            **val,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": stats["images_per_s"] * ctx.get_world_size(),
+        }
         score = metrics[cfg.train.monitor] * (-1 if cfg.train.monitor == "val_loss" else 1)
         best = score if best is None else max(best, score)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if ctx.get_world_rank() == 0:
-                state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
-                         "scheduler": scheduler.state_dict() if scheduler else None}  # fmt: skip
-                meta = {"config": cfg.model_dump(mode="json"), "labels": manifest.labels,
-                        "preprocess": pre.model_dump(mode="json"), "metrics": metrics,
-                        "manifest": config["manifest"]}  # fmt: skip
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                }
+                meta = {
+                    "config": cfg.model_dump(mode="json"),
+                    "labels": manifest.labels,
+                    "preprocess": pre.model_dump(mode="json"),
+                    "metrics": metrics,
+                    "manifest": config["manifest"],
+                }
                 save_checkpoint(Path(tmp), bare, state, meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -287,8 +302,7 @@ def check_training_input(cfg: Config, manifest: Manifest) -> None:
     n_train = len(manifest.split("train"))
     if cfg.train.batch_size > n_train:
         raise UserInputError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} "
-            "training images"
+            f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images"
         )
     if cfg.train.batch_size < cfg.scaling.num_workers:
         raise UserInputError("train.batch_size: smaller than scaling.num_workers")
@@ -327,7 +341,9 @@ def run_training(cfg: Config) -> TrainResult:
                 checkpoint_score_order=sign,
             ),
             callbacks=[_epoch_logger()(run_dir / "epochs.csv")],
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker))}},
+            worker_runtime_env={
+                "env_vars": {"OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker))}
+            },
         ),
     )
     result = trainer.fit()

@@ -22,14 +22,21 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     classifier_replicas: int = Field(1, ge=1)
+    # Logical CPUs reserved per replica. Small defaults let several models share a laptop;
+    # onnxruntime and torch use max(1, int(cpus)) threads, never more than reserved.
+    classifier_cpus: float = Field(0.5, gt=0.0)
+    explainer_cpus: float = Field(0.25, gt=0.0)
+    ingress_cpus: float = Field(0.1, gt=0.0)
     use_gpu: bool = False
 
 
 def build_app(args: AppArgs) -> Application:
     """One classifier and one explainer per bundle, behind one FastAPI ingress."""
     classifiers, explainers = {}, {}
-    batching = {"max_batch_size": args.max_batch_size,
-                "batch_wait_timeout_s": args.batch_wait_timeout_s}  # fmt: skip
+    batching = {
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+    }
     for path in args.bundles:
         name = load_bundle(path, verify=False).info.name
         if name in classifiers:
@@ -38,6 +45,13 @@ def build_app(args: AppArgs) -> Application:
             name=f"classifier-{name}",
             num_replicas=args.classifier_replicas,
             user_config=batching,
+            ray_actor_options={
+                "num_cpus": args.classifier_cpus,
+                "num_gpus": 1 if args.use_gpu else 0,
+            },
         ).bind(path, use_gpu=args.use_gpu)
-        explainers[name] = Explainer.options(name=f"explainer-{name}").bind(path)
-    return Ingress.bind(classifiers, explainers, args.settings.model_dump())
+        explainers[name] = Explainer.options(
+            name=f"explainer-{name}", ray_actor_options={"num_cpus": args.explainer_cpus}
+        ).bind(path)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})
+    return ingress.bind(classifiers, explainers, args.settings.model_dump())

@@ -33,7 +33,7 @@ def _replica_cpus() -> int:
     return max(int(cpus), 1)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+@serve.deployment(max_ongoing_requests=32)
 class Classifier:
     """onnxruntime inference with dynamic batching (``@serve.batch``).
 
@@ -82,7 +82,7 @@ class Classifier:
         self.clf.probabilities([Image.new("RGB", tuple(self.info.input_size[1:]))])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
+@serve.deployment(max_ongoing_requests=4)
 class Explainer:
     """Grad-CAM explanations on the bundle's PyTorch weights; a new CAM object per request."""
 

@@ -5,8 +5,6 @@ receives in ``__init__``. Every error is JSON ``{"error": …}`` with the status
 DESIGN.md; bad input never reaches a model and never yields a 500.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
@@ -66,6 +64,15 @@ def decode_image(data: bytes) -> Image.Image:
         raise ApiError(400, f"invalid image: {exc.__class__.__name__}") from None
 
 
+def _replay(request: Request, body: bytes) -> Request:
+    """A request whose body is ``body`` again: the stream was consumed by the size check."""
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
 app = FastAPI(title="carclf", description="Car classification with explanations")
 
 
@@ -79,12 +86,18 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
 
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # A bug on our side: say so without a stack trace; the replica log has the details.
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": "malformed request"}, status_code=422)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class Ingress:
     """Routes requests to per-model classifier and explainer handles.
@@ -132,7 +145,7 @@ class Ingress:
         if kind == "application/json":
             return self._json_images(body)
         if kind == "multipart/form-data":
-            form = await request.form()
+            form = await _replay(request, body).form()
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "multipart upload needs a file field named 'file'")
@@ -140,8 +153,11 @@ class Ingress:
             return [decode_image(await upload.read())], options
         if kind in IMAGE_TYPES:
             return [decode_image(body)], dict(request.query_params)
-        raise ApiError(415, f"unsupported media type {kind or '(none)'}; send JSON, multipart "
-                            "or image/jpeg|png|webp")  # fmt: skip
+        raise ApiError(
+            415,
+            f"unsupported media type {kind or '(none)'}; send JSON, multipart "
+            "or image/jpeg|png|webp",
+        )
 
     @staticmethod
     def _json_images(body: bytes) -> tuple[list[Image.Image], dict[str, Any]]:
@@ -216,7 +232,9 @@ class Ingress:
             raise ApiError(422, "analyze takes exactly one image")
         k = self._top_k(options)
         names = sorted(self.classifiers)
-        preds = await asyncio.gather(*(self.classifiers[n].predict.remote(images[0], k) for n in names))
+        preds = await asyncio.gather(
+            *(self.classifiers[n].predict.remote(images[0], k) for n in names)
+        )
         return {"models": dict(zip(names, preds, strict=True))}
 
     # --- Open Inference Protocol (V2) health ---------------------------------------------

@@ -11,9 +11,9 @@ from carclf.config import Config, validate_config
 from carclf.data.audit import write_audit
 from carclf.data.manifest import read_manifest
 from carclf.data.synth import write_toy_dataset
+from carclf.data.transforms import preprocess_for
 from carclf.models import create_model
 from carclf.train import save_checkpoint, write_run_file
-from carclf.data.transforms import preprocess_for
 
 # Torch on 2 cores: one thread per process keeps Ray workers from fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -55,9 +55,13 @@ def fake_run(tmp_path: Path, toy_manifest: Path) -> Path:
     ckpt = tmp_path / "run" / "checkpoint_0"
     ckpt.mkdir(parents=True)
     pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
-    meta = {"config": cfg.model_dump(mode="json"), "labels": labels,
-            "preprocess": pre.model_dump(mode="json"), "metrics": {"val_acc": 0.0},
-            "manifest": str(toy_manifest)}  # fmt: skip
+    meta = {
+        "config": cfg.model_dump(mode="json"),
+        "labels": labels,
+        "preprocess": pre.model_dump(mode="json"),
+        "metrics": {"val_acc": 0.0},
+        "manifest": str(toy_manifest),
+    }
     save_checkpoint(ckpt, model, {"epoch": 0}, meta)
     write_run_file(tmp_path / "run", ckpt, {"val_acc": 0.0})
     return tmp_path / "run"

@@ -21,9 +21,24 @@ def bundle_dir(fake_run: Path, tmp_path: Path) -> Path:
 
 def test_bundle_contract(bundle_dir: Path, toy_manifest: Path) -> None:
     info = json.loads((bundle_dir / "bundle.json").read_text())
-    for key in ("name", "task", "labels", "arch", "num_classes", "input_size", "mean", "std",
-                "interpolation", "crop_pct", "cam_target_layer", "files", "metrics",
-                "manifest_sha256", "carclf_version", "created_at"):  # fmt: skip
+    for key in (
+        "name",
+        "task",
+        "labels",
+        "arch",
+        "num_classes",
+        "input_size",
+        "mean",
+        "std",
+        "interpolation",
+        "crop_pct",
+        "cam_target_layer",
+        "files",
+        "metrics",
+        "manifest_sha256",
+        "carclf_version",
+        "created_at",
+    ):
         assert key in info, key
     assert info["labels"] == read_manifest(toy_manifest).labels
     assert set(info["files"]) == {"model.onnx", "weights.safetensors"}
@@ -48,7 +63,7 @@ def test_onnx_dynamic_batch_matches_torch(bundle_dir: Path, toy_manifest: Path) 
 def test_tampered_bundle_is_refused_with_the_reason(bundle_dir: Path) -> None:
     onnx_file = bundle_dir / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
-    with pytest.raises(UserInputError, match="sha256 of model.onnx"):
+    with pytest.raises(UserInputError, match=r"sha256 of model\.onnx"):
         load_bundle(bundle_dir)
     meta = json.loads((bundle_dir / "bundle.json").read_text())
     meta["labels"] = meta["labels"][:-1]

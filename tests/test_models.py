@@ -33,7 +33,7 @@ def test_scratch_cnn_is_configurable() -> None:
 def test_unknown_model_and_bad_kwargs_are_user_errors() -> None:
     with pytest.raises(UserInputError, match="unknown model 'resnet_9000'"):
         check_model_name("resnet_9000")
-    with pytest.raises(UserInputError, match="model.kwargs"):
+    with pytest.raises(UserInputError, match=r"model\.kwargs"):
         create_model(ModelConfig(name="scratch_cnn", kwargs={"wings": 2}), 3)
     with pytest.raises(UserInputError, match="no pretrained weights"):
         create_model(ModelConfig(name="scratch_cnn", pretrained=True), 3)

@@ -28,7 +28,7 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
 
 
 def test_body_types_differ_in_what_tells_them_apart() -> None:
-    def profile(body: str):  # noqa: ANN202
+    def profile(body: str):
         return PROFILES[body](lambda scale: 0.0)
 
     def roof(body: str) -> float:

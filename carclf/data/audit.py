@@ -48,7 +48,9 @@ class AuditResult:
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
         out: dict[str, dict[str, int]] = defaultdict(dict)
-        for (split, label), n in sorted(Counter((r["split"], r["label"]) for r in self.rows).items()):
+        for (split, label), n in sorted(
+            Counter((r["split"], r["label"]) for r in self.rows).items()
+        ):
             out[split][label] = n
         return dict(out)
 
@@ -161,8 +163,15 @@ def audit_tree(
         if reason:
             excluded.append(Excluded(str(path), split, label, reason))
             continue
-        rows.append({"path": str(path), "label": label, "split": split,
-                     "sha256": file_sha256(path), **facts})  # fmt: skip
+        rows.append(
+            {
+                "path": str(path),
+                "label": label,
+                "split": split,
+                "sha256": file_sha256(path),
+                **facts,
+            }
+        )
     labels = _check_classes(rows, found, root)
     index = {name: i for i, name in enumerate(labels)}
     for row in rows:
@@ -200,25 +209,37 @@ def audit_report(result: AuditResult) -> dict:
         "image_size": None
         if sizes is None
         else {
-            "width": {"min": int(sizes[:, 0].min()), "median": float(np.median(sizes[:, 0])),
-                      "max": int(sizes[:, 0].max())},
-            "height": {"min": int(sizes[:, 1].min()), "median": float(np.median(sizes[:, 1])),
-                       "max": int(sizes[:, 1].max())},
-        },  # fmt: skip
+            "width": {
+                "min": int(sizes[:, 0].min()),
+                "median": float(np.median(sizes[:, 0])),
+                "max": int(sizes[:, 0].max()),
+            },
+            "height": {
+                "min": int(sizes[:, 1].min()),
+                "median": float(np.median(sizes[:, 1])),
+                "max": int(sizes[:, 1].max()),
+            },
+        },
     }
 
 
 def report_markdown(report: dict) -> str:
     """A person's view of :func:`audit_report`."""
     splits = sorted(report["counts"])
-    lines = ["# Data audit", "", f"{report['images']} usable images, {len(report['labels'])} classes."]
+    lines = [
+        "# Data audit",
+        "",
+        f"{report['images']} usable images, {len(report['labels'])} classes.",
+    ]
     lines += ["", "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for label in report["labels"]:
         cells = [str(report["counts"][s].get(label, 0)) for s in splits]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if report["imbalance_ratio"] is not None:
-        lines += ["", f"Imbalance ratio (largest / smallest class in train): "
-                      f"{report['imbalance_ratio']:.2f}"]  # fmt: skip
+        lines += [
+            "",
+            f"Imbalance ratio (largest / smallest class in train): {report['imbalance_ratio']:.2f}",
+        ]
     lines += ["", f"## Excluded files ({len(report['excluded'])})", ""]
     lines += [f"- `{e['path']}`: {e['reason']}" for e in report["excluded"]] or ["None."]
     lines += ["", f"## Duplicates across splits ({len(report['cross_split_duplicates'])})", ""]
