@@ -27,14 +27,6 @@ def _ratios(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Workers log at WARNING: per-report INFO lines would drown the one line per epoch.
-        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
-
-
 # --- commands ------------------------------------------------------------------------------
 
 
@@ -56,9 +48,7 @@ def cmd_train(args: argparse.Namespace) -> str:
     from carclf.config import load_config
     from carclf.train import run_training
 
-    cfg = load_config(args.config, args.set)
-    _init_ray()
-    result = run_training(cfg)
+    result = run_training(load_config(args.config, args.set))
     print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}), file=sys.stderr)
     return str(result.run_dir)
 
@@ -108,8 +98,10 @@ def cmd_explain(args: argparse.Namespace) -> str:
 def cmd_serve(args: argparse.Namespace) -> str:
     from ray import serve
 
-    _init_ray()
+    from carclf.runtime import ensure_ray
+
     app = build_serve_app(args.bundles, api_key=args.api_key)
+    ensure_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="carclf", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"

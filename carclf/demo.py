@@ -1,8 +1,8 @@
 """The demo: the whole pipeline on the embedded toy data set, ending in real HTTP requests.
 
-data synth → audit → Ray Train → export (parity-checked bundle) → evaluate the bundle → Ray
-Serve → one predict and one explain request over HTTP → clean shutdown. The Serve application
-is handed in by the caller (``build_app``), since ``serve/`` sits above this package.
+data synth → audit → (:mod:`carclf.pipeline`) Ray Train → parity-checked bundle → evaluation
+→ Ray Serve → one predict and one explain request over HTTP → clean shutdown. The Serve
+application is handed in by the caller (``build_app``), since ``serve/`` sits above carclf.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from carclf.config import load_config, save_config
 from carclf.data.audit import write_audit
 from carclf.data.manifest import read_manifest
 from carclf.data.synth import write_toy_dataset
-from carclf.evaluate import evaluate
-from carclf.export import export_run
-from carclf.train import run_training
+from carclf.pipeline import run_pipeline
 
-STEPS = 7
+STEPS = 5
 
 
 def step(n: int, text: str) -> None:
@@ -83,30 +81,22 @@ def run_demo(
     for old in (Path(cfg.output_dir), base / "bundle", base / "eval"):
         shutil.rmtree(old, ignore_errors=True)  # the demo always trains afresh
     save_config(cfg, base)
-    if not ray.is_initialized():
-        ray.init(logging_config=ray.LoggingConfig(log_level="WARNING"))
     try:
-        step(
-            3,
-            f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
-            f"{cfg.train.epochs} epochs → {cfg.output_dir}",
-        )
-        trained = run_training(cfg)
-        step(4, "export: ONNX + safetensors, parity check against PyTorch")
-        bundle = export_run(trained.run_dir, base / "bundle")
-        step(5, "evaluate the bundle on the test split")
-        report = evaluate(bundle.path, manifest, "test", base / "eval")
-        step(6, f"Ray Serve on http://127.0.0.1:{port}")
+        step(3, "train → export → evaluate")
+        result = run_pipeline(cfg)
+        bundle, report = result.bundle, result.evaluation
+        step(4, f"Ray Serve on http://127.0.0.1:{port}")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app([str(bundle.path)]), name="carclf", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
-        step(7, "HTTP predict and explain for a test image")
+        step(5, "HTTP predict and explain for a test image")
         image = Path(read_manifest(manifest).split("test")[0][0])
         answer = query(url, bundle.info.name, image, base / "demo_overlay.png")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
     pred = answer["prediction"]
     print(f"test accuracy: {report.metrics['summary']['acc']:.4f}")
     print(f"test image:    {image}")

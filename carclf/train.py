@@ -31,6 +31,7 @@ from carclf.data.transforms import Preprocess, eval_transform, preprocess_for, t
 from carclf.errors import UserInputError
 from carclf.metrics import core_metrics, softmax
 from carclf.models import check_model_name, create_model
+from carclf.runtime import ensure_ray
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -255,6 +256,7 @@ class TrainResult:
     best_checkpoint: Path
     metrics: dict[str, Any]
     labels: list[str]
+    manifest: Path
 
 
 def _epoch_logger() -> Any:
@@ -295,7 +297,6 @@ def resolve_manifest(cfg: Config) -> Path:
 
 def check_training_input(cfg: Config, manifest: Manifest) -> None:
     """Refuse bad configuration before any worker starts."""
-    check_model_name(cfg.model.name)
     for split in ("train", "val"):
         if not manifest.split(split):
             raise UserInputError(f"{manifest.path}: split {split!r} is empty")
@@ -316,12 +317,13 @@ def run_training(cfg: Config) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
     run_dir = Path(cfg.output_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = resolve_manifest(cfg)
     manifest = read_manifest(manifest_path)
     check_training_input(cfg, manifest)
     save_config(cfg, run_dir)
+    ensure_ray()
     sign = "max" if cfg.train.monitor != "val_loss" else "min"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -352,7 +354,7 @@ def run_training(cfg: Config) -> TrainResult:
     pick = max if sign == "max" else min
     best_ckpt, best_metrics = pick(result.best_checkpoints, key=lambda c: c[1][cfg.train.monitor])
     write_run_file(run_dir, Path(best_ckpt.path), best_metrics)
-    return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels)
+    return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels, manifest_path)
 
 
 def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:

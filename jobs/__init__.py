@@ -1,0 +1,1 @@
+"""Entrypoints submitted with ``ray job submit``: thin wrappers over the carclf library."""
