@@ -52,11 +52,27 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    scheduler: Literal["cosine", "none"] = "cosine"
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay")
+    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
+    plateau_patience: int = Field(2, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0, description="mixup alpha; 0 is off")
+    cutmix: float = Field(0.0, ge=0.0, description="cutmix alpha; 0 is off")
+    freeze_epochs: int = Field(0, ge=0, description="epochs with only the head trainable")
+    unfreeze_blocks: int | None = Field(None, ge=1, description="after freezing: last K blocks")
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    early_stopping_patience: int | None = Field(None, ge=1)
     monitor: Literal["val_acc", "val_f1_macro", "val_loss"] = "val_acc"
     max_failures: int = Field(0, ge=-1)
+
+    @model_validator(mode="after")
+    def _freeze_within_epochs(self) -> TrainConfig:
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs")
+        return self
 
 
 class ScalingConfig(_Strict):

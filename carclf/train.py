@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from carclf.config import Config, save_config
 from carclf.data.audit import write_audit
@@ -31,6 +30,14 @@ from carclf.data.transforms import Preprocess, eval_transform, preprocess_for, t
 from carclf.errors import UserInputError
 from carclf.metrics import core_metrics, softmax
 from carclf.models import check_model_name, create_model
+from carclf.recipes import (
+    EarlyStopping,
+    StepTools,
+    build_optimizer,
+    build_step_tools,
+    set_trainable,
+    trainable_names,
+)
 from carclf.runtime import ensure_ray
 
 WEIGHTS_FILE = "model.safetensors"
@@ -46,23 +53,33 @@ def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    tools: StepTools,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Train for one pass over ``loader``; return loss, accuracy and images/s of this worker."""
+    """Train for one pass over ``loader``; return loss, accuracy and images/s of this worker.
+
+    Accuracy is against the true labels, also under mixup/cutmix, where the loss is against the
+    mixed targets.
+    """
     model.train()
+    bare = getattr(model, "module", model)
+    params = [p for p in model.parameters() if p.requires_grad]
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
+        targets = labels
+        if tools.mixup is not None:
+            images, targets = tools.mixup(images, labels)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = criterion(logits, labels)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        with tools.autocast():
+            logits = model(images)
+            loss = tools.criterion(logits, targets)
+        _backward_and_step(loss, optimizer, params, tools)
+        if tools.ema is not None:
+            tools.ema.update(bare)
+        if tools.schedule is not None:
+            tools.schedule.step_batch()
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
@@ -72,6 +89,24 @@ def train_one_epoch(
         "train_acc": correct / max(seen, 1),
         "images_per_s": seen / max(elapsed, 1e-9),
     }
+
+
+def _backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list, tools: StepTools
+) -> None:
+    """Backward (scaled under fp16), optional gradient clipping, optimizer step."""
+    if tools.scaler is None:
+        loss.backward()
+        if tools.grad_clip:
+            nn.utils.clip_grad_norm_(params, tools.grad_clip)
+        optimizer.step()
+        return
+    tools.scaler.scale(loss).backward()
+    if tools.grad_clip:
+        tools.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(params, tools.grad_clip)
+    tools.scaler.step(optimizer)
+    tools.scaler.update()
 
 
 @torch.no_grad()
@@ -85,34 +120,6 @@ def predict_loader(
         all_logits.append(model(images.to(device)).float().cpu())
         all_labels.append(labels)
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum over every trainable parameter."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Per-step cosine decay after a linear warmup, or none."""
-    if cfg.train.scheduler == "none":
-        return None
-    total = max(cfg.train.epochs * steps_per_epoch, 1)
-    warmup = cfg.train.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(total - warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int) -> None:
@@ -161,14 +168,23 @@ def _gather(array: np.ndarray) -> np.ndarray:
 
 
 def _loaders(
-    cfg: Config, manifest: Manifest, pre: Preprocess, world: int
+    cfg: Config, manifest: Manifest, pre: Preprocess, rank: int, world: int
 ) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders over this worker's shard.
+
+    The training sampler is a seeded ``DistributedSampler`` for every world size, so the global
+    batch holds the same images whether it is split over one worker or several (1 worker and N
+    workers with the same global batch take the same steps).
+    """
     per_worker = max(cfg.train.batch_size // world, 1)
     train_set = ManifestDataset(manifest.split("train"), train_transform(pre, cfg.data.augment))
     val_set = ManifestDataset(manifest.split("val"), eval_transform(pre))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = DistributedSampler(
+        train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
-    train = DataLoader(train_set, per_worker, shuffle=True, generator=generator, **common)
+    # drop_last: mixup pairs samples within a batch, and a ragged last batch skews BatchNorm.
+    train = DataLoader(train_set, per_worker, sampler=sampler, drop_last=True, **common)
     val = DataLoader(val_set, per_worker, shuffle=False, **common)
     return train, val
 
@@ -182,67 +198,107 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))
     seed_everything(cfg.seed)
     ctx = ray.train.get_context()
-    manifest = read_manifest(config["manifest"])
-    model = create_model(cfg.model, len(manifest.labels))
-    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
-    train_loader, val_loader = _loaders(cfg, manifest, pre, ctx.get_world_size())
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=True)
-    model = ray.train.torch.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    start_epoch, best = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            load_weights(bare, d)
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
     device = ray.train.torch.get_device()
+    manifest = read_manifest(config["manifest"])
+    bare = create_model(cfg.model, len(manifest.labels)).to(device)
+    pre = preprocess_for(bare, cfg.model.img_size, cfg.model.crop_pct)
+    train_loader, val_loader = _loaders(
+        cfg, manifest, pre, ctx.get_world_rank(), ctx.get_world_size()
+    )
+    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=True)
+    optimizer = build_optimizer(bare, cfg)  # every parameter, before any freezing
+    tools = build_step_tools(bare, optimizer, cfg, len(manifest.labels), len(train_loader), device)
+    stopper = EarlyStopping(cfg.train.early_stopping_patience, _mode(cfg.train.monitor))
+    start_epoch = _resume(ray.train.get_checkpoint(), bare, optimizer, tools, stopper)
+    model = None
     for epoch in range(start_epoch, cfg.train.epochs):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, criterion, scheduler, device)
-        logits, labels = predict_loader(model, val_loader, device)
-        logits, labels = _gather(logits), _gather(labels)
-        val_loss = float(
-            nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
-        )
-        val = {f"val_{k}": v for k, v in core_metrics(labels, softmax(logits)).items()}
+        # (Re)wrap in DDP whenever the set of trainable parameters changes (unfreezing).
+        if set_trainable(bare, trainable_names(bare, cfg, epoch)) or model is None:
+            model = ray.train.torch.prepare_model(bare)
+        train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, tools, device)
+        scored = tools.ema.module if tools.ema is not None else model
         metrics = {
             "epoch": epoch,
             **stats,
-            "val_loss": val_loss,
-            **val,
-            "lr": optimizer.param_groups[0]["lr"],
+            **validate(scored, val_loader, device),
+            "lr": max(g["lr"] for g in optimizer.param_groups),
             "images_per_s": stats["images_per_s"] * ctx.get_world_size(),
+            "trainable_params": sum(p.numel() for p in bare.parameters() if p.requires_grad),
         }
-        score = metrics[cfg.train.monitor] * (-1 if cfg.train.monitor == "val_loss" else 1)
-        best = score if best is None else max(best, score)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if ctx.get_world_rank() == 0:
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "best": best,
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                }
-                meta = {
-                    "config": cfg.model_dump(mode="json"),
-                    "labels": manifest.labels,
-                    "preprocess": pre.model_dump(mode="json"),
-                    "metrics": metrics,
-                    "manifest": config["manifest"],
-                }
-                save_checkpoint(Path(tmp), bare, state, meta)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+        tools.schedule.step_epoch(metrics, cfg.train.monitor)
+        stop = stopper.update(metrics[cfg.train.monitor])
+        state = {
+            "epoch": epoch,
+            "optimizer": optimizer.state_dict(),
+            "schedule": tools.schedule.state_dict(),
+            "stopper": vars(stopper),
+        }
+        meta = {
+            "config": cfg.model_dump(mode="json"),
+            "labels": manifest.labels,
+            "preprocess": pre.model_dump(mode="json"),
+            "metrics": metrics,
+            "manifest": config["manifest"],
+        }
+        _report(metrics, bare, tools, state, meta, is_chief=ctx.get_world_rank() == 0)
+        if stop:
+            break
+
+
+def _mode(monitor: str) -> str:
+    return "min" if monitor == "val_loss" else "max"
+
+
+def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Validation loss and metrics over every worker's shard (gathered, so equal on all ranks)."""
+    logits, labels = predict_loader(model, loader, device)
+    logits, labels = _gather(logits), _gather(labels)
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+    return {
+        "val_loss": loss,
+        **{f"val_{k}": v for k, v in core_metrics(labels, softmax(logits)).items()},
+    }
+
+
+def _resume(
+    checkpoint: Any,
+    bare: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tools: StepTools,
+    stopper: EarlyStopping,
+) -> int:
+    """Restore weights, optimizer, schedule, EMA and early-stopping state; the next epoch."""
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as d:
+        load_weights(bare, d)
+        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+    if tools.ema is not None:  # model.safetensors holds the EMA weights; the raw ones are here
+        tools.ema.module.load_state_dict(bare.state_dict())
+        bare.load_state_dict(state["raw_model"])
+    optimizer.load_state_dict(state["optimizer"])
+    tools.schedule.load_state_dict(state["schedule"])
+    vars(stopper).update(state["stopper"])
+    return state["epoch"] + 1
+
+
+def _report(
+    metrics: dict, bare: nn.Module, tools: StepTools, state: dict, meta: dict, is_chief: bool
+) -> None:
+    """Report the epoch on every worker; the chief also writes the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if is_chief:
+            weights = bare
+            if tools.ema is not None:  # export the EMA weights, resume from both
+                weights, state = tools.ema.module, {**state, "raw_model": bare.state_dict()}
+            save_checkpoint(Path(tmp), weights, state, meta)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -324,7 +380,7 @@ def run_training(cfg: Config) -> TrainResult:
     check_training_input(cfg, manifest)
     save_config(cfg, run_dir)
     ensure_ray()
-    sign = "max" if cfg.train.monitor != "val_loss" else "min"
+    sign = _mode(cfg.train.monitor)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": str(manifest_path)},

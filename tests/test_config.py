@@ -44,3 +44,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     written = save_config(cfg, tmp_path)
     assert load_config(written) == cfg
     assert yaml.safe_load(written.read_text())["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("path", sorted(DEMO.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_config_validates(path: Path) -> None:
+    from carclf.models import check_model_name
+
+    cfg = load_config(path)
+    check_model_name(cfg.model.name)

@@ -1,0 +1,241 @@
+"""The fine-tuning recipes, as plain PyTorch: optimizers, schedules, freezing, mixup, AMP, EMA.
+
+Everything here works on a bare ``nn.Module`` without Ray, so the per-worker step can be unit
+tested and checked on a lent GPU; :mod:`carclf.train` wires it into Ray Train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from carclf.config import Config
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over every parameter, with optional layer-wise LR decay.
+
+    Built before any freezing, so that parameters unfrozen later are already in it; no weight
+    decay on biases and norm weights (timm's convention).
+    """
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg.train.optimizer,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        momentum=0.9,
+        layer_decay=cfg.train.layer_decay,
+    )
+    # timm records layer decay as ``lr_scale`` for its own schedulers; torch's read ``lr``.
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
+    return optimizer
+
+
+class Schedule:
+    """One interface over per-step (cosine with warmup, one-cycle) and per-epoch (plateau) LR.
+
+    Args:
+        optimizer: the optimizer whose learning rates it drives.
+        cfg: ``train.scheduler``, ``train.epochs``, ``train.warmup_epochs``, ``train.monitor``.
+        steps_per_epoch: batches per epoch on one worker.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int) -> None:
+        kind, t = cfg.train.scheduler, cfg.train
+        total = max(t.epochs * steps_per_epoch, 1)
+        warmup = t.warmup_epochs * steps_per_epoch
+        self.per_step: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+        self.sign = -1.0 if t.monitor == "val_loss" else 1.0
+        if kind == "cosine":
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+            self.per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif kind == "onecycle":
+            max_lr = [g["lr"] for g in optimizer.param_groups]
+            self.per_step = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=max_lr, total_steps=total, pct_start=max(warmup / total, 0.05)
+            )
+        elif kind == "plateau":
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=0.5, patience=t.plateau_patience
+            )
+
+    def step_batch(self) -> None:
+        if self.per_step is not None:
+            self.per_step.step()
+
+    def step_epoch(self, metrics: dict[str, float], monitor: str) -> None:
+        if self.plateau is not None:
+            self.plateau.step(self.sign * metrics[monitor])
+
+    def state_dict(self) -> dict:
+        sched = self.per_step or self.plateau
+        return sched.state_dict() if sched is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        sched = self.per_step or self.plateau
+        if sched is not None and state:
+            sched.load_state_dict(state)
+
+
+# --- freezing ------------------------------------------------------------------------------
+
+
+def parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names from input to output in blocks; the classifier head is the last group.
+
+    timm models describe their blocks with ``group_matcher``; other models fall back to one
+    group per top-level child module.
+    """
+    if hasattr(model, "group_matcher"):
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        return [list(groups[k]) for k in sorted(groups)]
+    groups: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        groups.setdefault(name.split(".")[0], []).append(name)
+    return list(groups.values())
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the classifier head's parameters (``get_classifier()``), trained from epoch 0."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or not list(head.parameters()):
+        return set(parameter_groups(model)[-1])
+    ids = {id(p) for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def trainable_names(model: nn.Module, cfg: Config, epoch: int) -> set[str]:
+    """Which parameters train in ``epoch``: the head while frozen, then all or the last K blocks."""
+    head = head_parameter_names(model)
+    if epoch < cfg.train.freeze_epochs:
+        return head
+    k = cfg.train.unfreeze_blocks
+    if k is None:
+        return {name for name, _ in model.named_parameters()}
+    blocks = [g for g in parameter_groups(model) if not set(g) <= head]
+    return head | {name for group in blocks[len(blocks) - k :] for name in group}
+
+
+def set_trainable(model: nn.Module, names: set[str]) -> bool:
+    """Set ``requires_grad``; returns whether anything changed (DDP must then be rebuilt)."""
+    changed = False
+    for name, param in model.named_parameters():
+        want = name in names
+        changed |= param.requires_grad != want
+        param.requires_grad_(want)
+    return changed
+
+
+# --- the per-step tools --------------------------------------------------------------------
+
+
+@dataclass
+class StepTools:
+    """What one training step needs besides the model and the optimizer."""
+
+    criterion: nn.Module
+    schedule: Schedule | None = None
+    mixup: Mixup | None = None
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip: float | None = None
+    ema: ModelEmaV3 | None = None
+    device_type: str = "cpu"
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Mixed precision where configured (bf16/fp16 on GPU), a no-op otherwise."""
+        if self.amp_dtype is None:
+            yield
+        else:
+            with torch.autocast(self.device_type, dtype=self.amp_dtype):
+                yield
+
+
+def amp_dtype(amp: str, device_type: str) -> torch.dtype | None:
+    """``train.amp`` → the autocast dtype: AMP only on GPU; ``auto`` picks bf16 where supported."""
+    if device_type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def build_step_tools(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    num_classes: int,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> StepTools:
+    """Criterion, schedule, mixup/cutmix, AMP, gradient clipping and EMA from ``cfg.train``."""
+    t = cfg.train
+    mixup = None
+    if t.mixup > 0 or t.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=t.mixup,
+            cutmix_alpha=t.cutmix,
+            label_smoothing=t.label_smoothing,
+            num_classes=num_classes,
+        )
+    criterion = (
+        SoftTargetCrossEntropy()
+        if mixup
+        else nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    )
+    dtype = amp_dtype(t.amp, device.type)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    ema = ModelEmaV3(model, decay=t.ema_decay, device=device) if t.ema_decay else None
+    return StepTools(
+        criterion=criterion,
+        schedule=Schedule(optimizer, cfg, steps_per_epoch),
+        mixup=mixup,
+        amp_dtype=dtype,
+        scaler=scaler,
+        grad_clip=t.grad_clip,
+        ema=ema,
+        device_type=device.type,
+    )
+
+
+class EarlyStopping:
+    """Stop when the monitored metric has not improved for ``patience`` epochs.
+
+    Args:
+        patience: epochs without improvement before stopping; None never stops.
+        mode: ``max`` for accuracy-like metrics, ``min`` for losses.
+    """
+
+    def __init__(self, patience: int | None, mode: str = "max") -> None:
+        self.patience = patience
+        self.sign = 1.0 if mode == "max" else -1.0
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def update(self, value: float) -> bool:
+        """Record one epoch's value; returns True when training should stop."""
+        score = self.sign * value
+        if self.best is None or score > self.best:
+            self.best, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience

@@ -1,0 +1,122 @@
+"""Freezing, schedules, clipping, early stopping and layer decay on bare PyTorch models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from carclf.config import validate_config
+from carclf.models import create_model
+from carclf.recipes import (
+    EarlyStopping,
+    Schedule,
+    amp_dtype,
+    build_optimizer,
+    build_step_tools,
+    head_parameter_names,
+    set_trainable,
+    trainable_names,
+)
+from carclf.train import _backward_and_step
+
+
+def _cfg(**train: object):
+    return validate_config(
+        {
+            "output_dir": "x",
+            "data": {"manifest": "m"},
+            "model": {"name": "test_resnet"},
+            "train": {"epochs": 4, **train},
+        }
+    )
+
+
+def test_freeze_then_unfreeze_changes_which_parameters_get_gradients() -> None:
+    cfg = _cfg(freeze_epochs=1, unfreeze_blocks=1)
+    model = create_model(cfg.model, 5)
+    head = head_parameter_names(model)
+    assert head == {"fc.weight", "fc.bias"}
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+    def grads_after_step(epoch: int) -> set[str]:
+        set_trainable(model, trainable_names(model, cfg, epoch))
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n for n, p in model.named_parameters() if p.grad is not None}
+
+    assert grads_after_step(0) == head
+    epoch1 = grads_after_step(1)
+    assert head < epoch1 and all(n.startswith(("fc.", "layer4.")) for n in epoch1)
+    all_names = {n for n, _ in model.named_parameters()}
+    assert grads_after_step(1) != all_names
+    assert trainable_names(model, _cfg(freeze_epochs=1), 1) == all_names
+
+
+def test_freeze_epochs_must_leave_epochs_to_train() -> None:
+    with pytest.raises(Exception, match="freeze_epochs"):
+        _cfg(freeze_epochs=4)
+
+
+def test_layer_decay_gives_early_layers_smaller_learning_rates() -> None:
+    cfg = _cfg(layer_decay=0.5, lr=1.0)
+    optimizer = build_optimizer(create_model(cfg.model, 5), cfg)
+    scales = sorted({g["lr"] for g in optimizer.param_groups})
+    assert len(scales) > 2 and scales[-1] == pytest.approx(1.0) and scales[0] < 0.1
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle", "plateau", "none"])
+def test_schedules(kind: str) -> None:
+    cfg = _cfg(scheduler=kind, warmup_epochs=1, lr=1.0, plateau_patience=0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = Schedule(optimizer, cfg, steps_per_epoch=5)
+    lrs = []
+    for _epoch in range(4):
+        for _ in range(5):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step_batch()
+        schedule.step_epoch({"val_acc": 0.5}, "val_acc")  # never improves
+    if kind == "none":
+        assert set(lrs) == {1.0}
+    elif kind == "plateau":
+        assert lrs[0] == 1.0 and lrs[-1] < 1.0  # halved after an epoch without improvement
+    else:
+        assert lrs[0] < max(lrs) and lrs[-1] < 0.1 * max(lrs)  # warm up, then decay
+    restored = Schedule(optimizer, cfg, steps_per_epoch=5)
+    restored.load_state_dict(schedule.state_dict())
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    param = torch.nn.Parameter(torch.zeros(10))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    cfg = _cfg(grad_clip=1e-3)
+    tools = build_step_tools(torch.nn.Linear(1, 1), optimizer, cfg, 5, 1, torch.device("cpu"))
+    loss = (param * 1000.0).sum()
+    _backward_and_step(loss, optimizer, [param], tools)
+    assert param.norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_early_stopping() -> None:
+    stopper = EarlyStopping(patience=2, mode="max")
+    assert [stopper.update(v) for v in (0.5, 0.6, 0.55, 0.6, 0.7, 0.6, 0.6)] == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
+    never = EarlyStopping(patience=None)
+    assert not any(never.update(0.1) for _ in range(10))
+    assert EarlyStopping(patience=1, mode="min").update(1.0) is False
+
+
+def test_amp_is_off_on_cpu() -> None:
+    assert amp_dtype("auto", "cpu") is None and amp_dtype("bf16", "cpu") is None
+    assert amp_dtype("off", "cuda") is None and amp_dtype("fp16", "cuda") == torch.float16
+
+
+def test_head_of_the_scratch_cnn(tmp_path: Path) -> None:
+    model = create_model(_cfg().model.model_copy(update={"name": "scratch_cnn"}), 3)
+    assert head_parameter_names(model) == {"fc.weight", "fc.bias"}
