@@ -148,6 +148,17 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
         ) from exc
 
 
+def preflight_pretrained(cfg: ModelConfig) -> None:
+    """Fetch (or find cached) hub weights on the driver, so a failure comes before any worker.
+
+    Workers on the same node then read the weights from the local cache.
+    """
+    if cfg.pretrained and not cfg.pretrained_file:
+        create_model(cfg, num_classes=2)
+    elif cfg.pretrained_file and not Path(cfg.pretrained_file).is_file():
+        raise UserInputError(f"model.pretrained_file: not found: {cfg.pretrained_file}")
+
+
 def cam_target_layer(model: nn.Module) -> str:
     """Name of the module Grad-CAM hooks: the last feature stage, else the last conv."""
     info = getattr(model, "feature_info", None)

@@ -29,7 +29,7 @@ from carclf.data.manifest import Manifest, read_manifest
 from carclf.data.transforms import Preprocess, eval_transform, preprocess_for, train_transform
 from carclf.errors import UserInputError
 from carclf.metrics import core_metrics, softmax
-from carclf.models import check_model_name, create_model
+from carclf.models import check_model_name, create_model, preflight_pretrained
 from carclf.recipes import (
     EarlyStopping,
     StepTools,
@@ -319,23 +319,34 @@ def _epoch_logger() -> Any:
     import ray.train
 
     class EpochLog(ray.train.UserCallback):
-        """Appends rank 0's metrics to ``epochs.csv`` and prints one line per epoch."""
+        """On the controller: ``epochs.csv``, TensorBoard scalars and one line per epoch."""
 
-        def __init__(self, path: Path) -> None:
-            self.path = path
+        def __init__(self, run_dir: Path) -> None:
+            self.run_dir = run_dir
+            self.writer = None
 
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
             row = metrics[0]
-            new = not self.path.exists()
-            with self.path.open("a", newline="") as fh:
+            path = self.run_dir / "epochs.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(row))
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
             print(
                 f"[carclf] epoch {row['epoch']}: train_loss {row['train_loss']:.3f} "
                 f"val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} "
-                f"val_f1 {row['val_f1_macro']:.3f} {row['images_per_s']:.0f} img/s",
+                f"val_f1 {row['val_f1_macro']:.3f} lr {row['lr']:.2e} "
+                f"{row['images_per_s']:.0f} img/s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -374,6 +385,7 @@ def run_training(cfg: Config) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
+    preflight_pretrained(cfg.model)
     run_dir = Path(cfg.output_dir).resolve()
     manifest_path = resolve_manifest(cfg)
     manifest = read_manifest(manifest_path)
@@ -398,7 +410,7 @@ def run_training(cfg: Config) -> TrainResult:
                 checkpoint_score_attribute=cfg.train.monitor,
                 checkpoint_score_order=sign,
             ),
-            callbacks=[_epoch_logger()(run_dir / "epochs.csv")],
+            callbacks=[_epoch_logger()(run_dir)],
             worker_runtime_env={
                 "env_vars": {"OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker))}
             },

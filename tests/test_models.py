@@ -37,3 +37,22 @@ def test_unknown_model_and_bad_kwargs_are_user_errors() -> None:
         create_model(ModelConfig(name="scratch_cnn", kwargs={"wings": 2}), 3)
     with pytest.raises(UserInputError, match="no pretrained weights"):
         create_model(ModelConfig(name="scratch_cnn", pretrained=True), 3)
+
+
+def test_local_pretrained_file_loads_the_backbone_and_resets_the_head(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("test_resnet", num_classes=1000)  # as published: 1000 classes
+    weights = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    cfg = ModelConfig(name="test_resnet", pretrained=True, pretrained_file=str(weights))
+    model = create_model(cfg, num_classes=7)
+    src, new = source.state_dict(), model.state_dict()
+    backbone = [k for k in src if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(src[k], new[k]) for k in backbone)
+    assert new["fc.weight"].shape == (7, src["fc.weight"].shape[1])  # a fresh 7-way head
+    missing = ModelConfig(name="test_resnet", pretrained=True, pretrained_file="nope.safetensors")
+    with pytest.raises(UserInputError, match="pretrained_file"):
+        create_model(missing, 7)
