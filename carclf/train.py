@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,9 +257,12 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     logits, labels = predict_loader(model, loader, device)
     logits, labels = _gather(logits), _gather(labels)
     loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+    # The largest share of predictions any one class takes: near 1.0 means collapse.
+    share = np.bincount(logits.argmax(1), minlength=logits.shape[1]).max() / max(len(labels), 1)
     return {
         "val_loss": loss,
         **{f"val_{k}": v for k, v in core_metrics(labels, softmax(logits)).items()},
+        "val_top_class_share": float(share),
     }
 
 
@@ -376,26 +380,28 @@ def check_training_input(cfg: Config, manifest: Manifest) -> None:
         raise UserInputError("train.batch_size: smaller than scaling.num_workers")
 
 
-def run_training(cfg: Config) -> TrainResult:
-    """Fine-tune ``cfg.model`` on Ray Train; the run directory is ``cfg.output_dir``.
-
-    Rerunning with the same ``output_dir`` resumes from the last checkpoint there.
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+def prepare_run(cfg: Config) -> tuple[Path, Manifest]:
+    """Validate everything a run needs before any worker starts; returns the run directory."""
     check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
     preflight_pretrained(cfg.model)
     run_dir = Path(cfg.output_dir).resolve()
-    manifest_path = resolve_manifest(cfg)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(resolve_manifest(cfg))
     check_training_input(cfg, manifest)
     save_config(cfg, run_dir)
-    ensure_ray()
+    return run_dir, manifest
+
+
+def fit_run(cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Run Ray Train for a prepared run; extra ``callbacks`` see every report (Tune's, say)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(cfg.output_dir).resolve()
     sign = _mode(cfg.train.monitor)
+    threads = str(max(int(cfg.scaling.cpus_per_worker), 1))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": str(manifest_path)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": str(manifest.path)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -410,10 +416,8 @@ def run_training(cfg: Config) -> TrainResult:
                 checkpoint_score_attribute=cfg.train.monitor,
                 checkpoint_score_order=sign,
             ),
-            callbacks=[_epoch_logger()(run_dir)],
-            worker_runtime_env={
-                "env_vars": {"OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker))}
-            },
+            callbacks=[_epoch_logger()(run_dir), *callbacks],
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
         ),
     )
     result = trainer.fit()
@@ -422,7 +426,17 @@ def run_training(cfg: Config) -> TrainResult:
     pick = max if sign == "max" else min
     best_ckpt, best_metrics = pick(result.best_checkpoints, key=lambda c: c[1][cfg.train.monitor])
     write_run_file(run_dir, Path(best_ckpt.path), best_metrics)
-    return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels, manifest_path)
+    return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels, manifest.path)
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Fine-tune ``cfg.model`` on Ray Train; the run directory is ``cfg.output_dir``.
+
+    Rerunning with the same ``output_dir`` resumes from the last checkpoint there.
+    """
+    _, manifest = prepare_run(cfg)
+    ensure_ray()
+    return fit_run(cfg, manifest)
 
 
 def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:
