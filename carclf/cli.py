@@ -53,6 +53,15 @@ def cmd_train(args: argparse.Namespace) -> str:
     return str(result.run_dir)
 
 
+def cmd_tune(args: argparse.Namespace) -> str:
+    from carclf.config import load_config
+    from carclf.tune import run_tune
+
+    out = run_tune(load_config(args.config, args.set))
+    print((out / "comparison.md").read_text(), file=sys.stderr)
+    return str(out)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> str:
     from carclf.evaluate import evaluate
 
@@ -187,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="Ray Train fine-tuning")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune + Optuna search with ASHA and collapse detection")
+    _config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, plots and a report for a run or bundle")
     p.add_argument("source", help="run directory or bundle directory")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from carclf.collapse import CollapseRule
 from carclf.errors import UserInputError
 
 
@@ -87,6 +88,57 @@ class ExportConfig(_Strict):
     opset: int = Field(18, ge=13)
 
 
+class SearchParam(_Strict):
+    """One dimension of a search space: a range (loguniform, uniform, int) or choices."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> SearchParam:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high, got {self.low}..{self.high}")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def sample_values(self) -> list[Any]:
+        """Values that span the dimension, for checking it against the config schema."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class Study(_Strict):
+    """One search of an experiment: fixed overrides plus a search space (dotted config keys)."""
+
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, SearchParam]
+
+
+class TuneSection(_Strict):
+    """``carclf tune``: Optuna (TPE) or random search with ASHA, and collapse detection."""
+
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1, description="trials per study")
+    max_concurrent: int = Field(1, ge=1)
+    searcher: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial may be cut")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    trial_cpus: float = Field(0.0, ge=0.0, description="CPUs of each trial's driver actor")
+    collapse: CollapseRule = Field(default_factory=CollapseRule)
+    studies: dict[str, Study] = Field(min_length=1)
+
+
 class Config(_Strict):
     """A carclf run: every command reads the keys it needs from this one model."""
 
@@ -98,6 +150,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    tune: TuneSection | None = None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -113,18 +166,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``train.lr``) in a nested dict, creating sections on the way."""
+    path = key.split(".")
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserInputError(f"{key}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``key.path=value`` override set."""
     out = yaml.safe_load(yaml.safe_dump(raw)) or {}
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserInputError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(out, ".".join(path), value)
     return out
 
 

@@ -1,0 +1,286 @@
+"""Ray Tune + Optuna searches over Ray Train runs, with ASHA and collapse detection.
+
+Each study of ``cfg.tune.studies`` (e.g. a from-scratch CNN and a transfer model under the same
+budget) is one Tune experiment. Every trial is a function trainable that launches its own
+``TorchTrainer`` (the Train V2 pattern) and forwards its reports with ``TuneReportCallback``.
+A stopper ends collapsed trials early (:func:`carclf.collapse.detect_collapse`). The experiment
+directory (``output_dir``) ends up with ``trials.csv``, ``comparison.csv`` / ``comparison.md``,
+``best_config.yaml`` (accepted by ``carclf train --config`` as it is) and the Optuna study in
+``optuna.db``. Rerunning the same command resumes unfinished studies.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from carclf.collapse import CollapseRule, detect_collapse
+from carclf.config import Config, SearchParam, Study, set_key, validate_config
+from carclf.errors import UserInputError
+from carclf.runtime import ensure_ray
+from carclf.train import fit_run, prepare_run
+
+
+def study_config(cfg: Config, study: Study, params: dict[str, Any], output_dir: Path) -> Config:
+    """The train config of one trial: base config, the study's overrides, the sampled params."""
+    raw = cfg.model_dump(mode="json", exclude={"tune"})
+    for key, value in {**study.overrides, **params}.items():
+        set_key(raw, key, value)
+    raw["output_dir"] = str(output_dir)
+    return validate_config(raw, source="tune")
+
+
+def check_studies(cfg: Config) -> None:
+    """Refuse unknown parameters and unusable values before any trial starts (exit code 2)."""
+    if cfg.tune is None:
+        raise UserInputError("tune: the config has no 'tune' section")
+    for name, study in cfg.tune.studies.items():
+        for key, param in study.space.items():
+            for value in param.sample_values():
+                try:
+                    study_config(cfg, study, {key: value}, Path(cfg.output_dir))
+                except UserInputError as exc:
+                    raise UserInputError(f"tune.studies.{name}.space.{key}: {exc}") from None
+
+
+def _primitive(values: list[Any]) -> bool:
+    return all(v is None or isinstance(v, bool | int | float | str) for v in values)
+
+
+def decode_params(study: Study, params: dict[str, Any]) -> dict[str, Any]:
+    """Sampled values → config values: choices of lists (``filters``) travel as their index,
+    since Optuna's categorical distribution takes only plain values."""
+    out = dict(params)
+    for key, param in study.space.items():
+        if key in out and param.type == "choice" and not _primitive(param.values):
+            out[key] = param.values[int(out[key])]
+    return out
+
+
+def _domain(param: SearchParam) -> Any:
+    from ray import tune
+
+    if param.type == "loguniform":
+        return tune.loguniform(param.low, param.high)
+    if param.type == "uniform":
+        return tune.uniform(param.low, param.high)
+    if param.type == "int":
+        return tune.randint(int(param.low), int(param.high) + 1)
+    if not _primitive(param.values):
+        return tune.choice(list(range(len(param.values))))
+    return tune.choice(param.values)
+
+
+def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
+    """One trial: a full Ray Train run whose reports go to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = Config.model_validate(cfg_json)
+    trial_dir = Path(cfg.output_dir) / study / tune.get_context().get_trial_name()
+    spec = cfg.tune.studies[study]
+    trial_cfg = study_config(cfg, spec, decode_params(spec, params), trial_dir)
+    _, manifest = prepare_run(trial_cfg)
+    fit_run(trial_cfg, manifest, callbacks=[TuneReportCallback()])
+
+
+def _collapse_stopper(rule: CollapseRule, num_classes: int) -> Any:
+    from ray import tune
+
+    class CollapseStopper(tune.Stopper):
+        """Stops a trial as soon as its validation history shows collapse."""
+
+        def __init__(self) -> None:
+            self.history: dict[str, list[dict]] = defaultdict(list)
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            self.history[trial_id].append(result)
+            return detect_collapse(self.history[trial_id], num_classes, rule) is not None
+
+        def stop_all(self) -> bool:
+            return False
+
+    return CollapseStopper()
+
+
+def _search_alg(cfg: Config, study: str, out: Path) -> Any:
+    from ray.tune.search import ConcurrencyLimiter
+
+    t = cfg.tune
+    if t.searcher == "random":
+        return None  # Tune's random/grid variant generator
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    searcher = OptunaSearch(
+        metric=t.metric,
+        mode=t.mode,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        study_name=study,
+        storage=storage,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
+
+
+def run_study(cfg: Config, study: str, num_classes: int) -> Any:
+    """Run (or resume) one study; returns Tune's ``ResultGrid``."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = cfg.tune
+    out = Path(cfg.output_dir).resolve()
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), study=study),
+        {"CPU": t.trial_cpus},
+    )
+    path = out / "tune" / study
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
+    scheduler = (
+        ASHAScheduler(
+            max_t=cfg.train.epochs,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+        )
+        if t.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: _domain(p) for k, p in t.studies[study].space.items()},
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode=t.mode,
+            search_alg=_search_alg(cfg, study, out),
+            scheduler=scheduler,
+            num_samples=t.num_samples,
+            max_concurrent_trials=t.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=study,
+            storage_path=str(out / "tune"),
+            stop=_collapse_stopper(t.collapse, num_classes),
+        ),
+    )
+    return tuner.fit()
+
+
+def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dict[str, Any]]:
+    """One row per trial: parameters, best metric, epochs, state and the collapse label."""
+    t = cfg.tune
+    spec = t.studies[study]
+    rows = []
+    for result in grid:
+        history = (
+            [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
+        )
+        reason = None
+        for n in range(1, len(history) + 1):  # first epoch at which the detector fired
+            reason = detect_collapse(history[:n], num_classes, t.collapse)
+            if reason:
+                break
+        values = [h[t.metric] for h in history if t.metric in h]
+        finite = [v for v in values if isinstance(v, float | int) and math.isfinite(v)]
+        best = (max if t.mode == "max" else min)(finite) if finite else None
+        rows.append(
+            {
+                "study": study,
+                "trial": result.path and Path(result.path).name,
+                **{f"param:{k}": v for k, v in decode_params(spec, result.config or {}).items()},
+                f"best_{t.metric}": best,
+                "epochs": len(history),
+                "stopped_early": len(history) < cfg.train.epochs,
+                "state": "ERROR" if result.error else "TERMINATED",
+                "collapsed": bool(reason),
+                "collapse_reason": reason or "",
+                "checkpoint": history[-1].get("checkpoint_dir_name", "") if history else "",
+            }
+        )
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Rows with possibly different keys as one CSV (missing cells empty)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def best_train_config(cfg: Config, row: dict[str, Any]) -> Config:
+    """The winning trial as a plain train config (no ``tune`` section), into ``best_run``."""
+    params = {k.removeprefix("param:"): v for k, v in row.items() if k.startswith("param:")}
+    study = cfg.tune.studies[row["study"]]
+    return study_config(cfg, study, params, Path(cfg.output_dir).resolve() / "best_run")
+
+
+def run_tune(cfg: Config) -> Path:
+    """Run every study of ``cfg.tune``; write trials.csv, comparison tables and best_config.yaml.
+
+    Returns:
+        The experiment directory.
+    """
+    from carclf.data.manifest import read_manifest
+    from carclf.train import resolve_manifest
+
+    check_studies(cfg)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(resolve_manifest(cfg))
+    cfg = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"manifest": str(manifest.path)})}
+    )
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    ensure_ray()
+    rows: list[dict[str, Any]] = []
+    for study in cfg.tune.studies:
+        grid = run_study(cfg, study, len(manifest.labels))
+        rows += trial_rows(study, grid, cfg, len(manifest.labels))
+    write_csv(rows, out / "trials.csv")
+    write_comparison(rows, cfg, out)
+    return out
+
+
+def write_comparison(rows: list[dict[str, Any]], cfg: Config, out: Path) -> None:
+    """Best trial per study side by side (CSV and Markdown), and ``best_config.yaml``."""
+    key = f"best_{cfg.tune.metric}"
+    sign = 1.0 if cfg.tune.mode == "max" else -1.0
+    scored = [r for r in rows if r[key] is not None and not r["collapsed"]]
+    table = []
+    for study in cfg.tune.studies:
+        mine = [r for r in rows if r["study"] == study]
+        healthy = [r for r in mine if r in scored]
+        best = max(healthy, key=lambda r: sign * r[key]) if healthy else None
+        table.append(
+            {
+                "study": study,
+                "model": cfg.tune.studies[study].overrides.get("model.name", cfg.model.name),
+                "trials": len(mine),
+                "collapsed": sum(r["collapsed"] for r in mine),
+                "stopped_early": sum(r["stopped_early"] for r in mine),
+                key: None if best is None else best[key],
+                "best_trial": None if best is None else best["trial"],
+                "best_epochs": None if best is None else best["epochs"],
+            }
+        )
+    write_csv(table, out / "comparison.csv")
+    header = list(table[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join("" if r[h] is None else str(r[h]) for h in header) + " |" for r in table
+    ]
+    (out / "comparison.md").write_text("# Search comparison\n\n" + "\n".join(lines) + "\n")
+    if scored:
+        winner = max(scored, key=lambda r: sign * r[key])
+        best_cfg = best_train_config(cfg, winner)
+        (out / "best_config.yaml").write_text(
+            yaml.safe_dump(best_cfg.model_dump(mode="json", exclude={"tune"}), sort_keys=False)
+        )

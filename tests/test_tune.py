@@ -1,0 +1,99 @@
+"""Search spaces are checked before any trial; a tiny two-study search runs on real Ray Tune."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carclf.cli import main
+from carclf.config import load_config, validate_config
+from carclf.errors import UserInputError
+from carclf.tune import check_studies, run_tune
+
+from .conftest import tiny_config
+
+ABLATION = Path(__file__).parents[1] / "jobs" / "configs" / "ablation-demo.yaml"
+
+
+def _with_tune(tmp_path: Path, manifest: Path, studies: dict, **tune: object):
+    raw = tiny_config(tmp_path / "exp", manifest).model_dump(mode="json")
+    raw["tune"] = {"studies": studies, **tune}
+    return validate_config(raw)
+
+
+def test_ablation_demo_config_is_valid() -> None:
+    check_studies(load_config(ABLATION))
+
+
+def test_unknown_parameter_is_refused(tmp_path: Path, toy_manifest: Path) -> None:
+    cfg = _with_tune(
+        tmp_path,
+        toy_manifest,
+        {"s": {"space": {"train.speed": {"type": "uniform", "low": 0, "high": 1}}}},
+    )
+    with pytest.raises(UserInputError, match=r"tune\.studies\.s\.space\.train\.speed"):
+        check_studies(cfg)
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        {"type": "uniform", "low": 1, "high": 1},
+        {"type": "choice", "values": []},
+        {"type": "loguniform", "low": 0, "high": 1},
+    ],
+)
+def test_empty_range_is_refused_with_exit_code_2(
+    tmp_path: Path, toy_manifest: Path, param: dict, capsys: pytest.CaptureFixture
+) -> None:
+    raw = tiny_config(tmp_path / "exp", toy_manifest).model_dump(mode="json")
+    raw["tune"] = {"studies": {"s": {"space": {"train.lr": param}}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["tune", "--config", str(path)]) == 2
+    assert "tune.studies.s.space.train.lr" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_two_studies_with_a_collapsing_scratch_cnn(
+    ray_session, tmp_path: Path, toy_manifest: Path
+) -> None:
+    studies = {
+        "scratch": {
+            "overrides": {"model.name": "scratch_cnn"},
+            # lr 5.0 with SGD blows a plain CNN up: the collapse the search must catch.
+            "space": {
+                "train.lr": {"type": "choice", "values": [5.0, 0.01]},
+                "model.kwargs.filters": {"type": "choice", "values": [[8, 16]]},
+            },
+        },
+        "transfer": {
+            "overrides": {"model.name": "scratch_cnn_bn"},
+            "space": {"train.lr": {"type": "loguniform", "low": 0.003, "high": 0.01}},
+        },
+    }
+    cfg = _with_tune(
+        tmp_path,
+        toy_manifest,
+        studies,
+        num_samples=2,
+        searcher="random",
+        grace_period=3,
+        collapse={"min_epochs": 2, "window": 1},
+    )
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"epochs": 4, "optimizer": "sgd"})}
+    )
+    out = run_tune(cfg)
+    with (out / "trials.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    collapsed = [r for r in rows if r["collapsed"] == "True"]
+    assert collapsed and all(r["study"] == "scratch" for r in collapsed)
+    assert all(r["stopped_early"] == "True" for r in collapsed)
+    assert (out / "comparison.md").is_file() and (out / "optuna.db").exists() is False
+    best = load_config(out / "best_config.yaml")
+    assert best.tune is None and best.output_dir.endswith("best_run")
