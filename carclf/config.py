@@ -134,7 +134,7 @@ class TuneSection(_Strict):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial may be cut")
     reduction_factor: float = Field(2.0, gt=1.0)
-    trial_cpus: float = Field(0.0, ge=0.0, description="CPUs of each trial's driver actor")
+X
     collapse: CollapseRule = Field(default_factory=CollapseRule)
     studies: dict[str, Study] = Field(min_length=1)
 
