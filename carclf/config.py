@@ -134,7 +134,9 @@ class TuneSection(_Strict):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial may be cut")
     reduction_factor: float = Field(2.0, gt=1.0)
-X
+    # A trial only drives its Ray Train run; the workers hold the real CPUs. Tune needs a
+    # non-empty request, so the driver takes a sliver of a CPU.
+    trial_cpus: float = Field(0.01, gt=0.0, description="CPUs of each trial's driver actor")
     collapse: CollapseRule = Field(default_factory=CollapseRule)
     studies: dict[str, Study] = Field(min_length=1)
 
