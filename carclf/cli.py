@@ -46,10 +46,17 @@ def cmd_synth(args: argparse.Namespace) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> str:
-    from carclf.data.audit import write_audit
+    from carclf.data.audit import run_audit, summary_lines
 
-    manifest = write_audit(args.root, args.manifest, args.ratios, args.seed, force=args.force)
-    return str(manifest)
+    run = run_audit(
+        args.root, args.manifest, args.ratios, args.seed, force=args.force, dedupe_files=args.dedupe
+    )
+    if run.reused:
+        print(f"reusing the existing {run.manifest} (--force rebuilds it)", file=sys.stderr)
+    for line in summary_lines(run.report) if run.report else []:
+        print(line, file=sys.stderr)
+    print(f"report: {run.report_paths[1]}", file=sys.stderr)
+    return str(run.manifest)
 
 
 def cmd_train(args: argparse.Namespace) -> str:
@@ -190,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_ratios, default=(0.7, 0.15, 0.15))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--force", action="store_true", help="rebuild an existing manifest")
+    p.add_argument(
+        "--dedupe", action="store_true", help="keep one copy of identical files (in train)"
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("train", help="Ray Train fine-tuning")
