@@ -245,14 +245,32 @@ def _split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int,
     return n - n_val - n_test, n_val, n_test
 
 
+def assign_splits(
+    n: int, ratios: tuple[float, float, float], seed: int, label: str
+) -> list[str] | None:
+    """Splits for ``n`` items of one class in a fixed order, by a seeded shuffle; None if too few.
+
+    NumPy's PCG64 seeded with ``(seed, crc32(label))`` gives the same answer on any machine, and
+    each class its own shuffle.
+    """
+    counts = _split_counts(n, ratios)
+    if counts is None:
+        return None
+    names = [s for s, k in zip(SPLIT_NAMES, counts, strict=True) for _ in range(k)]
+    order = np.random.default_rng([seed, zlib.crc32(label.encode())]).permutation(n)
+    out = [""] * n
+    for rank, i in enumerate(order):
+        out[i] = names[rank]
+    return out
+
+
 def stratified_split(
     rows: list[dict], root: Path, ratios: tuple[float, float, float], seed: int
 ) -> list[str]:
-    """Give each row of a flat root a split, per class, by a seeded shuffle; return problems.
+    """Give each row of a flat root a split, per class (:func:`assign_splits`); return problems.
 
-    Identical files (same sha256) stay together so a split cannot leak them; the shuffle runs over
-    the relative paths in sorted order with NumPy's PCG64, so a seed gives the same split on any
-    machine.
+    Identical files (same sha256) stay together so a split cannot leak them; groups are ordered by
+    their relative paths, so the split does not depend on where the tree lies.
     """
     problems = []
     by_class: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -263,18 +281,14 @@ def stratified_split(
             groups.values(),
             key=lambda g: min(Path(r["path"]).relative_to(root).as_posix() for r in g),
         )
-        counts = _split_counts(len(ordered), ratios)
-        if counts is None:
+        splits = assign_splits(len(ordered), ratios, seed, label)
+        if splits is None:
             problems.append(
                 f"class {label!r} has {len(ordered)} distinct usable image(s), "
                 f"too few to split with ratios {','.join(map(str, ratios))}"
             )
             continue
-        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
-        names = [s for s, n in zip(SPLIT_NAMES, counts, strict=True) for _ in range(n)]
-        for group, split in zip(
-            (ordered[i] for i in rng.permutation(len(ordered))), names, strict=True
-        ):
+        for group, split in zip(ordered, splits, strict=True):
             for row in group:
                 row["split"] = split
     return problems
