@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import warnings
 import zlib
 from collections import Counter, defaultdict
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from carclf.data.manifest import read_manifest, write_manifest
 from carclf.data.transforms import load_image
@@ -399,7 +401,8 @@ def _check_all(
     ):
         # Images between Pillow's warning threshold and our limit are refused by our own check.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return list(ex.map(lambda c: check_image(c.path, max_pixels), files))
+        results = ex.map(lambda c: check_image(c.path, max_pixels), files)
+        return list(tqdm(results, total=len(files), desc="audit", disable=None, file=sys.stderr))
 
 
 def audit_tree(
