@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> Path:
     result = {
         "command": " ".join(["python bench/data_bench.py", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {device_name}, "
-        f"torch {torch.__version__}, {args.threads} torch thread(s)",
+        f"torch {torch.__version__}, {args.threads} torch thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} at the end",
         "device": args.device,
         "model": cfg.model.name,
         "input_size": list(pre.input_size),

@@ -11,6 +11,7 @@ are written to the report and then refused. Nothing in the user's tree is ever m
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -116,9 +118,9 @@ def _not_image_reason(data: bytes) -> str:
         if data.startswith(magic):
             return f"not an image: {what}"
     head = data[:512]
-    try:
+    try:  # incremental: a character cut at byte 512 is not an error
         if b"\x00" not in head:
-            head.decode("utf-8")
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
             return "not an image: text"
     except UnicodeDecodeError:
         pass
@@ -130,7 +132,7 @@ def _damage(exc: Exception) -> str:
 
 
 def dhash(img: Image.Image) -> int:
-    """A 64-bit difference hash: bright-to-dark steps between neighbours of a 9x8 thumbnail."""
+    """A 64-bit difference hash: is each pixel of a 9x8 gray thumbnail darker than its right one."""
     small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
     bits = (small[:, 1:] > small[:, :-1]).flatten()
     return int(np.packbits(bits).view(">u8")[0])
@@ -666,13 +668,6 @@ def run_audit(
     return AuditRun(manifest, report, paths, reused=False)
 
 
-def write_audit(
-    root: str | Path,
-    manifest: str | Path,
-    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    seed: int = 42,
-    force: bool = False,
-    dedupe_files: bool = False,
-) -> Path:
-    """:func:`run_audit`, returning only the manifest path."""
-    return run_audit(root, manifest, ratios, seed, force, dedupe_files).manifest
+def write_audit(root: str | Path, manifest: str | Path, **options: Any) -> Path:
+    """:func:`run_audit` with the same keyword options, returning only the manifest path."""
+    return run_audit(root, manifest, **options).manifest
