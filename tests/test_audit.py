@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from carclf.cli import main
-from carclf.data.audit import audit_tree, run_audit, write_audit
+from carclf.data.audit import audit_tree, near_duplicates, run_audit, write_audit
 from carclf.data.dataset import ManifestDataset
 from carclf.data.manifest import read_manifest, write_manifest
 from carclf.data.transforms import eval_transform, load_image, preprocess_for
@@ -546,3 +546,47 @@ def test_manifest_reader_names_the_wrong_column(good_rows, tmp_path: Path, edit,
     _rewrite(path, edit(table))
     with pytest.raises(UserInputError, match=message):
         read_manifest(path)
+
+
+# --- split folder names and near-duplicate search -------------------------------------------------
+
+
+def test_split_folder_aliases_and_conflicts(tmp_path: Path) -> None:
+    root = tmp_path / "kaggle"
+    for s, split in enumerate(("Train", "Valid", "TEST")):
+        for c, label in enumerate(("x", "y")):
+            (root / split / label).mkdir(parents=True)
+            _blocks(500 + 2 * s + c).save(root / split / label / "0.png")
+    result = audit_tree(root)
+    assert set(result.counts()) == {"train", "val", "test"} and not result.problems
+    (root / "validation" / "x").mkdir(parents=True)
+    with pytest.raises(UserInputError, match="Valid and validation are both the 'val' split"):
+        audit_tree(root)
+
+
+def test_near_duplicate_search_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 40, dtype=np.uint64)
+    rows = []
+    for i in range(3000):  # many rows: the search runs in several blocks
+        flips = rng.integers(0, 64, rng.integers(0, 7))
+        value = int(base[i % 40]) ^ sum(1 << int(b) for b in set(flips.tolist()))
+        rows.append(
+            {
+                "path": f"{i}",
+                "split": ("train", "val", "test")[i % 3],
+                "sha256": str(i % 2000),
+                "dhash": value,
+            }
+        )
+    found = {tuple(p["paths"]) for p in near_duplicates(rows)}
+    sample = range(0, 3000, 7)
+    expected = {
+        (rows[i]["path"], rows[j]["path"])
+        for i in sample
+        for j in range(i + 1, 3000)
+        if rows[i]["split"] != rows[j]["split"]
+        and rows[i]["sha256"] != rows[j]["sha256"]
+        and bin(rows[i]["dhash"] ^ rows[j]["dhash"]).count("1") <= 4
+    }
+    assert expected and {p for p in found if int(p[0]) % 7 == 0} == expected
