@@ -17,6 +17,8 @@ from carclf.data.stanford import crop_box, import_stanford_cars, label_of, make_
 from carclf.data.transforms import load_image
 from carclf.errors import UserInputError
 
+from .test_audit import tree_state
+
 NAMES = [
     "AM General Hummer SUV 2000",
     "BMW M3 Coupe 2012",
@@ -93,7 +95,9 @@ def _rows_by_stem(manifest: Path) -> dict[str, dict]:
 
 def test_model_level_labels_splits_and_tight_crops(devkit, tmp_path: Path) -> None:
     root, annos = devkit
+    before = tree_state(root)
     run = import_stanford_cars(root, tmp_path / "out")
+    assert tree_state(root) == before  # the devkit is only read
     manifest = read_manifest(run.manifest)
     assert manifest.labels == sorted(label_of(n, "model") for n in NAMES)
     assert "Ram C-V Cargo Van Minivan 2012" in manifest.labels  # "/" cannot be in a folder name
