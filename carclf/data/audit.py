@@ -207,11 +207,11 @@ def _scan_class(class_dir: Path, label: str, split: str, layout: _Layout) -> Non
                 layout.excluded.append(Excluded(str(path), split, label, UNREADABLE, why))
 
 
-def _scan_level(folder: Path, split: str, layout: _Layout, skip: Iterable[str] = ()) -> None:
+def _scan_level(folder: Path, split: str, layout: _Layout) -> None:
     """Scan ``folder/<class>/…``; visible non-folders at this level are noted as ignored."""
     classes = []
     for entry in sorted(folder.iterdir()):
-        if _hidden(entry.name) or entry.name in skip:
+        if _hidden(entry.name):
             continue
         if entry.is_dir():
             classes.append(entry.name)
