@@ -63,7 +63,7 @@ def cmd_stanford(args: argparse.Namespace) -> str:
     from carclf.data.audit import summary_lines
     from carclf.data.stanford import import_stanford_cars
 
-    run = import_stanford_cars(
+    done = import_stanford_cars(
         args.root,
         args.out,
         level=args.level,
@@ -73,10 +73,12 @@ def cmd_stanford(args: argparse.Namespace) -> str:
         seed=args.seed,
         force=args.force,
     )
-    for line in summary_lines(run.report) if run.report else []:
+    written = ", ".join(f"{k} {n}" for k, n in done.record["written"].items())
+    print(f"cropped {written}; skipped {len(done.record['skipped'])}", file=sys.stderr)
+    for line in summary_lines(done.audit.report) if done.audit.report else []:
         print(line, file=sys.stderr)
-    print(f"report: {run.report_paths[1]}", file=sys.stderr)
-    return str(run.manifest)
+    print(f"report: {done.audit.report_paths[1]}", file=sys.stderr)
+    return str(done.audit.manifest)
 
 
 def cmd_train(args: argparse.Namespace) -> str:

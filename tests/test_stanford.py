@@ -98,15 +98,15 @@ def test_model_level_labels_splits_and_tight_crops(devkit, tmp_path: Path) -> No
     before = tree_state(root)
     run = import_stanford_cars(root, tmp_path / "out")
     assert tree_state(root) == before  # the devkit is only read
-    manifest = read_manifest(run.manifest)
+    manifest = read_manifest(run.audit.manifest)
     assert manifest.labels == sorted(label_of(n, "model") for n in NAMES)
     assert "Ram C-V Cargo Van Minivan 2012" in manifest.labels  # "/" cannot be in a folder name
-    assert run.report["counts"] == {
+    assert run.audit.report["counts"] == {
         "train": {label: 3 for label in manifest.labels},
         "val": {label: 1 for label in manifest.labels},
         "test": {label: 2 for label in manifest.labels},
     }
-    rows = _rows_by_stem(run.manifest)
+    rows = _rows_by_stem(run.audit.manifest)
     for split, group in annos.items():
         for fname, (x1, y1, x2, y2), cls in group:
             row = rows[Path(fname).stem]
@@ -117,13 +117,14 @@ def test_model_level_labels_splits_and_tight_crops(devkit, tmp_path: Path) -> No
             # The crop is the filled box: its colour, not the grey noise around it.
             assert np.abs(crop.mean(axis=(0, 1)) - COLOURS[cls - 1]).max() < 12
     record = json.loads((tmp_path / "out" / "import.json").read_text())
+    assert record == run.record
     assert record["written"] == {"train": 12, "val": 4, "test": 8} and record["skipped"] == []
 
 
 def test_margin_widens_the_box_and_clips_at_the_border(devkit, tmp_path: Path) -> None:
     root, annos = devkit
     run = import_stanford_cars(root, tmp_path / "out", margin=0.25)
-    rows = _rows_by_stem(run.manifest)
+    rows = _rows_by_stem(run.audit.manifest)
     for fname, box, _ in annos["train"] + annos["test"]:
         x1, y1, x2, y2 = box
         w, h = x2 - x1 + 1, y2 - y1 + 1
@@ -139,8 +140,8 @@ def test_margin_widens_the_box_and_clips_at_the_border(devkit, tmp_path: Path) -
 def test_make_level_groups_models_by_make(devkit, tmp_path: Path) -> None:
     root, _ = devkit
     run = import_stanford_cars(root, tmp_path / "out", level="make")
-    assert read_manifest(run.manifest).labels == ["AM General", "BMW", "Ram"]
-    counts = run.report["counts"]
+    assert read_manifest(run.audit.manifest).labels == ["AM General", "BMW", "Ram"]
+    counts = run.audit.report["counts"]
     assert counts["test"] == {"AM General": 2, "BMW": 4, "Ram": 2}
     assert counts["train"]["BMW"] + counts["val"]["BMW"] == 8
     assert make_of("Aston Martin V8 Vantage Coupe 2012") == "Aston Martin"
@@ -153,9 +154,9 @@ def test_csv_devkit_gives_the_same_data_set(devkit, tmp_path: Path) -> None:
     root = tmp_path / "csv"
     write_fake_devkit(root, csv=True)
     csv = import_stanford_cars(root, tmp_path / "from_csv")
-    assert csv.report["counts"] == mat.report["counts"]
-    assert csv.report["labels"] == mat.report["labels"]
-    a, b = _rows_by_stem(mat.manifest), _rows_by_stem(csv.manifest)
+    assert csv.audit.report["counts"] == mat.audit.report["counts"]
+    assert csv.audit.report["labels"] == mat.audit.report["labels"]
+    a, b = _rows_by_stem(mat.audit.manifest), _rows_by_stem(csv.audit.manifest)
     assert {k: (r["split"], r["sha256"]) for k, r in a.items()} == {
         k: (r["split"], r["sha256"]) for k, r in b.items()
     }
@@ -172,7 +173,7 @@ def test_missing_and_broken_images_are_skipped_and_recorded(devkit, tmp_path: Pa
         ("00001.jpg", "image file not found"),
         ("00002.jpg", "cannot read the image"),
     ]
-    assert run.report["images"] == 4 * 6 - 2
+    assert run.audit.report["images"] == 4 * 6 - 2
 
 
 def test_bad_devkits_and_outputs_are_refused(devkit, tmp_path: Path, capsys) -> None:
@@ -204,8 +205,9 @@ def test_cli_imports_and_force_replaces_an_earlier_import(devkit, tmp_path: Path
     out = tmp_path / "out"
     args = ["data", "stanford-cars", str(devkit[0]), "--out", str(out), "--level", "make"]
     assert main(args) == 0
-    stdout = capsys.readouterr().out.strip().splitlines()
-    assert stdout[-1] == str(out / "manifest.parquet")
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == str(out / "manifest.parquet")
+    assert "cropped train 12, val 4, test 8; skipped 0" in captured.err
     assert main(args) == 2
     assert main([*args, "--level", "model", "--force"]) == 0
     assert len(read_manifest(out / "manifest.parquet").labels) == len(NAMES)

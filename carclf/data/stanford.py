@@ -53,6 +53,15 @@ _FIELDS = ("fname", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class")
 
 
 @dataclass(frozen=True)
+class StanfordImport:
+    """What an import wrote: the folder, its ``import.json`` record and the audit of its images."""
+
+    out: Path
+    record: dict
+    audit: AuditRun
+
+
+@dataclass(frozen=True)
 class Annotation:
     """One devkit image: its file name, its box (1-based inclusive pixels) and class (0-based)."""
 
@@ -244,7 +253,7 @@ def import_stanford_cars(
     val_ratio: float = 0.1,
     seed: int = 42,
     force: bool = False,
-) -> AuditRun:
+) -> StanfordImport:
     """Write the devkit under ``root`` as cropped ImageFolder ``out/images`` and audit it.
 
     Args:
@@ -258,7 +267,7 @@ def import_stanford_cars(
         force: Replace an earlier import in ``out``.
 
     Returns:
-        The audit of the new tree (its manifest is ``out/manifest.parquet``).
+        The import; its audit's manifest is ``out/manifest.parquet``.
     """
     root, out = Path(root), Path(out)
     if level not in LEVELS:
@@ -305,4 +314,5 @@ def import_stanford_cars(
         _replace(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return run_audit(out / "images", out / "manifest.parquet", force=True)
+    audit = run_audit(out / "images", out / "manifest.parquet", force=True)
+    return StanfordImport(out, record, audit)
