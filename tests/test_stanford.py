@@ -207,7 +207,7 @@ def test_cli_imports_and_force_replaces_an_earlier_import(devkit, tmp_path: Path
     assert main(args) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == str(out / "manifest.parquet")
-    assert "cropped train 12, val 4, test 8; skipped 0" in captured.err
+    assert "cropped train 13, val 3, test 8; skipped 0" in captured.err  # val: 1 per make
     assert main(args) == 2
     assert main([*args, "--level", "model", "--force"]) == 0
     assert len(read_manifest(out / "manifest.parquet").labels) == len(NAMES)
