@@ -415,7 +415,10 @@ def test_cli_audit_reuses_and_never_silently_overwrites(messy, tmp_path: Path, c
     assert manifest.stat().st_mtime_ns == stamp
     # Other settings, or another tree, on the same manifest: refused, not overwritten.
     assert main(["data", "audit", str(root), "--manifest", str(manifest), "--dedupe"]) == 2
-    assert "dedupe=False, not True (--force rebuilds it)" in capsys.readouterr().err
+    assert (
+        "dedupe=False, not True (`carclf data audit … --force` rebuilds it)"
+        in capsys.readouterr().err
+    )
     assert main(["data", "audit", str(tmp_path), "--manifest", str(manifest)]) == 2
     assert "was built from" in capsys.readouterr().err
     assert manifest.stat().st_mtime_ns == stamp
@@ -428,7 +431,7 @@ def test_cli_audit_reuses_and_never_silently_overwrites(messy, tmp_path: Path, c
 def test_a_broken_manifest_is_not_reused(messy, tmp_path: Path) -> None:
     manifest = tmp_path / "m.parquet"
     manifest.write_text("not parquet")
-    with pytest.raises(UserInputError, match=r"not a Parquet manifest.*--force rebuilds it"):
+    with pytest.raises(UserInputError, match=r"not a Parquet manifest.*--force` rebuilds it"):
         write_audit(messy[0], manifest)
     assert write_audit(messy[0], manifest, force=True) == manifest
 

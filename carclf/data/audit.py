@@ -637,22 +637,21 @@ def report_paths(manifest: Path) -> tuple[Path, Path]:
     return Path(f"{stem}.audit.json"), Path(f"{stem}.audit.md")
 
 
+_REBUILD = "(`carclf data audit … --force` rebuilds it)"
+
+
 def _reuse(manifest: Path, root: Path, settings: dict) -> None:
     """Refuse to reuse a manifest that was built from another tree or with other settings."""
     try:
         existing = read_manifest(manifest)
     except UserInputError as exc:
-        raise UserInputError(f"{exc} (--force rebuilds it)") from None
+        raise UserInputError(f"{exc} {_REBUILD}") from None
     if existing.root and existing.root != str(root):
-        raise UserInputError(
-            f"{manifest}: was built from {existing.root}, not {root} (--force rebuilds it)"
-        )
+        raise UserInputError(f"{manifest}: was built from {existing.root}, not {root} {_REBUILD}")
     for key, value in settings.items():
         old = existing.settings.get(key, value)
         if old != value:
-            raise UserInputError(
-                f"{manifest}: was built with {key}={old}, not {value} (--force rebuilds it)"
-            )
+            raise UserInputError(f"{manifest}: was built with {key}={old}, not {value} {_REBUILD}")
 
 
 def run_audit(
