@@ -33,3 +33,6 @@ format: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+bench: install
+	OMP_NUM_THREADS=1 $(PY) bench/data_bench.py

@@ -38,10 +38,39 @@ def cmd_synth(args: argparse.Namespace) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> str:
-    from carclf.data.audit import write_audit
+    from carclf.data.audit import run_audit, summary_lines
 
-    manifest = write_audit(args.root, args.manifest, args.ratios, args.seed, force=args.force)
-    return str(manifest)
+    run = run_audit(
+        args.root, args.manifest, args.ratios, args.seed, force=args.force, dedupe_files=args.dedupe
+    )
+    if run.reused:
+        print(f"reusing the existing {run.manifest} (--force rebuilds it)", file=sys.stderr)
+    for line in summary_lines(run.report) if run.report else []:
+        print(line, file=sys.stderr)
+    print(f"report: {run.report_paths[1]}", file=sys.stderr)
+    return str(run.manifest)
+
+
+def cmd_stanford(args: argparse.Namespace) -> str:
+    from carclf.data.audit import summary_lines
+    from carclf.data.stanford import import_stanford_cars
+
+    done = import_stanford_cars(
+        args.root,
+        args.out,
+        level=args.level,
+        margin=args.margin,
+        crop=not args.no_crop,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        force=args.force,
+    )
+    written = ", ".join(f"{k} {n}" for k, n in done.record["written"].items())
+    print(f"cropped {written}; skipped {len(done.record['skipped'])}", file=sys.stderr)
+    for line in summary_lines(done.audit.report) if done.audit.report else []:
+        print(line, file=sys.stderr)
+    print(f"report: {done.audit.report_paths[1]}", file=sys.stderr)
+    return str(done.audit.manifest)
 
 
 def cmd_train(args: argparse.Namespace) -> str:
@@ -191,7 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_ratios, default=(0.7, 0.15, 0.15))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--force", action="store_true", help="rebuild an existing manifest")
+    p.add_argument(
+        "--dedupe", action="store_true", help="keep one copy of identical files (in train)"
+    )
     p.set_defaults(func=cmd_audit)
+    p = data.add_parser(
+        "stanford-cars", help="import the Stanford Cars devkit as bbox crops, then audit them"
+    )
+    p.add_argument("root", help="folder with cars_train/, cars_test/ and the devkit files")
+    p.add_argument("--out", required=True, help="new folder: images/, manifest.parquet, report")
+    p.add_argument("--level", choices=["model", "make"], default="model")
+    p.add_argument(
+        "--margin", type=float, default=0.0, help="context around each box, fraction per side"
+    )
+    p.add_argument("--no-crop", action="store_true", help="keep whole images")
+    p.add_argument("--val-ratio", type=float, default=0.1, help="of each class's train images")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--force", action="store_true", help="replace an earlier import in --out")
+    p.set_defaults(func=cmd_stanford)
 
     p = sub.add_parser("train", help="Ray Train fine-tuning")
     _config_args(p)

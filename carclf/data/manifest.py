@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,6 +34,8 @@ SCHEMA = pa.schema(
 )
 LABELS_KEY = b"carclf.labels"
 ROOT_KEY = b"carclf.root"
+# How the manifest was made (audit settings), so a reuse can tell whether it still fits the request.
+SETTINGS_KEY = b"carclf.audit"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Manifest:
     table: pa.Table
     labels: list[str]
     path: Path | None = None
+    root: str = ""
+    settings: dict = dc_field(default_factory=dict)
 
     def split(self, name: str) -> list[tuple[str, int]]:
         """``(path, label_index)`` of every image in split ``name``, in manifest order."""
@@ -53,12 +58,30 @@ class Manifest:
         return sorted(set(self.table["split"].to_pylist()))
 
 
-def write_manifest(rows: list[dict], labels: list[str], path: str | Path, root: str = "") -> Path:
-    """Write ``rows`` (dicts with the schema's columns) atomically to ``path``."""
+def write_manifest(
+    rows: list[dict],
+    labels: list[str],
+    path: str | Path,
+    root: str = "",
+    settings: dict | None = None,
+) -> Path:
+    """Write ``rows`` (dicts with the schema's columns) atomically to ``path``.
+
+    Args:
+        rows: One dict per image; keys beyond the schema's columns are ignored.
+        labels: The label order; ``label_index`` indexes into it.
+        path: Where the Parquet file goes.
+        root: The image tree the rows were read from.
+        settings: How the rows were made (audit settings), kept in the metadata.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    metadata = {LABELS_KEY: json.dumps(labels).encode(), ROOT_KEY: root.encode()}
+    metadata = {
+        LABELS_KEY: json.dumps(labels).encode(),
+        ROOT_KEY: root.encode(),
+        SETTINGS_KEY: json.dumps(settings or {}).encode(),
+    }
     table = table.replace_schema_metadata(metadata)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
     os.close(fd)
@@ -99,7 +122,14 @@ def read_manifest(path: str | Path) -> Manifest:
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserInputError(f"{path}: not a Parquet manifest ({exc})") from None
     labels = validate_table(table, str(path))
-    return Manifest(table=table, labels=labels, path=path)
+    meta = table.schema.metadata or {}
+    return Manifest(
+        table=table,
+        labels=labels,
+        path=path,
+        root=meta.get(ROOT_KEY, b"").decode(),
+        settings=json.loads(meta.get(SETTINGS_KEY, b"{}")),
+    )
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster on this machine, for trying `ray job submit` as on a real cluster.
+#
+#   cluster/local.sh up [WORKERS]   head + WORKERS worker nodes (default 1), token auth on
+#   cluster/local.sh status         nodes and resources
+#   cluster/local.sh down           stops every node it started
+#
+# Every node binds to 127.0.0.1, token authentication is on (RAY_AUTH_MODE=token) and the token
+# lives in a 0600 file outside the repository (CARCLF_RAY_TOKEN_FILE, default
+# ~/.config/carclf/ray_token). Nodes have distinct resources: the head {"head": 1}, worker i
+# {"worker": 1, "worker_<i>": 1}, so jobs can be pinned and tests can see where tasks ran.
+set -euo pipefail
+
+RAY=${RAY:-"$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/ray"}
+STATE=${CARCLF_CLUSTER_DIR:-/tmp/carclf-cluster}
+TOKEN_FILE=${CARCLF_RAY_TOKEN_FILE:-$HOME/.config/carclf/ray_token}
+HEAD_PORT=${CARCLF_HEAD_PORT:-6390}
+DASHBOARD_PORT=${CARCLF_DASHBOARD_PORT:-8275}
+HEAD_CPUS=${CARCLF_HEAD_CPUS:-1}
+WORKER_CPUS=${CARCLF_WORKER_CPUS:-1}
+
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
+
+make_token() {
+  if [ ! -s "$TOKEN_FILE" ]; then
+    mkdir -p "$(dirname "$TOKEN_FILE")"
+    chmod 700 "$(dirname "$TOKEN_FILE")"
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$TOKEN_FILE")
+  fi
+  chmod 600 "$TOKEN_FILE"
+}
+
+# Each node gets its own temp dir and port range, so several raylets share one host.
+start_node() {
+  local name=$1
+  shift
+  mkdir -p "$STATE/$name"
+  "$RAY" start --node-ip-address=127.0.0.1 --temp-dir="$STATE/$name/tmp" \
+    --disable-usage-stats "$@" >"$STATE/$name/start.log" 2>&1 ||
+    { cat "$STATE/$name/start.log" >&2; exit 1; }
+}
+
+up() {
+  local workers=${1:-1}
+  make_token
+  mkdir -p "$STATE"
+  start_node head --head --port="$HEAD_PORT" --dashboard-host=127.0.0.1 \
+    --dashboard-port="$DASHBOARD_PORT" --num-cpus="$HEAD_CPUS" --resources='{"head": 1}' \
+    --node-manager-port=6391 --object-manager-port=6392 --min-worker-port=20000 --max-worker-port=20999
+  for i in $(seq 1 "$workers"); do
+    start_node "worker$i" --address="127.0.0.1:$HEAD_PORT" --num-cpus="$WORKER_CPUS" \
+      --resources="{\"worker\": 1, \"worker_$i\": 1}" \
+      --node-manager-port=$((6391 + 10 * i)) --object-manager-port=$((6392 + 10 * i)) \
+      --min-worker-port=$((20000 + 1000 * i)) --max-worker-port=$((20999 + 1000 * i))
+  done
+  cat <<MSG
+Ray cluster up: head + $workers worker node(s), token auth on.
+  dashboard:      http://127.0.0.1:$DASHBOARD_PORT
+  job submission: export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
+                  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
+                  ray job submit --working-dir . -- python -m jobs.pipeline --config jobs/configs/demo.yaml
+  stop:           cluster/local.sh down
+MSG
+}
+
+down() {
+  # `ray stop` stops every raylet it finds on this host, so a concurrent local Ray would go too;
+  # stop only the processes whose temp dir is ours.
+  local pids
+  pids=$(pgrep -f "$STATE/" || true)
+  if [ -n "$pids" ]; then
+    kill $pids 2>/dev/null || true
+    sleep 2
+    kill -9 $(pgrep -f "$STATE/" || true) 2>/dev/null || true
+  fi
+  rm -rf "$STATE"
+  echo "Ray cluster down."
+}
+
+status() {
+  "$RAY" status --address="127.0.0.1:$HEAD_PORT"
+}
+
+case "${1:-}" in
+  up) up "${2:-1}" ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up [WORKERS] | status | down" >&2; exit 2 ;;
+esac
