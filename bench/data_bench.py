@@ -34,7 +34,8 @@ from carclf.data.manifest import read_manifest
 from carclf.data.synth import write_toy_dataset
 from carclf.data.transforms import preprocess_for
 from carclf.models import create_model
-from carclf.train import _loaders, build_optimizer, train_one_epoch
+from carclf.recipes import build_optimizer, build_step_tools
+from carclf.train import _loaders, train_one_epoch
 
 WARMUP_BATCHES = 2
 
@@ -64,13 +65,14 @@ def step_rate(cfg, num_classes: int, input_size: tuple, batches: int, device: st
         for _ in range(4)
     ]
     data = [(x, y.to(device)) for x, y in data]
-    optimizer, criterion = build_optimizer(model, cfg), torch.nn.CrossEntropyLoss()
-    train_one_epoch(model, data[:WARMUP_BATCHES], optimizer, criterion, device=device)
+    optimizer = build_optimizer(model, cfg)
+    tools = build_step_tools(model, optimizer, cfg, num_classes, batches, torch.device(device))
+    train_one_epoch(model, data[:WARMUP_BATCHES], optimizer, tools, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
     runs = [data[i % len(data)] for i in range(batches)]
     start = time.perf_counter()
-    stats = train_one_epoch(model, runs, optimizer, criterion, device=device)
+    stats = train_one_epoch(model, runs, optimizer, tools, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
         return len(runs) * batch / (time.perf_counter() - start)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> Path:
             wcfg = cfg.model_copy(
                 update={"data": cfg.data.model_copy(update={"num_workers": workers})}
             )
-            train, _ = _loaders(wcfg, manifest, pre, cfg.scaling.num_workers)
+            train, _ = _loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
             loader[str(workers)] = loader_rate(train, args.batches)
             print(
                 f"loader, {workers} workers: {loader[str(workers)]:.0f} images/s", file=sys.stderr

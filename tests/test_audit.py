@@ -27,7 +27,8 @@ from carclf.data.manifest import read_manifest, write_manifest
 from carclf.data.transforms import eval_transform, load_image, preprocess_for
 from carclf.errors import UserInputError
 from carclf.models import create_model
-from carclf.train import build_optimizer, train_one_epoch
+from carclf.recipes import build_optimizer, build_step_tools
+from carclf.train import train_one_epoch
 
 from .conftest import tiny_config
 
@@ -304,7 +305,11 @@ def test_training_runs_on_the_audited_manifest(audited, tmp_path: Path) -> None:
     model = create_model(cfg.model, len(manifest.labels))
     data = ManifestDataset(manifest.split("train"), eval_transform(preprocess_for(model, 32)))
     loader = DataLoader(data, batch_size=8, shuffle=True)
-    stats = train_one_epoch(model, loader, build_optimizer(model, cfg), torch.nn.CrossEntropyLoss())
+    optimizer = build_optimizer(model, cfg)
+    tools = build_step_tools(
+        model, optimizer, cfg, len(manifest.labels), len(loader), torch.device("cpu")
+    )
+    stats = train_one_epoch(model, loader, optimizer, tools)
     assert np.isfinite(stats["train_loss"]) and stats["images_per_s"] > 0
 
 
