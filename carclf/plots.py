@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: evaluation runs on headless workers
 import matplotlib.pyplot as plt
 import numpy as np
 from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.spatial.distance import squareform
 from sklearn import metrics as skm
 
 CELL_TEXT_MAX = 30
@@ -74,9 +75,9 @@ def plot_training_curves(epochs_csv: Path, path: Path) -> Path:
 def confusion_order(cm: np.ndarray) -> np.ndarray:
     """A class order that puts mutually confused classes next to each other.
 
-    Hierarchical clustering (average linkage, optimal leaf order) of each class's row-normalised
-    confusion profile, predicted and received, so that a cluster of look-alikes forms a block
-    near the diagonal.
+    Hierarchical clustering (average linkage, optimal leaf order) with the distance
+    ``1 - c_ij / max c`` where ``c_ij`` is the row-normalised confusion between ``i`` and ``j``
+    in both directions, so a cluster of look-alikes forms a block near the diagonal.
     """
     k = len(cm)
     if k < 3:
@@ -84,8 +85,9 @@ def confusion_order(cm: np.ndarray) -> np.ndarray:
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     sym = norm + norm.T
     np.fill_diagonal(sym, 0)
-    profile = np.hstack([sym, np.eye(k) * (sym.max() or 1)])
-    return leaves_list(linkage(profile, method="average", optimal_ordering=True))
+    dist = 1.0 - sym / (sym.max() or 1.0)
+    np.fill_diagonal(dist, 0)
+    return leaves_list(linkage(squareform(dist, checks=False), "average", optimal_ordering=True))
 
 
 def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, normalise: bool) -> Path:
@@ -99,7 +101,7 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, normalise: boo
     names = [labels[i] for i in order]
     shown = m / np.maximum(m.sum(axis=1, keepdims=True), 1) if normalise else m
     k = len(labels)
-    side = float(np.clip(0.11 * k + 4, 6, 24))
+    side = float(np.clip(0.08 * k + 4, 6, 18))
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     # Log-like colour scale for counts keeps rare confusions visible next to a full diagonal.
     norm = None if normalise else matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=max(m.max(), 1))
@@ -176,7 +178,8 @@ def plot_f1_bars(f1: dict[str, float], path: Path, n: int = 20) -> Path:
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.28 * rows + 1.5))
     for ax, (title, group) in zip(np.atleast_1d(axes), groups, strict=True):
         names, values = zip(*group, strict=True)
-        ax.barh(range(len(group)), values, color="tab:blue")
+        bars = ax.barh(range(len(group)), values, color="tab:blue")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)  # a zero bar still shows its value
         ax.set_yticks(range(len(group)), names, fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_xlabel("F1")

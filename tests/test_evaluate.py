@@ -41,9 +41,7 @@ def sklearn_figures(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "hamming_loss": skm.hamming_loss(y, pred),
         "log_loss": skm.log_loss(y, p, labels=idx),
         "roc_auc_ovr_macro": np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in present]),
-        "roc_auc_ovr_micro": skm.roc_auc_score(
-            label_binarize(y, classes=idx), p, average="micro"
-        ),
+        "roc_auc_ovr_micro": skm.roc_auc_score(label_binarize(y, classes=idx), p, average="micro"),
     }
     for avg in ("macro", "weighted", "micro"):
         kw = {"labels": idx, "average": avg, "zero_division": 0}
