@@ -27,7 +27,15 @@ from carclf.data.transforms import eval_transform, load_image
 from carclf.errors import UserInputError
 from carclf.explain import Explainer
 from carclf.inference import OnnxClassifier
-from carclf.metrics import confusion, full_metrics, roc_auc_per_class
+from carclf.metrics import (
+    confusion,
+    fit_temperature,
+    full_metrics,
+    reliability,
+    roc_auc_per_class,
+    softmax,
+    temperature_effect,
+)
 from carclf.plots import (
     plot_confusion,
     plot_f1_bars,
@@ -51,7 +59,9 @@ class Model:
     source: Path
     kind: str  # "run" or "bundle"
     labels: list[str]
-    probabilities: Callable[[list[str]], np.ndarray]  # image paths → [N, K]
+    logits: Callable[[list[str]], np.ndarray]  # image paths → the model's own logits [N, K]
+    temperature: float  # the softmax temperature this model is served with
+    temperature_source: str
     explainer: Callable[[], Explainer]
     config: dict
     epochs_csv: Path | None
@@ -76,7 +86,9 @@ def load_model(source: str | Path) -> Model:
             source=source,
             kind="bundle",
             labels=clf.labels,
-            probabilities=lambda paths: clf.probabilities([load_image(p) for p in paths]),
+            logits=lambda paths: clf.raw_logits(clf.preprocess([load_image(p) for p in paths])),
+            temperature=bundle.info.temperature,
+            temperature_source="bundle.json",
             explainer=lambda: Explainer.from_bundle(bundle),
             config=bundle.info.model_dump(mode="json", exclude={"files"}),
             epochs_csv=None,
@@ -84,21 +96,36 @@ def load_model(source: str | Path) -> Model:
     trained = load_run(source)
     transform = eval_transform(trained.preprocess)
 
-    def probabilities(paths: list[str]) -> np.ndarray:
+    def logits(paths: list[str]) -> np.ndarray:
         batch = torch.stack([transform(load_image(p)) for p in paths])
         with torch.no_grad():
-            return torch.softmax(trained.model(batch), dim=1).double().numpy()
+            return trained.model(batch).numpy()
 
+    val = read_manifest(trained.manifest).split("val")
+    temperature, how = 1.0, "no validation images: not fitted"
+    if val:
+        temperature = fit_temperature(_score([p for p, _ in val], logits), _targets(val))
+        how = "fitted on the run's validation split"
     epochs = source / "epochs.csv"
     return Model(
         source=source,
         kind="run",
         labels=trained.labels,
-        probabilities=probabilities,
+        logits=logits,
+        temperature=temperature,
+        temperature_source=how,
         explainer=lambda: Explainer(trained.model, trained.preprocess, trained.labels),
         config=trained.cfg.model_dump(mode="json"),
         epochs_csv=epochs if epochs.is_file() else None,
     )
+
+
+def _score(paths: list[str], logits: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    return np.concatenate([logits(paths[i : i + BATCH]) for i in range(0, len(paths), BATCH)])
+
+
+def _targets(records: list[tuple[str, int]]) -> np.ndarray:
+    return np.array([y for _, y in records])
 
 
 def check_labels(model_labels: list[str], data_labels: list[str], manifest: str | Path) -> None:
@@ -117,17 +144,29 @@ def check_labels(model_labels: list[str], data_labels: list[str], manifest: str 
 
 
 def write_predictions(
-    paths: list[str], y_true: np.ndarray, probs: np.ndarray, labels: list[str], out: Path
+    paths: list[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    out: Path,
+    logits: np.ndarray | None = None,
 ) -> Path:
-    """Save one row per image; the label map rides in the metadata for :func:`read_predictions`."""
-    table = pa.table(
-        {
-            "path": paths,
-            "true_label": [labels[i] for i in y_true],
-            "pred_label": [labels[i] for i in probs.argmax(1)],
-            "probabilities": [row.tolist() for row in probs.astype(np.float64)],
-        }
-    ).replace_schema_metadata({b"carclf.labels": json.dumps(labels).encode()})
+    """Save one row per image; the label map rides in the metadata for :func:`read_predictions`.
+
+    ``probabilities`` are what the model serves (temperature applied); ``logits`` (optional)
+    are the model's own, before the temperature.
+    """
+    columns = {
+        "path": paths,
+        "true_label": [labels[i] for i in y_true],
+        "pred_label": [labels[i] for i in probs.argmax(1)],
+        "probabilities": [row.tolist() for row in probs.astype(np.float64)],
+    }
+    if logits is not None:
+        columns["logits"] = [row.tolist() for row in logits.astype(np.float64)]
+    table = pa.table(columns).replace_schema_metadata(
+        {b"carclf.labels": json.dumps(labels).encode()}
+    )
     pq.write_table(table, out)
     return out
 
@@ -146,9 +185,14 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, lis
 
 
 def write_plots(
-    y_true: np.ndarray, probs: np.ndarray, metrics: dict, model: Model, out: Path
+    y_true: np.ndarray,
+    logits: np.ndarray,
+    probs: np.ndarray,
+    metrics: dict,
+    model: Model,
+    out: Path,
 ) -> dict[str, Path]:
-    """Every figure of the report, by title."""
+    """Every figure of the report, by title (the reliability diagram before and after scaling)."""
     labels = metrics["labels"]
     cm = confusion(y_true, probs.argmax(1), len(labels))
     aucs = [a for a, _ in roc_auc_per_class(y_true, probs)]
@@ -162,7 +206,9 @@ def write_plots(
         ),
         "ROC curves": plot_roc(y_true, probs, labels, aucs, out / "roc.png"),
         "Per-class F1": plot_f1_bars(f1, out / "f1_per_class.png"),
-        "Reliability diagram": plot_reliability(metrics["calibration"], out / "reliability.png"),
+        "Reliability diagram": plot_reliability(
+            reliability(y_true, softmax(logits)), out / "reliability.png", metrics["calibration"]
+        ),
     }
     if model.epochs_csv is not None:
         plots["Training curves"] = plot_training_curves(model.epochs_csv, out / "training.png")
@@ -237,18 +283,18 @@ def evaluate(
     if not records:
         raise UserInputError(f"{manifest}: split {split!r} is empty")
     paths = [p for p, _ in records]
-    y_true = np.array([y for _, y in records])
-    probs = np.concatenate(
-        [model.probabilities(paths[i : i + BATCH]) for i in range(0, len(paths), BATCH)]
-    ).astype(np.float64)
-    # float32 softmax rows miss 1 by ~1e-7, beyond scikit-learn's float64 tolerance (log loss).
-    probs /= probs.sum(axis=1, keepdims=True)
+    y_true = _targets(records)
+    logits = _score(paths, model.logits).astype(np.float64)
+    probs = softmax(logits / model.temperature)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(paths, y_true, probs, model.labels, out / PREDICTIONS_FILE)
+    write_predictions(paths, y_true, probs, model.labels, out / PREDICTIONS_FILE, logits)
     paths, y_true, probs, labels = read_predictions(out / PREDICTIONS_FILE)
     metrics = full_metrics(y_true, probs, labels)
+    metrics["temperature_scaling"] = temperature_effect(
+        logits, y_true, model.temperature, model.temperature_source
+    )
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    plots = write_plots(y_true, probs, metrics, model, out)
+    plots = write_plots(y_true, logits, probs, metrics, model, out)
     galleries = write_galleries(paths, y_true, probs, model, out, gallery_size)
     report = write_html_report(
         out / REPORT_FILE,
@@ -259,6 +305,7 @@ def evaluate(
         config=model.config,
         audit=audit_summary(Path(manifest)),
         facts={"source": str(model.source), "manifest": str(manifest), "split": split},
+        calibration=metrics["temperature_scaling"],
     )
     return EvalResult(out, metrics, report)
 

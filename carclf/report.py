@@ -183,6 +183,12 @@ def write_html_report(
 def model_card(info: BundleInfo) -> str:
     """The bundle's ``MODEL_CARD.md``: what the model is, its input, test figures and limits."""
     metrics = {k: v for k, v in info.metrics.items() if isinstance(v, int | float)}
+    cal = info.metrics.get("calibration", {})
+    calibration = (
+        f"{cal['source']}; test ECE {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after"
+        if cal
+        else "not fitted"
+    )
     lines = [
         f"# Model card: {info.name}",
         "",
@@ -191,6 +197,7 @@ def model_card(info: BundleInfo) -> str:
         f"- input: {info.input_size[1]}×{info.input_size[2]} RGB, mean {list(info.mean)}, "
         f"std {list(info.std)}, {info.interpolation} resize, crop_pct {info.crop_pct}",
         f"- Grad-CAM layer: `{info.cam_target_layer}`",
+        f"- softmax temperature: {info.temperature:.4f} ({calibration})",
         f"- training data manifest sha256: `{info.manifest_sha256}`",
         f"- carclf {info.carclf_version}",
         "",

@@ -14,10 +14,21 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 from sklearn.preprocessing import label_binarize
 
+from carclf.bundle import load_bundle
 from carclf.cli import main
+from carclf.data.manifest import read_manifest
+from carclf.data.transforms import load_image
 from carclf.evaluate import evaluate, read_predictions, write_predictions
 from carclf.export import export_run
-from carclf.metrics import SCHEMA_VERSION, expected_calibration_error, full_metrics
+from carclf.inference import OnnxClassifier
+from carclf.metrics import (
+    SCHEMA_VERSION,
+    expected_calibration_error,
+    fit_temperature,
+    full_metrics,
+    softmax,
+    temperature_effect,
+)
 
 LABELS = ["a", "b", "never_predicted", "absent", "e"]
 
@@ -165,3 +176,36 @@ def test_bundle_against_a_manifest_with_other_labels_exits_2(
     err = capsys.readouterr().err
     assert code == 2
     assert "only in the model: " + labels[-1] in err and "only in the manifest: spaceship" in err
+
+
+def test_fit_temperature_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(scale=3.0, size=(4000, 6))
+    p = np.exp(z / 2.0) / np.exp(z / 2.0).sum(1, keepdims=True)  # labels drawn at T = 2
+    y = np.array([rng.choice(6, p=row) for row in p])
+    assert fit_temperature(z, y) == pytest.approx(2.0, rel=0.1)
+    effect = temperature_effect(z, y, fit_temperature(z, y), "test")
+    assert effect["ece_after"] < effect["ece_before"]
+
+
+def test_bundle_temperature_is_applied_once_in_inference(
+    fake_run: Path, toy_manifest: Path, tmp_path: Path
+) -> None:
+    bundle_dir = export_run(fake_run, tmp_path / "bundle").path
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta["temperature"] > 0 and meta["metrics"]["calibration"]["source"] == "fitted on val"
+    assert "softmax temperature" in (bundle_dir / "MODEL_CARD.md").read_text()
+    meta["temperature"] = 2.0
+    (bundle_dir / "bundle.json").write_text(json.dumps(meta))
+    clf = OnnxClassifier(load_bundle(bundle_dir))
+    images = [load_image(p) for p, _ in read_manifest(toy_manifest).split("test")[:4]]
+    raw = clf.raw_logits(clf.preprocess(images))
+    np.testing.assert_allclose(clf.probabilities(images), softmax(raw / 2.0), rtol=1e-5)
+    result = evaluate(bundle_dir, toy_manifest, "test", tmp_path / "eval", gallery_size=0)
+    scaling = result.metrics["temperature_scaling"]
+    assert scaling["temperature"] == 2.0 and scaling["source"] == "bundle.json"
+    table = pq.read_table(tmp_path / "eval" / "predictions.parquet")
+    logits = np.array(table["logits"].to_pylist())
+    np.testing.assert_allclose(table["probabilities"].to_pylist(), softmax(logits / 2.0))
+    y = np.array([meta["labels"].index(t) for t in table["true_label"].to_pylist()])
+    assert scaling["ece_before"] == pytest.approx(expected_calibration_error(y, softmax(logits)))
