@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: evaluation runs on headless workers
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import PowerNorm
+from matplotlib.ticker import MaxNLocator
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 from sklearn import metrics as skm
@@ -63,6 +65,7 @@ def plot_training_curves(epochs_csv: Path, path: Path) -> Path:
                 ax.plot(epoch, cols[key], marker="o", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -104,7 +107,7 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, normalise: boo
     side = float(np.clip(0.08 * k + 4, 6, 18))
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     # Log-like colour scale for counts keeps rare confusions visible next to a full diagonal.
-    norm = None if normalise else matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=max(m.max(), 1))
+    norm = None if normalise else PowerNorm(0.5, vmin=0, vmax=max(m.max(), 1))
     im = ax.imshow(
         shown, cmap="Blues", norm=norm, vmin=0 if normalise else None, vmax=1 if normalise else None
     )
@@ -188,6 +191,10 @@ def plot_f1_bars(f1: dict[str, float], path: Path, n: int = 20) -> Path:
     return _save(fig, path)
 
 
+def _accuracy(bins: dict) -> np.ndarray:
+    return np.array([a if a is not None else 0.0 for a in bins["accuracy"]])
+
+
 def plot_reliability(bins: dict, path: Path, after: dict | None = None) -> Path:
     """Reliability diagram: accuracy against confidence per bin, and how many images each holds.
 
@@ -200,20 +207,26 @@ def plot_reliability(bins: dict, path: Path, after: dict | None = None) -> Path:
     fig, (ax, hist) = plt.subplots(
         2, 1, figsize=(6, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
     )
-    for data, colour, name in ((bins, "tab:blue", "model"), (after, "tab:orange", "calibrated")):
-        if data is None:
-            continue
-        acc = np.array([a if a is not None else np.nan for a in data["accuracy"]])
-        ax.bar(
-            centre,
-            np.nan_to_num(acc),
-            width=width,
-            alpha=0.5,
-            color=colour,
-            edgecolor="k",
-            label=f"{name}: accuracy per bin",
+    ax.bar(
+        centre,
+        _accuracy(bins),
+        width=width,
+        alpha=0.6,
+        color="tab:blue",
+        edgecolor="k",
+        label="accuracy per bin",
+    )
+    hist.bar(centre, bins["count"], width=width, alpha=0.6, color="tab:blue", edgecolor="k")
+    if after is not None:
+        shown = np.array(after["count"]) > 0
+        ax.plot(
+            centre[shown],
+            _accuracy(after)[shown],
+            "o-",
+            color="tab:orange",
+            label="after temperature scaling",
         )
-        hist.bar(centre, data["count"], width=width, alpha=0.5, color=colour)
+        hist.step(centre, after["count"], where="mid", color="tab:orange")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -82,9 +82,13 @@ def assert_metrics_match(metrics: dict, predictions: Path) -> None:
         assert got is not None and math.isfinite(got), key
         assert got == pytest.approx(value, rel=1e-9, abs=1e-12), key
     report = skm.classification_report(
-        y, p.argmax(1), labels=np.arange(len(labels)), target_names=labels,
-        output_dict=True, zero_division=0,
-    )  # fmt: skip
+        y,
+        p.argmax(1),
+        labels=np.arange(len(labels)),
+        target_names=labels,
+        output_dict=True,
+        zero_division=0,
+    )
     for name in labels:
         for key in ("precision", "recall", "f1-score", "support"):
             assert metrics["per_class"][name][key] == pytest.approx(report[name][key]), (name, key)
@@ -153,8 +157,17 @@ def test_compare_and_training_curves_of_a_run(
         "0,2.0,0.2,1.9,0.25,0.2,0.003\n1,1.5,0.4,1.6,0.35,0.3,0.001\n"
     )
     out = tmp_path / "cmp"
-    code = main(["compare", str(fake_run), str(fake_run), "--manifest", str(toy_manifest),
-                 "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "compare",
+            str(fake_run),
+            str(fake_run),
+            "--manifest",
+            str(toy_manifest),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert len(rows) == 2 and rows[0]["acc"] == rows[1]["acc"]
