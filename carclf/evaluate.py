@@ -231,14 +231,18 @@ def write_galleries(
     """
     y_pred = probs.argmax(1)
     rng = random.Random(seed)
-    explainer = model.explainer() if per_group > 0 else None
+    groups = {
+        "correct": np.flatnonzero(y_pred == y_true),
+        "wrong": np.flatnonzero(y_pred != y_true),
+    }
+    chosen = {g: sorted(rng.sample(list(ix), min(per_group, len(ix)))) for g, ix in groups.items()}
+    explainer = model.explainer() if any(chosen.values()) else None
     galleries = {}
-    for group, mask in (("correct", y_pred == y_true), ("wrong", y_pred != y_true)):
-        chosen = sorted(rng.sample(list(np.flatnonzero(mask)), min(per_group, int(mask.sum()))))
+    for group, indices in chosen.items():
         items = []
-        for start in range(0, len(chosen), 16):
-            batch = chosen[start : start + 16]
-            exps = explainer.explain([load_image(paths[i]) for i in batch]) if explainer else []
+        for start in range(0, len(indices), 16):
+            batch = indices[start : start + 16]
+            exps = explainer.explain([load_image(paths[i]) for i in batch])
             for i, exp in zip(batch, exps, strict=True):
                 file = out / "gallery" / group / f"{i:05d}_{Path(paths[i]).stem}.png"
                 file.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +256,7 @@ def write_galleries(
                         "score": float(probs[i, y_pred[i]]),
                     }
                 )
-        galleries[group] = {"total": int(mask.sum()), "items": items}
+        galleries[group] = {"total": len(groups[group]), "items": items}
     return galleries
 
 

@@ -142,6 +142,12 @@ def test_evaluate_bundle_matches_sklearn_and_writes_a_self_contained_report(
     assert saved == json.loads(json.dumps(result.metrics))
     assert_metrics_match(saved, tmp_path / "eval" / "predictions.parquet")
     html = result.report.read_text()
+    n_right = round(saved["summary"]["acc"] * saved["n"])
+    assert f"correct: {min(3, n_right)} shown of {n_right}" in html
+    assert f"wrong: {min(3, saved['n'] - n_right)} shown of {saved['n'] - n_right}" in html
+    assert len(list((tmp_path / "eval" / "gallery").rglob("*.png"))) == min(3, n_right) + min(
+        3, saved["n"] - n_right
+    )
     assert "http://" not in html and "https://" not in html  # opens offline
     assert html.count("data:image/png;base64,") >= 5 + 3  # plots + at least one gallery
     assert "Data audit" in html and "imbalance ratio" in html
