@@ -60,8 +60,7 @@ class Model:
     kind: str  # "run" or "bundle"
     labels: list[str]
     logits: Callable[[list[str]], np.ndarray]  # image paths → the model's own logits [N, K]
-    temperature: float  # the softmax temperature this model is served with
-    temperature_source: str
+    temperature: float | None  # the bundle's softmax temperature; None: fit on validation
     explainer: Callable[[], Explainer]
     config: dict
     epochs_csv: Path | None
@@ -88,7 +87,6 @@ def load_model(source: str | Path) -> Model:
             labels=clf.labels,
             logits=lambda paths: clf.raw_logits(clf.preprocess([load_image(p) for p in paths])),
             temperature=bundle.info.temperature,
-            temperature_source="bundle.json",
             explainer=lambda: Explainer.from_bundle(bundle),
             config=bundle.info.model_dump(mode="json", exclude={"files"}),
             epochs_csv=None,
@@ -101,19 +99,13 @@ def load_model(source: str | Path) -> Model:
         with torch.no_grad():
             return trained.model(batch).numpy()
 
-    val = read_manifest(trained.manifest).split("val")
-    temperature, how = 1.0, "no validation images: not fitted"
-    if val:
-        temperature = fit_temperature(_score([p for p, _ in val], logits), _targets(val))
-        how = "fitted on the run's validation split"
     epochs = source / "epochs.csv"
     return Model(
         source=source,
         kind="run",
         labels=trained.labels,
         logits=logits,
-        temperature=temperature,
-        temperature_source=how,
+        temperature=None,
         explainer=lambda: Explainer(trained.model, trained.preprocess, trained.labels),
         config=trained.cfg.model_dump(mode="json"),
         epochs_csv=epochs if epochs.is_file() else None,
@@ -126,6 +118,16 @@ def _score(paths: list[str], logits: Callable[[list[str]], np.ndarray]) -> np.nd
 
 def _targets(records: list[tuple[str, int]]) -> np.ndarray:
     return np.array([y for _, y in records])
+
+
+def _temperature(model: Model, val: list[tuple[str, int]]) -> tuple[float, str]:
+    """The bundle's temperature, or one fitted on the manifest's validation split for a run."""
+    if model.temperature is not None:
+        return model.temperature, "bundle.json"
+    if not val:
+        return 1.0, "no validation images: not fitted"
+    fitted = fit_temperature(_score([p for p, _ in val], model.logits), _targets(val))
+    return fitted, "fitted on the validation split"
 
 
 def check_labels(model_labels: list[str], data_labels: list[str], manifest: str | Path) -> None:
@@ -288,15 +290,14 @@ def evaluate(
         raise UserInputError(f"{manifest}: split {split!r} is empty")
     paths = [p for p, _ in records]
     y_true = _targets(records)
+    temperature, how = _temperature(model, data.split("val"))
     logits = _score(paths, model.logits).astype(np.float64)
-    probs = softmax(logits / model.temperature)
+    probs = softmax(logits / temperature)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(paths, y_true, probs, model.labels, out / PREDICTIONS_FILE, logits)
     paths, y_true, probs, labels = read_predictions(out / PREDICTIONS_FILE)
     metrics = full_metrics(y_true, probs, labels)
-    metrics["temperature_scaling"] = temperature_effect(
-        logits, y_true, model.temperature, model.temperature_source
-    )
+    metrics["temperature_scaling"] = temperature_effect(logits, y_true, temperature, how)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     plots = write_plots(y_true, logits, probs, metrics, model, out)
     galleries = write_galleries(paths, y_true, probs, model, out, gallery_size)

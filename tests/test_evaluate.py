@@ -179,6 +179,9 @@ def test_compare_and_training_curves_of_a_run(
     assert len(rows) == 2 and rows[0]["acc"] == rows[1]["acc"]
     assert "| model |" in (out / "comparison.md").read_text()
     assert (out / f"0_{fake_run.name}" / "training.png").stat().st_size > 5000
+    saved = json.loads((out / f"0_{fake_run.name}" / "metrics.json").read_text())
+    assert saved["temperature_scaling"]["source"] == "fitted on the validation split"
+    assert_metrics_match(saved, out / f"0_{fake_run.name}" / "predictions.parquet")
 
 
 def test_bundle_against_a_manifest_with_other_labels_exits_2(
