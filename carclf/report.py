@@ -20,7 +20,8 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img.plot{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}.gallery figure{margin:0;width:160px;font-size:11px}
-.gallery img{width:160px;image-rendering:pixelated}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
+.gallery img{width:160px;image-rendering:pixelated}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
 .note{color:#a33}
 """
 
