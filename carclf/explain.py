@@ -116,6 +116,7 @@ class Explainer:
         labels: class names in index order.
         target_layer: dotted name of the module to hook; default :func:`target_layer_for`.
         reshape_transform: activations → ``[N, C, H, W]``; default :func:`reshape_transform_for`.
+        temperature: the bundle's softmax temperature, so scores match the served ones.
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class Explainer:
         labels: list[str],
         target_layer: str | None = None,
         reshape_transform: ReshapeTransform | None = None,
+        temperature: float = 1.0,
     ) -> None:
         self.model = model.eval()
         self.preprocess = preprocess
@@ -138,6 +140,7 @@ class Explainer:
             )
         self.target_layer = modules[self.target_layer_name]
         self.reshape_transform = reshape_transform or reshape_transform_for(model)
+        self.temperature = temperature
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, target_layer: str | None = None) -> Explainer:
@@ -150,7 +153,8 @@ class Explainer:
         info = bundle.info
         model = create_model(ModelConfig(**info.model_spec), info.num_classes, pretrained=False)
         model.load_state_dict(load_file(str(bundle.weights_path)))
-        return cls(model, info.preprocess, info.labels, target_layer or info.cam_target_layer)
+        layer = target_layer or info.cam_target_layer
+        return cls(model, info.preprocess, info.labels, layer, temperature=info.temperature)
 
     def resolve_target(self, target: int | str | None, default: int) -> int:
         """A class index from an index, a class name or None (the predicted class)."""
@@ -181,7 +185,7 @@ class Explainer:
             raise UserInputError(f"method: unknown {method!r}; one of {', '.join(METHODS)}")
         batch = torch.stack([self.transform(img) for img in images])
         with torch.no_grad():
-            probs = torch.softmax(self.model(batch), dim=1).numpy()
+            probs = torch.softmax(self.model(batch) / self.temperature, dim=1).numpy()
         targets = [self.resolve_target(target, int(p.argmax())) for p in probs]
         with METHODS[method](
             model=self.model,

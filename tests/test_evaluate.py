@@ -19,6 +19,7 @@ from carclf.cli import main
 from carclf.data.manifest import read_manifest
 from carclf.data.transforms import load_image
 from carclf.evaluate import evaluate, read_predictions, write_predictions
+from carclf.explain import Explainer
 from carclf.export import export_run
 from carclf.inference import OnnxClassifier
 from carclf.metrics import (
@@ -223,6 +224,9 @@ def test_bundle_temperature_is_applied_once_in_inference(
     images = [load_image(p) for p, _ in read_manifest(toy_manifest).split("test")[:4]]
     raw = clf.raw_logits(clf.preprocess(images))
     np.testing.assert_allclose(clf.probabilities(images), softmax(raw / 2.0), rtol=1e-5)
+    explained = Explainer.from_bundle(load_bundle(bundle_dir)).explain(images)
+    served = clf.probabilities(images).max(1)
+    np.testing.assert_allclose([e.score for e in explained], served, atol=1e-4)
     result = evaluate(bundle_dir, toy_manifest, "test", tmp_path / "eval", gallery_size=0)
     scaling = result.metrics["temperature_scaling"]
     assert scaling["temperature"] == 2.0 and scaling["source"] == "bundle.json"
