@@ -26,6 +26,7 @@ from carclf.errors import UserInputError
 BUNDLE_FILE = "bundle.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 
 
 class BundleInfo(BaseModel):
@@ -44,6 +45,7 @@ class BundleInfo(BaseModel):
     interpolation: str
     crop_pct: float
     cam_target_layer: str
+    temperature: float = 1.0  # logits are divided by it before the softmax (calibration)
     model_spec: dict[str, Any] = {}
     files: dict[str, str] = {}
     metrics: dict[str, Any] = {}

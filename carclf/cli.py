@@ -94,9 +94,17 @@ def cmd_tune(args: argparse.Namespace) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> str:
     from carclf.evaluate import evaluate
 
-    result = evaluate(args.source, args.manifest, args.split, args.out)
+    result = evaluate(args.source, args.manifest, args.split, args.out, gallery_size=args.gallery)
     print(json.dumps(result.metrics["summary"], indent=1), file=sys.stderr)
     return str(result.report)
+
+
+def cmd_compare(args: argparse.Namespace) -> str:
+    from carclf.evaluate import compare
+
+    table = compare(args.sources, args.manifest, args.split, args.out)
+    print(table.read_text(), file=sys.stderr)
+    return str(table)
 
 
 def cmd_export(args: argparse.Namespace) -> str:
@@ -124,7 +132,7 @@ def cmd_explain(args: argparse.Namespace) -> str:
     from carclf.data.transforms import load_image
     from carclf.explain import Explainer, save_explanations
 
-    explainer = Explainer.from_bundle(load_bundle(args.bundle))
+    explainer = Explainer.from_bundle(load_bundle(args.bundle), target_layer=args.target_layer)
     images = [load_image(_existing(p)) for p in args.images]
     exps = explainer.explain(images, method=args.method, target=args.target)
     names = [Path(p).stem for p in args.images]
@@ -252,7 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
+    p.add_argument("--gallery", type=int, default=12, help="Grad-CAM overlays per gallery")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="evaluate several runs or bundles; one comparison table")
+    p.add_argument("sources", nargs="+", help="run directories or bundle directories")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="ONNX + safetensors bundle with the parity check")
     p.add_argument("run")
@@ -272,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="gradcam")
     p.add_argument("--target", help="class name or index (default: the predicted class)")
+    p.add_argument("--target-layer", help="module to hook (default: the bundle's)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("serve", help="the Serve app on a local Ray")

@@ -1,148 +1,364 @@
-"""Evaluate a run or a bundle on one split of a manifest: predictions, metrics, plots, report."""
+"""Evaluate a run or a bundle on one split of a manifest: predictions, metrics, plots, report.
+
+``evaluate`` scores every image of the split, saves ``predictions.parquet`` (path, true label,
+predicted label, probabilities), then computes every figure of ``metrics.json`` from that file
+alone (:func:`carclf.metrics.full_metrics`), so anyone can recompute them from it. Plots,
+Grad-CAM galleries of correct and wrong predictions and one self-contained ``report.html``
+go beside them. ``compare`` evaluates several models on the same split and tabulates them.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: evaluation runs on headless workers
-import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from sklearn import metrics as skm
 
 from carclf.bundle import BUNDLE_FILE, load_bundle
 from carclf.data.manifest import read_manifest
 from carclf.data.transforms import eval_transform, load_image
 from carclf.errors import UserInputError
+from carclf.explain import Explainer
 from carclf.inference import OnnxClassifier
-from carclf.metrics import confusion, core_metrics, softmax
+from carclf.metrics import (
+    confusion,
+    fit_temperature,
+    full_metrics,
+    reliability,
+    roc_auc_per_class,
+    softmax,
+    temperature_effect,
+)
+from carclf.plots import (
+    plot_confusion,
+    plot_f1_bars,
+    plot_reliability,
+    plot_roc,
+    plot_training_curves,
+)
+from carclf.report import audit_summary, write_html_report
 from carclf.train import load_run
 
-Scorer = Callable[[list[str]], np.ndarray]  # image paths → probabilities [N, K]
+PREDICTIONS_FILE = "predictions.parquet"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+BATCH = 64
+
+
+@dataclass
+class Model:
+    """What evaluation needs from a run or a bundle."""
+
+    source: Path
+    kind: str  # "run" or "bundle"
+    labels: list[str]
+    logits: Callable[[list[str]], np.ndarray]  # image paths → the model's own logits [N, K]
+    temperature: float | None  # the bundle's softmax temperature; None: fit on validation
+    explainer: Callable[[], Explainer]
+    config: dict
+    epochs_csv: Path | None
 
 
 @dataclass
 class EvalResult:
+    """Where an evaluation wrote its files, and its metrics."""
+
     out_dir: Path
     metrics: dict
     report: Path
 
 
-def _scorer(source: Path) -> tuple[Scorer, list[str]]:
-    """Probabilities from a bundle (onnxruntime) or a run's best checkpoint (PyTorch)."""
+def load_model(source: str | Path) -> Model:
+    """A bundle (scored by onnxruntime) or a run's best checkpoint (scored by PyTorch)."""
+    source = Path(source)
     if (source / BUNDLE_FILE).is_file():
-        clf = OnnxClassifier(load_bundle(source), threads=torch.get_num_threads())
-        return lambda paths: clf.probabilities([load_image(p) for p in paths]), clf.labels
+        bundle = load_bundle(source)
+        clf = OnnxClassifier(bundle, threads=torch.get_num_threads())
+        return Model(
+            source=source,
+            kind="bundle",
+            labels=clf.labels,
+            logits=lambda paths: clf.raw_logits(clf.preprocess([load_image(p) for p in paths])),
+            temperature=bundle.info.temperature,
+            explainer=lambda: Explainer.from_bundle(bundle),
+            config=bundle.info.model_dump(mode="json", exclude={"files"}),
+            epochs_csv=None,
+        )
     trained = load_run(source)
     transform = eval_transform(trained.preprocess)
 
-    def score(paths: list[str]) -> np.ndarray:
+    def logits(paths: list[str]) -> np.ndarray:
         batch = torch.stack([transform(load_image(p)) for p in paths])
         with torch.no_grad():
-            return softmax(trained.model(batch).numpy())
+            return trained.model(batch).numpy()
 
-    return score, trained.labels
-
-
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
-    """The metrics of ``metrics.json``: summary figures plus the per-class report."""
-    y_pred = probs.argmax(1)
-    idx = np.arange(len(labels))
-    summary = core_metrics(y_true, probs)
-    summary["balanced_acc"] = float(skm.balanced_accuracy_score(y_true, y_pred))
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = skm.precision_recall_fscore_support(
-            y_true, y_pred, labels=idx, average=avg, zero_division=0
-        )
-        summary |= {f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)}
-    per_class = skm.classification_report(
-        y_true, y_pred, labels=idx, target_names=labels, output_dict=True, zero_division=0
+    epochs = source / "epochs.csv"
+    return Model(
+        source=source,
+        kind="run",
+        labels=trained.labels,
+        logits=logits,
+        temperature=None,
+        explainer=lambda: Explainer(trained.model, trained.preprocess, trained.labels),
+        config=trained.cfg.model_dump(mode="json"),
+        epochs_csv=epochs if epochs.is_file() else None,
     )
-    return {"n": len(y_true), "summary": summary, "per_class": {k: per_class[k] for k in labels}}
 
 
-def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> Path:
-    """Row-normalised confusion matrix with counts, readable for a handful of classes."""
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    side = max(4.0, 0.45 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if len(labels) <= 30:
-        for i, j in np.ndindex(cm.shape):
-            colour = "white" if norm[i, j] > 0.5 else "black"
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=colour, fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("Confusion matrix (row-normalised, counts shown)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _score(paths: list[str], logits: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    return np.concatenate([logits(paths[i : i + BATCH]) for i in range(0, len(paths), BATCH)])
 
 
-def _report(metrics: dict, source: Path, split: str, out: Path) -> Path:
-    s = metrics["summary"]
-    lines = [f"# Evaluation of `{source}` on `{split}`", "", f"{metrics['n']} images.", ""]
-    lines += ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in s.items()]
-    lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
-    for name, row in metrics["per_class"].items():
-        lines.append(
-            f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | "
-            f"{row['f1-score']:.3f} | {int(row['support'])} |"
-        )
-    lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+def _targets(records: list[tuple[str, int]]) -> np.ndarray:
+    return np.array([y for _, y in records])
 
 
-def evaluate(source: str | Path, manifest: str | Path, split: str, out: str | Path) -> EvalResult:
+def _temperature(model: Model, val: list[tuple[str, int]]) -> tuple[float, str]:
+    """The bundle's temperature, or one fitted on the manifest's validation split for a run."""
+    if model.temperature is not None:
+        return model.temperature, "bundle.json"
+    if not val:
+        return 1.0, "no validation images: not fitted"
+    fitted = fit_temperature(_score([p for p, _ in val], model.logits), _targets(val))
+    return fitted, "fitted on the validation split"
+
+
+def check_labels(model_labels: list[str], data_labels: list[str], manifest: str | Path) -> None:
+    """Refuse a manifest whose label map is not the model's; the message names the difference."""
+    if model_labels == data_labels:
+        return
+    only_model = sorted(set(model_labels) - set(data_labels))
+    only_data = sorted(set(data_labels) - set(model_labels))
+    parts = [f"only in the model: {', '.join(only_model)}"] if only_model else []
+    parts += [f"only in the manifest: {', '.join(only_data)}"] if only_data else []
+    reason = "; ".join(parts) or "same names, different order"
+    raise UserInputError(f"{manifest}: labels differ from the model's ({reason})")
+
+
+# --- predictions.parquet -------------------------------------------------------------------------
+
+
+def write_predictions(
+    paths: list[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    out: Path,
+    logits: np.ndarray | None = None,
+) -> Path:
+    """Save one row per image; the label map rides in the metadata for :func:`read_predictions`.
+
+    ``probabilities`` are what the model serves (temperature applied); ``logits`` (optional)
+    are the model's own, before the temperature.
+    """
+    columns = {
+        "path": paths,
+        "true_label": [labels[i] for i in y_true],
+        "pred_label": [labels[i] for i in probs.argmax(1)],
+        "probabilities": [row.tolist() for row in probs.astype(np.float64)],
+    }
+    if logits is not None:
+        columns["logits"] = [row.tolist() for row in logits.astype(np.float64)]
+    table = pa.table(columns).replace_schema_metadata(
+        {b"carclf.labels": json.dumps(labels).encode()}
+    )
+    pq.write_table(table, out)
+    return out
+
+
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Paths, true label indices, probabilities ``[N, K]`` and label map of a predictions file."""
+    table = pq.read_table(path)
+    labels = json.loads(table.schema.metadata[b"carclf.labels"])
+    index = {name: i for i, name in enumerate(labels)}
+    y_true = np.array([index[name] for name in table["true_label"].to_pylist()])
+    probs = np.array(table["probabilities"].to_pylist(), dtype=np.float64)
+    return table["path"].to_pylist(), y_true, probs, labels
+
+
+# --- plots and galleries ------------------------------------------------------------------------
+
+
+def write_plots(
+    y_true: np.ndarray,
+    logits: np.ndarray,
+    probs: np.ndarray,
+    metrics: dict,
+    model: Model,
+    out: Path,
+) -> dict[str, Path]:
+    """Every figure of the report, by title (the reliability diagram before and after scaling)."""
+    labels = metrics["labels"]
+    cm = confusion(y_true, probs.argmax(1), len(labels))
+    aucs = [a for a, _ in roc_auc_per_class(y_true, probs)]
+    f1 = {name: row["f1-score"] for name, row in metrics["per_class"].items()}
+    plots = {
+        "Confusion matrix (counts)": plot_confusion(
+            cm, labels, out / "confusion_matrix.png", False
+        ),
+        "Confusion matrix (row-normalised)": plot_confusion(
+            cm, labels, out / "confusion_matrix_normalised.png", True
+        ),
+        "ROC curves": plot_roc(y_true, probs, labels, aucs, out / "roc.png"),
+        "Per-class F1": plot_f1_bars(f1, out / "f1_per_class.png"),
+        "Reliability diagram": plot_reliability(
+            reliability(y_true, softmax(logits)), out / "reliability.png", metrics["calibration"]
+        ),
+    }
+    if model.epochs_csv is not None:
+        plots["Training curves"] = plot_training_curves(model.epochs_csv, out / "training.png")
+    return plots
+
+
+def write_galleries(
+    paths: list[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    model: Model,
+    out: Path,
+    per_group: int,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Grad-CAM overlays for a random sample of correct and of wrong predictions.
+
+    Returns:
+        ``{"correct"|"wrong": {"total": int, "items": [{"image", "true", "pred", "score"}]}}``.
+    """
+    y_pred = probs.argmax(1)
+    rng = random.Random(seed)
+    groups = {
+        "correct": np.flatnonzero(y_pred == y_true),
+        "wrong": np.flatnonzero(y_pred != y_true),
+    }
+    chosen = {g: sorted(rng.sample(list(ix), min(per_group, len(ix)))) for g, ix in groups.items()}
+    explainer = model.explainer() if any(chosen.values()) else None
+    galleries = {}
+    for group, indices in chosen.items():
+        items = []
+        for start in range(0, len(indices), 16):
+            batch = indices[start : start + 16]
+            exps = explainer.explain([load_image(paths[i]) for i in batch])
+            for i, exp in zip(batch, exps, strict=True):
+                file = out / "gallery" / group / f"{i:05d}_{Path(paths[i]).stem}.png"
+                file.parent.mkdir(parents=True, exist_ok=True)
+                exp.overlay.save(file)
+                items.append(
+                    {
+                        "image": str(file.relative_to(out)),
+                        "path": paths[i],
+                        "true": model.labels[y_true[i]],
+                        "pred": model.labels[y_pred[i]],
+                        "score": float(probs[i, y_pred[i]]),
+                    }
+                )
+        galleries[group] = {"total": len(groups[group]), "items": items}
+    return galleries
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def evaluate(
+    source: str | Path,
+    manifest: str | Path,
+    split: str,
+    out: str | Path,
+    gallery_size: int = 12,
+) -> EvalResult:
     """Score every image of ``split`` and write predictions, metrics, plots and a report.
 
     Args:
         source: a run directory or a bundle directory.
         manifest: the Parquet manifest to read the split from.
         split: ``train``, ``val`` or ``test``.
-        out: directory for ``predictions.parquet``, ``metrics.json``, PNGs and ``report.md``.
+        out: directory for ``predictions.parquet``, ``metrics.json``, PNGs and ``report.html``.
+        gallery_size: Grad-CAM overlays per gallery (correct and wrong); 0 for none.
     """
-    source, out = Path(source), Path(out)
+    out = Path(out)
     data = read_manifest(manifest)
-    score, labels = _scorer(source)
-    if labels != data.labels:
-        differ = sorted(set(labels) ^ set(data.labels)) or ["(same names, different order)"]
-        raise UserInputError(f"{manifest}: labels differ from the model's: {', '.join(differ)}")
+    model = load_model(source)
+    check_labels(model.labels, data.labels, manifest)
     records = data.split(split)
     if not records:
         raise UserInputError(f"{manifest}: split {split!r} is empty")
     paths = [p for p, _ in records]
-    y_true = np.array([y for _, y in records])
-    probs = np.concatenate([score(paths[i : i + 64]) for i in range(0, len(paths), 64)])
+    y_true = _targets(records)
+    temperature, how = _temperature(model, data.split("val"))
+    logits = _score(paths, model.logits).astype(np.float64)
+    probs = softmax(logits / temperature)
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table(
-            {
-                "path": paths,
-                "true_label": [labels[i] for i in y_true],
-                "pred_label": [labels[i] for i in probs.argmax(1)],
-                "probabilities": [row.tolist() for row in probs.astype(np.float32)],
-            }
-        ),
-        out / "predictions.parquet",
+    write_predictions(paths, y_true, probs, model.labels, out / PREDICTIONS_FILE, logits)
+    paths, y_true, probs, labels = read_predictions(out / PREDICTIONS_FILE)
+    metrics = full_metrics(y_true, probs, labels)
+    metrics["temperature_scaling"] = temperature_effect(logits, y_true, temperature, how)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    plots = write_plots(y_true, logits, probs, metrics, model, out)
+    galleries = write_galleries(paths, y_true, probs, model, out, gallery_size)
+    report = write_html_report(
+        out / REPORT_FILE,
+        title=f"Evaluation of {model.source.name} ({model.kind}) on {split}",
+        metrics=metrics,
+        plots=plots,
+        galleries=galleries,
+        config=model.config,
+        audit=audit_summary(Path(manifest)),
+        facts={"source": str(model.source), "manifest": str(manifest), "split": split},
+        calibration=metrics["temperature_scaling"],
     )
-    metrics = compute_metrics(y_true, probs, labels)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_confusion(
-        confusion(y_true, probs.argmax(1), len(labels)), labels, out / "confusion_matrix.png"
-    )
-    return EvalResult(out, metrics, _report(metrics, source, split, out))
+    return EvalResult(out, metrics, report)
+
+
+COMPARE_COLUMNS = (
+    "acc",
+    "balanced_acc",
+    "f1_macro",
+    "f1_weighted",
+    "top3",
+    "top5",
+    "cohen_kappa",
+    "mcc",
+    "log_loss",
+    "roc_auc_ovr_macro",
+    "ece",
+)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def compare(sources: list[str | Path], manifest: str | Path, split: str, out: str | Path) -> Path:
+    """Evaluate each run or bundle on the same split; write ``comparison.csv`` and ``.md``.
+
+    Each model's full evaluation goes to ``out/<index>_<name>/``.
+
+    Returns:
+        The Markdown table's path.
+    """
+    out = Path(out)
+    rows = []
+    for i, source in enumerate(sources):
+        result = evaluate(source, manifest, split, out / f"{i}_{Path(source).name}", gallery_size=0)
+        rows.append(
+            {"model": str(source), "n": result.metrics["n"]}
+            | {k: result.metrics["summary"][k] for k in COMPARE_COLUMNS}
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "comparison.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row.values()) + " |" for row in rows]
+    md = out / "comparison.md"
+    md.write_text(f"# Comparison on `{split}` of `{manifest}`\n\n" + "\n".join(lines) + "\n")
+    return md

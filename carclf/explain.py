@@ -2,11 +2,16 @@
 
 A CAM object keeps per-call state (hooks, activations, gradients), so :class:`Explainer` builds
 a fresh one for every call and releases it afterwards: concurrent requests never share one.
+
+The hooked layer is found per model (:func:`target_layer_for`) and can be overridden by name;
+token-shaped activations of ViT-style models and channels-last ones (Swin) are turned into
+``[N, C, H, W]`` maps by :func:`reshape_transform_for`.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +35,7 @@ from carclf.bundle import Bundle
 from carclf.config import ModelConfig
 from carclf.data.transforms import Preprocess, eval_transform
 from carclf.errors import UserInputError
-from carclf.models import create_model
+from carclf.models import cam_target_layer, create_model
 
 METHODS = {
     "gradcam": GradCAM,
@@ -40,6 +45,43 @@ METHODS = {
     "layercam": LayerCAM,
     "eigencam": EigenCAM,
 }
+
+
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _is_vit(model: nn.Module) -> bool:
+    """A ViT-style model: patch tokens (plus class/register tokens) through ``blocks``."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return hasattr(model, "num_prefix_tokens") and hasattr(model, "blocks") and grid is not None
+
+
+def target_layer_for(model: nn.Module) -> str:
+    """The module Grad-CAM hooks by default.
+
+    ViT-style models: the first norm of the last block, since only the class token of the last
+    block's output reaches the head and its patch tokens get no gradient. Others: the last
+    feature stage (:func:`carclf.models.cam_target_layer`).
+    """
+    if _is_vit(model):
+        return f"blocks.{len(model.blocks) - 1}.norm1"
+    return cam_target_layer(model)
+
+
+def reshape_transform_for(model: nn.Module) -> ReshapeTransform | None:
+    """Turn the hooked activations into ``[N, C, H, W]``, or None when they already are."""
+    if _is_vit(model):
+        prefix = int(model.num_prefix_tokens)
+        h, w = model.patch_embed.grid_size
+
+        def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+            grid = tokens[:, prefix:, :].reshape(tokens.size(0), h, w, tokens.size(2))
+            return grid.permute(0, 3, 1, 2)
+
+        return tokens_to_map
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return lambda x: x.permute(0, 3, 1, 2)
+    return None
 
 
 @dataclass
@@ -72,28 +114,47 @@ class Explainer:
         model: the classifier, in eval mode.
         preprocess: its preprocessing (the bundle's).
         labels: class names in index order.
-        target_layer: dotted name of the module to hook.
+        target_layer: dotted name of the module to hook; default :func:`target_layer_for`.
+        reshape_transform: activations → ``[N, C, H, W]``; default :func:`reshape_transform_for`.
+        temperature: the bundle's softmax temperature, so scores match the served ones.
     """
 
     def __init__(
-        self, model: nn.Module, preprocess: Preprocess, labels: list[str], target_layer: str
+        self,
+        model: nn.Module,
+        preprocess: Preprocess,
+        labels: list[str],
+        target_layer: str | None = None,
+        reshape_transform: ReshapeTransform | None = None,
+        temperature: float = 1.0,
     ) -> None:
         self.model = model.eval()
         self.preprocess = preprocess
         self.labels = labels
         self.transform = eval_transform(preprocess)
+        self.target_layer_name = target_layer or target_layer_for(model)
         modules = dict(model.named_modules())
-        if target_layer not in modules:
-            raise ValueError(f"target layer {target_layer!r} is not a module of the model")
-        self.target_layer = modules[target_layer]
+        if self.target_layer_name not in modules:
+            raise UserInputError(
+                f"target layer: {self.target_layer_name!r} is not a module of the model"
+            )
+        self.target_layer = modules[self.target_layer_name]
+        self.reshape_transform = reshape_transform or reshape_transform_for(model)
+        self.temperature = temperature
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> Explainer:
-        """Rebuild the PyTorch model from ``weights.safetensors`` (never a pickle)."""
+    def from_bundle(cls, bundle: Bundle, target_layer: str | None = None) -> Explainer:
+        """Rebuild the PyTorch model from ``weights.safetensors`` (never a pickle).
+
+        Args:
+            bundle: a loaded bundle.
+            target_layer: overrides the bundle's ``cam_target_layer``.
+        """
         info = bundle.info
         model = create_model(ModelConfig(**info.model_spec), info.num_classes, pretrained=False)
         model.load_state_dict(load_file(str(bundle.weights_path)))
-        return cls(model, info.preprocess, info.labels, info.cam_target_layer)
+        layer = target_layer or info.cam_target_layer
+        return cls(model, info.preprocess, info.labels, layer, temperature=info.temperature)
 
     def resolve_target(self, target: int | str | None, default: int) -> int:
         """A class index from an index, a class name or None (the predicted class)."""
@@ -124,9 +185,13 @@ class Explainer:
             raise UserInputError(f"method: unknown {method!r}; one of {', '.join(METHODS)}")
         batch = torch.stack([self.transform(img) for img in images])
         with torch.no_grad():
-            probs = torch.softmax(self.model(batch), dim=1).numpy()
+            probs = torch.softmax(self.model(batch) / self.temperature, dim=1).numpy()
         targets = [self.resolve_target(target, int(p.argmax())) for p in probs]
-        with METHODS[method](model=self.model, target_layers=[self.target_layer]) as cam:
+        with METHODS[method](
+            model=self.model,
+            target_layers=[self.target_layer],
+            reshape_transform=self.reshape_transform,
+        ) as cam:
             maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in targets])
         out = []
         for img, heat, t, p in zip(images, maps, targets, probs, strict=True):

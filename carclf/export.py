@@ -12,13 +12,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from carclf.bundle import ONNX_FILE, WEIGHTS_FILE, Bundle, BundleInfo, write_bundle
+from carclf.bundle import (
+    MODEL_CARD_FILE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    Bundle,
+    BundleInfo,
+    write_bundle,
+)
 from carclf.data.manifest import file_sha256, read_manifest
 from carclf.data.transforms import eval_transform, load_image
 from carclf.errors import UserInputError
+from carclf.explain import target_layer_for
 from carclf.inference import onnx_session
-from carclf.metrics import core_metrics, softmax
-from carclf.models import cam_target_layer
+from carclf.metrics import core_metrics, fit_temperature, softmax, temperature_effect
+from carclf.report import model_card
 from carclf.train import load_run
 
 
@@ -72,17 +80,31 @@ def _load_batch(paths: list[str], transform) -> torch.Tensor:
     return torch.stack([transform(load_image(p)) for p in paths])
 
 
-def _test_metrics(onnx_path: Path, records: list[tuple[str, int]], transform) -> dict:
+def _onnx_logits(onnx_path: Path, records: list[tuple[str, int]], transform) -> np.ndarray:
     session, _ = onnx_session(str(onnx_path), threads=torch.get_num_threads())
-    probs, labels = [], []
+    logits = []
     for start in range(0, len(records), 64):
-        chunk = records[start : start + 64]
-        batch = _load_batch([p for p, _ in chunk], transform).numpy()
-        probs.append(softmax(session.run(["logits"], {"input": batch})[0]))
-        labels += [y for _, y in chunk]
-    return {
-        f"test_{k}": v for k, v in core_metrics(np.array(labels), np.concatenate(probs)).items()
-    }
+        batch = _load_batch([p for p, _ in records[start : start + 64]], transform).numpy()
+        logits.append(session.run(["logits"], {"input": batch})[0])
+    return np.concatenate(logits)
+
+
+def _calibrated_metrics(
+    onnx_path: Path, val: list[tuple[str, int]], test: list[tuple[str, int]], transform
+) -> tuple[float, dict]:
+    """Fit the temperature on the validation split; test figures with it applied."""
+    temperature = 1.0
+    if val:
+        temperature = fit_temperature(_onnx_logits(onnx_path, val, transform), _targets(val))
+    logits, y = _onnx_logits(onnx_path, test, transform), _targets(test)
+    metrics = {f"test_{k}": v for k, v in core_metrics(y, softmax(logits / temperature)).items()}
+    source = "fitted on val" if val else "no validation images: not fitted"
+    metrics["calibration"] = temperature_effect(logits, y, temperature, source)
+    return temperature, metrics
+
+
+def _targets(records: list[tuple[str, int]]) -> np.ndarray:
+    return np.array([y for _, y in records])
 
 
 def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) -> Bundle:
@@ -90,6 +112,7 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
 
     The parity check runs on the first ``export.parity_images`` test images (validation images
     when the test split is empty), and the bundle's metrics are onnxruntime's on the test split.
+    The softmax temperature is fitted on the validation split; ``MODEL_CARD.md`` describes it all.
     """
     trained = load_run(run_dir)
     cfg, model = trained.cfg, trained.model
@@ -103,7 +126,10 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
         export_onnx(model, trained.preprocess.input_size, onnx_tmp, cfg.export.opset)
         batch = _load_batch([p for p, _ in records[: cfg.export.parity_images]], transform)
         parity = parity_check(model, onnx_tmp, batch, cfg.export.atol)
-        metrics = {**_test_metrics(onnx_tmp, records, transform), "parity": parity}
+        temperature, metrics = _calibrated_metrics(
+            onnx_tmp, manifest.split("val"), records, transform
+        )
+        metrics["parity"] = parity
         pre = trained.preprocess
         info = BundleInfo(
             name=name or cfg.task,
@@ -116,7 +142,8 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
             std=pre.std,
             interpolation=pre.interpolation,
             crop_pct=pre.crop_pct,
-            cam_target_layer=cam_target_layer(model),
+            cam_target_layer=target_layer_for(model),
+            temperature=temperature,
             model_spec=cfg.model.model_dump(mode="json") | {"pretrained": False},
             metrics=metrics,
             manifest_sha256=file_sha256(manifest.path),
@@ -128,5 +155,6 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
             {
                 ONNX_FILE: lambda p: shutil.copyfile(onnx_tmp, p),
                 WEIGHTS_FILE: lambda p: save_file(weights, str(p)),
+                MODEL_CARD_FILE: lambda p: p.write_text(model_card(info)),
             },
         )

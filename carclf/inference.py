@@ -69,9 +69,16 @@ class OnnxClassifier:
         """Decoded RGB images → the float32 NCHW batch the model takes."""
         return torch.stack([self.transform(img) for img in images]).numpy()
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on a preprocessed batch."""
+    def raw_logits(self, batch: np.ndarray) -> np.ndarray:
+        """The ONNX model's own logits for a preprocessed batch."""
         return self.session.run(["logits"], {"input": batch.astype(np.float32, copy=False)})[0]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated logits: the model's divided by the bundle's ``temperature``.
+
+        The one place the temperature is applied, so every probability served is calibrated.
+        """
+        return self.raw_logits(batch) / np.float32(self.bundle.info.temperature)
 
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Class probabilities for decoded images, shape ``[N, K]``."""

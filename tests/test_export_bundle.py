@@ -41,7 +41,7 @@ def test_bundle_contract(bundle_dir: Path, toy_manifest: Path) -> None:
     ):
         assert key in info, key
     assert info["labels"] == read_manifest(toy_manifest).labels
-    assert set(info["files"]) == {"model.onnx", "weights.safetensors"}
+    assert set(info["files"]) == {"model.onnx", "weights.safetensors", "MODEL_CARD.md"}
     assert info["metrics"]["parity"]["top1_agreement"] == 1.0
     assert 0.0 <= info["metrics"]["test_acc"] <= 1.0
     assert not list(bundle_dir.parent.glob(".bundle.*"))  # no temp dir left behind
