@@ -75,7 +75,9 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            # The dashboard serves the state API, which Ray Train's placement-group cleaner
+            # needs to release the workers of a trial that Tune stopped early.
+            include_dashboard=True,
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         )
     yield ray
