@@ -33,3 +33,9 @@ format: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Serving benchmark on a bundle (the demo's by default): bench/results/serve.{json,md}.
+BENCH_BUNDLE ?= runs/demo/bundle
+bench: install
+	@test -d $(BENCH_BUNDLE) || .venv/bin/carclf demo
+	OMP_NUM_THREADS=1 $(PY) -m bench.serve_bench $(BENCH_BUNDLE)

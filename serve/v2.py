@@ -66,8 +66,8 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     header, binary = _split(body, header_length)
     try:
         payload = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProtocolError("malformed JSON in the inference header") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed JSON in the inference header ({exc})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise ProtocolError("the request needs an 'inputs' list")
     inputs, datatypes, offset = {}, {}, 0

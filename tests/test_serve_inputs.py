@@ -256,7 +256,8 @@ def test_tritonclient_gets_onnxruntime_probabilities(served_app: str, served_bun
         for tensor in (fp32, raw):
             # once at tritonclient's defaults (no outputs named: all in binary), once explicit
             for requested in (None, outputs):
-                result = client.infer("body", [tensor], outputs=requested, headers=AUTH)
+                # a fresh dict: tritonclient writes its own headers into the one it is given
+                result = client.infer("body", [tensor], outputs=requested, headers=dict(AUTH))
                 probs = result.as_numpy("probabilities")
                 np.testing.assert_allclose(probs, expected, atol=1e-5)
                 np.testing.assert_allclose(softmax(result.as_numpy("logits")), expected, atol=1e-5)
@@ -275,7 +276,7 @@ def test_api_key_guards_every_endpoint_but_health(served_app: str) -> None:
         ("GET", "/v2/models/body/ready"),
         ("POST", "/v2/models/body/infer"),
     ]
-    for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "s3cret-test-kéy"}):
+    for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "s3cret-test-kéy".encode("latin-1")}):
         for method, path in guarded:
             r = httpx.request(method, url + path, headers=headers, content=JPEG, timeout=30)
             assert r.status_code == 401, (method, path, headers, r.text)
