@@ -180,7 +180,6 @@ class Ingress:
 
     async def _images(self, request: Request) -> tuple[list[Image.Image], dict[str, Any]]:
         """Images and options from JSON (base64), multipart (``file``) or raw image bytes."""
-        self._authorise(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await self._body(request)
         if kind == "application/json":
@@ -245,6 +244,7 @@ class Ingress:
 
     @app.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> dict:
+        self._authorise(request)  # before anything, so unknown names reveal nothing
         handle = self._model(name)
         images, options = await self._images(request)
         k = self._top_k(options)
@@ -253,6 +253,7 @@ class Ingress:
 
     @app.post("/v1/models/{name}:explain")
     async def explain(self, name: str, request: Request) -> dict:
+        self._authorise(request)
         self._model(name)
         images, options = await self._images(request)
         method = str(options.get("method", "gradcam"))
@@ -268,6 +269,7 @@ class Ingress:
 
     @app.post("/v1/analyze")
     async def analyze(self, request: Request) -> dict:
+        self._authorise(request)
         images, options = await self._images(request)
         if len(images) != 1:
             raise ApiError(422, "analyze takes exactly one image")

@@ -275,6 +275,8 @@ def test_api_key_guards_every_endpoint_but_health(served_app: str) -> None:
         ("GET", "/v2/models/body"),
         ("GET", "/v2/models/body/ready"),
         ("POST", "/v2/models/body/infer"),
+        ("POST", "/v1/models/nope:predict"),  # 401, not 404: no probing for model names
+        ("GET", "/v2/models/nope"),
     ]
     for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": "s3cret-test-kéy".encode("latin-1")}):
         for method, path in guarded:
