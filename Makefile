@@ -34,5 +34,10 @@ format: install
 clean:
 	rm -rf runs .pytest_cache
 
+# Benchmarks, JSON and Markdown into bench/results/: the data loader against the training step,
+# and serving (HTTP against in-process, onnxruntime against eager) on a bundle (the demo's).
+BENCH_BUNDLE ?= runs/demo/bundle
 bench: install
 	OMP_NUM_THREADS=1 $(PY) bench/data_bench.py
+	@test -d $(BENCH_BUNDLE) || .venv/bin/carclf demo
+	OMP_NUM_THREADS=1 $(PY) -m bench.serve_bench $(BENCH_BUNDLE)

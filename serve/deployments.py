@@ -6,6 +6,7 @@ the classifier and the explainer see the very same pixels.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from typing import Any
@@ -65,15 +66,28 @@ class Classifier:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, images: list[Image.Image]) -> list[np.ndarray]:
-        return list(self.clf.probabilities(images))
+        return list(self.clf.logits(self.clf.preprocess(images)))
+
+    def batching(self) -> dict[str, Any]:
+        """The batch size and wait in force (they follow ``user_config``)."""
+        return {
+            # Serve exposes the getters only with a leading underscore.
+            "max_batch_size": self._batched._get_max_batch_size(),
+            "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
+        }
 
     async def predict(self, image: Image.Image, top_k: int = 5) -> dict:
         """Top-k prediction for one decoded image (batched with concurrent requests)."""
-        probs = await self._batched(image)
-        return self.clf.top_k(probs[None], top_k)[0]
+        logits = await self._batched(image)
+        return self.clf.top_k(softmax(logits[None]), top_k)[0]
+
+    async def infer_images(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """Logits and probabilities for decoded images (KServe V2 BYTES input), batched."""
+        logits = np.stack(await asyncio.gather(*(self._batched(img) for img in images)))
+        return {"logits": logits, "probabilities": softmax(logits)}
 
     def infer_tensor(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits and probabilities for an already preprocessed NCHW batch (KServe V2)."""
+        """Logits and probabilities for an already preprocessed NCHW batch (KServe V2 FP32)."""
         logits = self.clf.logits(batch)
         return {"logits": logits, "probabilities": softmax(logits)}
 

@@ -1,8 +1,16 @@
-"""The HTTP ingress (FastAPI): KServe V1 for images, Open Inference Protocol V2 health.
+"""The HTTP ingress (FastAPI): KServe V1 for images, Open Inference Protocol V2, the web page.
 
 Decodes and checks every image once, then calls the model deployments through the handles it
 receives in ``__init__``. Every error is JSON ``{"error": …}`` with the status codes of
 DESIGN.md; bad input never reaches a model and never yields a 500.
+
+Image policy (what :func:`decode_image` accepts): JPEG, PNG, WebP and GIF — any other format is
+refused with 400 whatever its content type says, which keeps PIL's rarer decoders unreachable.
+Animated GIF, WebP and PNG count as their first frame. Images must have at least
+``MIN_SIDE`` pixels per side, an aspect ratio of at most ``MAX_ASPECT``:1, at most
+``MAX_PIXELS`` pixels and at most ``MAX_TEXT_BYTES`` of text metadata; anything else is a 400
+that says which limit. Grayscale, palette, CMYK and 16-bit images become RGB, EXIF-rotated
+ones are turned upright (:func:`carclf.data.transforms.load_image`).
 """
 
 import asyncio
@@ -12,23 +20,32 @@ import hmac
 import io
 import json
 import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from PIL import Image
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from carclf import __version__
 from carclf.data.transforms import load_image
 from carclf.errors import UserInputError
 from carclf.explain import METHODS
+from serve import v2
 
-IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 MAX_PIXELS = 40_000_000
+MIN_SIDE = 8
+MAX_ASPECT = 20.0
+MAX_TEXT_BYTES = 1 << 20
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 class ServeSettings(BaseModel):
@@ -40,6 +57,8 @@ class ServeSettings(BaseModel):
 
 
 class ApiError(Exception):
+    """An error response: HTTP status and a one-line message for the client."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -47,21 +66,37 @@ class ApiError(Exception):
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode uploaded bytes into RGB, or raise a 400 that says why."""
+    """Decode uploaded bytes into an upright RGB image, or raise a 400 that says why."""
     if not data:
         raise ApiError(400, "empty image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_PIXELS:
-                raise ApiError(400, f"image too large ({img.width}x{img.height} pixels)")
-            img.load()
-        return load_image(data)
+            header = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+            _check_limits(header)
+            return load_image(data)
     except ApiError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(400, "image too large (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "not a JPEG, PNG, WebP or GIF image") from None
     except Exception as exc:  # PIL raises many types for bad bytes: all are the client's fault
-        raise ApiError(400, f"invalid image: {exc.__class__.__name__}") from None
+        reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+        raise ApiError(400, f"invalid image: {reason}") from None
+
+
+def _check_limits(img: Image.Image) -> None:
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ApiError(400, f"image too large ({w}x{h} pixels, at most {MAX_PIXELS})")
+    if min(w, h) < MIN_SIDE:
+        raise ApiError(400, f"image too small ({w}x{h}); each side needs {MIN_SIDE} px or more")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ApiError(400, f"aspect ratio of {w}x{h} is over {MAX_ASPECT:.0f}:1")
+    text = sum(len(v) for v in img.info.values() if isinstance(v, (str, bytes)))
+    if text > MAX_TEXT_BYTES:
+        raise ApiError(400, f"image metadata too large ({text} bytes of text)")
 
 
 def _replay(request: Request, body: bytes) -> Request:
@@ -117,12 +152,18 @@ class Ingress:
         self.classifiers = classifiers
         self.explainers = explainers
         self.settings = ServeSettings.model_validate(settings or {})
+        self.page = PAGE.read_text(encoding="utf-8")
+        self._metadata: dict[str, dict[str, Any]] = {}
 
     # --- request plumbing ---------------------------------------------------------------
 
     def _authorise(self, request: Request) -> None:
         key = self.settings.api_key
-        if key and not hmac.compare_digest(request.headers.get("x-api-key", ""), key):
+        if not key:
+            return
+        # Bytes, not str: compare_digest refuses non-ASCII str, and headers arrive as latin-1.
+        sent = request.headers.get("x-api-key", "").encode("latin-1")
+        if not hmac.compare_digest(sent, key.encode()):
             raise ApiError(401, "missing or wrong API key (header x-api-key)")
 
     async def _body(self, request: Request) -> bytes:
@@ -130,16 +171,15 @@ class Ingress:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body over {limit} bytes")
-        body = b""
+        body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, f"request body over {limit} bytes")
-        return body
+        return bytes(body)
 
     async def _images(self, request: Request) -> tuple[list[Image.Image], dict[str, Any]]:
         """Images and options from JSON (base64), multipart (``file``) or raw image bytes."""
-        self._authorise(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await self._body(request)
         if kind == "application/json":
@@ -156,7 +196,7 @@ class Ingress:
         raise ApiError(
             415,
             f"unsupported media type {kind or '(none)'}; send JSON, multipart "
-            "or image/jpeg|png|webp",
+            "or image/jpeg|png|webp|gif",
         )
 
     @staticmethod
@@ -204,6 +244,7 @@ class Ingress:
 
     @app.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> dict:
+        self._authorise(request)  # before anything, so unknown names reveal nothing
         handle = self._model(name)
         images, options = await self._images(request)
         k = self._top_k(options)
@@ -212,6 +253,7 @@ class Ingress:
 
     @app.post("/v1/models/{name}:explain")
     async def explain(self, name: str, request: Request) -> dict:
+        self._authorise(request)
         self._model(name)
         images, options = await self._images(request)
         method = str(options.get("method", "gradcam"))
@@ -227,6 +269,7 @@ class Ingress:
 
     @app.post("/v1/analyze")
     async def analyze(self, request: Request) -> dict:
+        self._authorise(request)
         images, options = await self._images(request)
         if len(images) != 1:
             raise ApiError(422, "analyze takes exactly one image")
@@ -237,7 +280,7 @@ class Ingress:
         )
         return {"models": dict(zip(names, preds, strict=True))}
 
-    # --- Open Inference Protocol (V2) health ---------------------------------------------
+    # --- Open Inference Protocol (V2) ---------------------------------------------------
 
     @app.get("/v2/health/live")
     async def live(self) -> dict:
@@ -250,3 +293,81 @@ class Ingress:
         except Exception:
             raise ApiError(503, "models not ready") from None
         return {"ready": True}
+
+    @app.get("/v2")
+    async def server_metadata(self, request: Request) -> dict:
+        self._authorise(request)
+        return {"name": "carclf", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(self, name: str, request: Request) -> dict:
+        self._authorise(request)
+        meta = await self._model_info(name)
+        return v2.model_metadata(name, meta["input_size"], len(meta["labels"]))
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str, request: Request) -> dict:
+        self._authorise(request)
+        handle = self._model(name)
+        try:
+            await handle.metadata.remote()
+        except Exception:
+            raise ApiError(503, f"model {name!r} not ready") from None
+        return {"name": name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(self, name: str, request: Request) -> Response:
+        self._authorise(request)
+        handle = self._model(name)
+        body = await self._body(request)
+        try:
+            req = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH))
+            results = await self._infer(name, handle, req)
+            payload, header_length = v2.encode_response(name, req, results)
+        except v2.ProtocolError as exc:
+            raise ApiError(422, str(exc)) from None
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={v2.HEADER_LENGTH: str(header_length)},
+        )
+
+    async def _model_info(self, name: str) -> dict[str, Any]:
+        """The classifier's metadata, asked once per model."""
+        handle = self._model(name)
+        if name not in self._metadata:
+            self._metadata[name] = await handle.metadata.remote()
+        return self._metadata[name]
+
+    async def _infer(
+        self, name: str, handle: DeploymentHandle, req: v2.InferRequest
+    ) -> dict[str, np.ndarray]:
+        """Run the one input ``input``: BYTES ``[N]`` encoded images or FP32 ``[N,C,H,W]``."""
+        if set(req.inputs) != {"input"}:
+            raise v2.ProtocolError(
+                f"the model takes one input named 'input', got {sorted(req.inputs)}"
+            )
+        tensor, datatype = req.inputs["input"], req.datatypes["input"]
+        if tensor.size == 0:
+            raise v2.ProtocolError("input 'input' is empty")
+        if datatype == "BYTES":
+            if tensor.ndim != 1:
+                raise v2.ProtocolError(f"BYTES input must have shape [N], got {list(tensor.shape)}")
+            images = [decode_image(item) for item in tensor]
+            return await handle.infer_images.remote(images)
+        size = list((await self._model_info(name))["input_size"])
+        if datatype != "FP32" or tensor.ndim != 4 or list(tensor.shape[1:]) != size:
+            raise v2.ProtocolError(
+                f"input 'input' must be FP32 [N, {', '.join(map(str, size))}] or BYTES [N]; "
+                f"got {datatype} {list(tensor.shape)}"
+            )
+        return await handle.infer_tensor.remote(tensor)
+
+    # --- the web page --------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        # Static and data-free, so it needs no key; the page sends the key it is given.
+        return HTMLResponse(self.page)

@@ -46,13 +46,12 @@ def tiny_config(output_dir: Path, manifest: Path, **sections: dict) -> Config:
     return validate_config(raw)
 
 
-@pytest.fixture()
-def fake_run(tmp_path: Path, toy_manifest: Path) -> Path:
-    """A finished run directory written without Ray (untrained weights): for export tests."""
-    cfg = tiny_config(tmp_path / "run", toy_manifest)
-    labels = read_manifest(toy_manifest).labels
+def write_fake_run(out: Path, manifest: Path) -> Path:
+    """A finished run directory written without Ray (untrained weights) at ``out``."""
+    cfg = tiny_config(out, manifest)
+    labels = read_manifest(manifest).labels
     model = create_model(cfg.model, len(labels))
-    ckpt = tmp_path / "run" / "checkpoint_0"
+    ckpt = out / "checkpoint_0"
     ckpt.mkdir(parents=True)
     pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
     meta = {
@@ -60,11 +59,17 @@ def fake_run(tmp_path: Path, toy_manifest: Path) -> Path:
         "labels": labels,
         "preprocess": pre.model_dump(mode="json"),
         "metrics": {"val_acc": 0.0},
-        "manifest": str(toy_manifest),
+        "manifest": str(manifest),
     }
     save_checkpoint(ckpt, model, {"epoch": 0}, meta)
-    write_run_file(tmp_path / "run", ckpt, {"val_acc": 0.0})
-    return tmp_path / "run"
+    write_run_file(out, ckpt, {"val_acc": 0.0})
+    return out
+
+
+@pytest.fixture()
+def fake_run(tmp_path: Path, toy_manifest: Path) -> Path:
+    """A finished run directory written without Ray (untrained weights): for export tests."""
+    return write_fake_run(tmp_path / "run", toy_manifest)
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +90,40 @@ def ray_session():
 
     serve.shutdown()
     ray.shutdown()
+
+
+# --- serving: one app for every module that talks HTTP to it (test_serve_inputs, test_web_page)
+
+SERVE_PORT = 8766
+SERVE_KEY = "s3cret-test-key"
+
+
+@pytest.fixture(scope="session")
+def served_bundle(toy_manifest: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An exported bundle of untrained weights: enough for protocol and input tests."""
+    from carclf.export import export_run
+
+    out = tmp_path_factory.mktemp("served")
+    return export_run(write_fake_run(out / "run", toy_manifest), out / "bundle", name="body")
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_session, served_bundle):
+    """The carclf app with an API key on 127.0.0.1:8766 at ``/``; yields its base URL.
+
+    Serve is restarted on this port first: a module before this one (test_pipeline) may have
+    left Serve's proxy on another port, and ``serve.start`` would not move it.
+    """
+    from ray import serve
+
+    from carclf.cli import build_serve_app
+    from carclf.demo import wait_ready
+
+    url = f"http://127.0.0.1:{SERVE_PORT}"
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    app = build_serve_app([str(served_bundle.path)], api_key=SERVE_KEY)
+    serve.run(app, name="carclf-test", route_prefix="/")
+    wait_ready(url)
+    yield url
+    serve.delete("carclf-test")
