@@ -38,7 +38,8 @@ def tiny_config(output_dir: Path, manifest: Path, **sections: dict) -> Config:
         "data": {"manifest": str(manifest), "augment": False},
         "model": {"name": "scratch_cnn", "img_size": 32, "kwargs": {"filters": [8, 16]}},
         "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3},
-        "scaling": {"num_workers": 1},
+        # Half a CPU per worker: two workers fit beside the session's Serve app on 2 cores.
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "export": {"parity_images": 8},
     }
     for key, value in sections.items():

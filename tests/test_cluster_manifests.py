@@ -1,0 +1,53 @@
+"""The cluster manifests parse, carry the required fields, and agree with the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+KUBERAY = ROOT / "cluster" / "kuberay"
+
+
+def _locked_version(package: str) -> str:
+    lock = (ROOT / "uv.lock").read_text()  # TOML; tomllib needs Python 3.11
+    return re.search(rf'name = "{package}"\nversion = "([^"]+)"', lock).group(1)
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
+def test_kuberay_manifests(name: str) -> None:
+    doc = yaml.safe_load((KUBERAY / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    assert cluster["rayVersion"] == _locked_version("ray")
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert cluster["workerGroupSpecs"]
+    images = re.findall(r"image: (\S+)", (KUBERAY / name).read_text())
+    python = (ROOT / ".python-version").read_text().strip().replace(".", "")
+    assert all(f"py{python}" in i and f"ray{_locked_version('ray')}" in i for i in images)
+
+
+def test_rayjob_runs_the_pipeline_on_a_committed_config() -> None:
+    entry = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    config = re.search(r"--config (\S+)", entry).group(1)
+    assert entry.startswith("python -m jobs.pipeline") and (ROOT / config).is_file()
+
+
+def test_rayservice_embeds_serve_config_verbatim() -> None:
+    embedded = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())["spec"]["serveConfigV2"]
+    assert yaml.safe_load(embedded) == yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["launcher-aws.yaml", "launcher-gcp.yaml"])
+def test_launcher_configs(name: str) -> None:
+    doc = yaml.safe_load((ROOT / "cluster" / name).read_text())
+    assert doc["head_node_type"] in doc["available_node_types"]
+    assert doc["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    starts = " ".join(doc["head_start_ray_commands"] + doc["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2
+    assert "--dashboard-host=127.0.0.1" in starts
