@@ -31,14 +31,17 @@ make_token() {
   chmod 600 "$TOKEN_FILE"
 }
 
-# Each node gets its own temp dir and port range, so several raylets share one host.
+# Each node gets its own temp dir and port range, so several raylets share one host, and its
+# own session (setsid): every process Ray starts for the node stays in that session, whatever Ray
+# renames it to, so `down` stops exactly this cluster.
 start_node() {
   local name=$1
   shift
   mkdir -p "$STATE/$name"
-  "$RAY" start --node-ip-address=127.0.0.1 --temp-dir="$STATE/$name/tmp" \
-    --disable-usage-stats "$@" >"$STATE/$name/start.log" 2>&1 ||
-    { cat "$STATE/$name/start.log" >&2; exit 1; }
+  setsid "$RAY" start --node-ip-address=127.0.0.1 --temp-dir="$STATE/$name/tmp" \
+    --disable-usage-stats "$@" >"$STATE/$name/start.log" 2>&1 &
+  echo $! >"$STATE/$name/sid"
+  wait $! || { cat "$STATE/$name/start.log" >&2; exit 1; }
 }
 
 up() {
@@ -65,15 +68,14 @@ MSG
 }
 
 down() {
-  # `ray stop` stops every raylet it finds on this host, so a concurrent local Ray would go too;
-  # stop only the processes whose temp dir is ours.
-  local pids
-  pids=$(pgrep -f "$STATE/" || true)
-  if [ -n "$pids" ]; then
-    kill $pids 2>/dev/null || true
-    sleep 2
-    kill -9 $(pgrep -f "$STATE/" || true) 2>/dev/null || true
-  fi
+  # Not `ray stop`: it would stop every Ray on this host, another user's or a test's too.
+  local f
+  for signal in TERM KILL; do
+    for f in "$STATE"/*/sid; do
+      [ -f "$f" ] && pkill "-$signal" -s "$(cat "$f")" 2>/dev/null
+    done
+    [ "$signal" = TERM ] && sleep 2
+  done
   rm -rf "$STATE"
   echo "Ray cluster down."
 }
