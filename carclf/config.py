@@ -86,6 +86,15 @@ class ExportConfig(_Strict):
     parity_images: int = Field(32, ge=1, description="test images the ONNX parity check runs")
     atol: float = Field(1e-4, gt=0.0, description="max abs logit difference ONNX vs PyTorch")
     opset: int = Field(18, ge=13)
+    quantize: bool = Field(
+        False,
+        description="also try onnxruntime INT8 static quantisation; kept only when measured "
+        "faster and within max_accuracy_drop (carclf/quantize.py)",
+    )
+    calibration_images: int = Field(64, ge=1, description="training images that calibrate INT8")
+    max_accuracy_drop: float = Field(
+        0.5, ge=0.0, description="accuracy points INT8 may lose on the test split and be kept"
+    )
 
 
 class SearchParam(_Strict):

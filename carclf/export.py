@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,12 +21,13 @@ from carclf.bundle import (
     BundleInfo,
     write_bundle,
 )
-from carclf.data.manifest import file_sha256, read_manifest
+from carclf.data.manifest import Manifest, file_sha256, read_manifest
 from carclf.data.transforms import eval_transform, load_image
 from carclf.errors import UserInputError
 from carclf.explain import target_layer_for
 from carclf.inference import onnx_session
 from carclf.metrics import core_metrics, fit_temperature, softmax, temperature_effect
+from carclf.quantize import try_int8
 from carclf.report import model_card
 from carclf.train import load_run
 
@@ -107,11 +109,30 @@ def _targets(records: list[tuple[str, int]]) -> np.ndarray:
     return np.array([y for _, y in records])
 
 
+def _maybe_int8(
+    cfg_export: Any, fp32: Path, manifest: Manifest, records: list, batch: torch.Tensor, transform
+) -> tuple[Path, dict[str, Any] | None]:
+    """The model to ship: the int8 one where ``export.quantize`` asks and it pays (quantize.py)."""
+    train = manifest.split("train")
+    if not cfg_export.quantize or not train:
+        return fp32, None
+    # An even spread over the training split, whatever its order (it is sorted by class).
+    picks = np.linspace(0, len(train) - 1, min(cfg_export.calibration_images, len(train)))
+    calibration = _load_batch([train[int(i)][0] for i in picks], transform).numpy()
+    y = _targets(records)
+
+    def accuracy(model: Path) -> float:
+        return core_metrics(y, softmax(_onnx_logits(model, records, transform)))["acc"]
+
+    return try_int8(fp32, calibration, batch.numpy(), accuracy, cfg_export.max_accuracy_drop)
+
+
 def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) -> Bundle:
     """Export the best checkpoint of ``run_dir`` into the bundle directory ``out``.
 
     The parity check runs on the first ``export.parity_images`` test images (validation images
-    when the test split is empty), and the bundle's metrics are onnxruntime's on the test split.
+    when the test split is empty), and the bundle's metrics are onnxruntime's on the test split,
+    of the model it ships (INT8 where ``export.quantize`` is on and the int8 model pays).
     The softmax temperature is fitted on the validation split; ``MODEL_CARD.md`` describes it all.
     """
     trained = load_run(run_dir)
@@ -126,10 +147,13 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
         export_onnx(model, trained.preprocess.input_size, onnx_tmp, cfg.export.opset)
         batch = _load_batch([p for p, _ in records[: cfg.export.parity_images]], transform)
         parity = parity_check(model, onnx_tmp, batch, cfg.export.atol)
+        shipped, int8 = _maybe_int8(cfg.export, onnx_tmp, manifest, records, batch, transform)
         temperature, metrics = _calibrated_metrics(
-            onnx_tmp, manifest.split("val"), records, transform
+            shipped, manifest.split("val"), records, transform
         )
-        metrics["parity"] = parity
+        metrics["parity"] = parity  # of the fp32 export against PyTorch
+        if int8 is not None:
+            metrics["quantization"] = int8
         pre = trained.preprocess
         info = BundleInfo(
             name=name or cfg.task,
@@ -153,7 +177,7 @@ def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) ->
             out,
             info,
             {
-                ONNX_FILE: lambda p: shutil.copyfile(onnx_tmp, p),
+                ONNX_FILE: lambda p: shutil.copyfile(shipped, p),
                 WEIGHTS_FILE: lambda p: save_file(weights, str(p)),
                 MODEL_CARD_FILE: lambda p: p.write_text(model_card(info)),
             },

@@ -1,16 +1,22 @@
-"""Models: every timm model by name, plus the from-scratch CNNs registered into timm's registry.
+"""Models: every timm model by name, plus carclf's own registered into timm's registry.
 
-Registering ``scratch_cnn`` and ``scratch_cnn_bn`` with timm means one ``timm.create_model`` call
-builds any model, and their preprocessing config travels with them like any timm model's.
+Registering ``scratch_cnn``, ``scratch_cnn_bn`` and ``tv_googlenet`` (torchvision's GoogLeNet,
+which timm lacks) with timm means one ``timm.create_model`` call builds any model, and their
+preprocessing config travels with them like any timm model's.
 """
 
 from __future__ import annotations
 
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import huggingface_hub
 import timm
 import torch
+import torchvision
 from timm.models import register_model
 from torch import nn
 
@@ -25,7 +31,20 @@ SCRATCH_DATA_CFG: dict[str, Any] = {
     "crop_pct": 1.0,
     "num_classes": 1000,
 }
-default_cfgs = {"scratch_cnn": dict(SCRATCH_DATA_CFG), "scratch_cnn_bn": dict(SCRATCH_DATA_CFG)}
+HUB_PROBE_TIMEOUT_S = 5.0
+GOOGLENET_DATA_CFG: dict[str, Any] = {  # torchvision's GoogLeNet_Weights.IMAGENET1K_V1
+    "input_size": (3, 224, 224),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+    "num_classes": 1000,
+}
+default_cfgs = {
+    "scratch_cnn": dict(SCRATCH_DATA_CFG),
+    "scratch_cnn_bn": dict(SCRATCH_DATA_CFG),
+    "tv_googlenet": dict(GOOGLENET_DATA_CFG),
+}
 
 
 class ScratchCNN(nn.Module):
@@ -104,13 +123,120 @@ def scratch_cnn_bn(pretrained: bool = False, **kwargs: Any) -> ScratchCNN:
     return _scratch(True, "scratch_cnn_bn", pretrained, **kwargs)
 
 
+class GoogLeNet(torchvision.models.GoogLeNet):
+    """torchvision's GoogLeNet (Inception v1) with the parts of timm's model API carclf uses."""
+
+    feature_info: ClassVar[list[dict]] = [
+        {"num_chs": 1024, "reduction": 32, "module": "inception5b"}
+    ]
+    num_features = 1024
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """Stem first, then each inception block in order, head last (layer-wise decay)."""
+        blocks = [n for n, _ in self.named_children() if n.startswith("inception")]
+
+        def ordinal(param: str) -> float:
+            top = param.split(".")[0]
+            if top.startswith(("conv", "maxpool")):
+                return 0.0
+            return float(blocks.index(top) + 1) if top in blocks else float("inf")
+
+        return ordinal
+
+
+def _state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@register_model
+def tv_googlenet(pretrained: bool = False, **kwargs: Any) -> GoogLeNet:
+    """GoogLeNet through torchvision, with its ImageNet weights (download or a local file)."""
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    for key in ("pretrained_cfg", "cache_dir"):
+        kwargs.pop(key, None)
+    num_classes = kwargs.pop("num_classes", 1000)
+    # The published weights expect transform_input (they were converted from Caffe's inputs);
+    # always on, so a model rebuilt without weights (export) computes what the trained one did.
+    model = GoogLeNet(
+        num_classes=1000,
+        aux_logits=False,
+        transform_input=True,
+        init_weights=not pretrained,
+        dropout=kwargs.pop("drop_rate", 0.2),
+        **kwargs,
+    )
+    if pretrained:
+        if overlay.get("file"):
+            state = _state_dict_file(overlay["file"])
+        else:
+            weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("aux")})
+    model.reset_classifier(num_classes)
+    model.pretrained_cfg = dict(GOOGLENET_DATA_CFG, architecture="tv_googlenet")
+    return model
+
+
 def check_model_name(name: str) -> None:
     """Refuse a name that is neither a timm model nor a carclf one, before any worker starts."""
     if not timm.is_model(name):
         raise UserInputError(
             f"model.name: unknown model {name!r} (a timm name such as 'resnet50', "
-            "or 'scratch_cnn' / 'scratch_cnn_bn')"
+            "or 'scratch_cnn' / 'scratch_cnn_bn' / 'tv_googlenet')"
         )
+
+
+def _hub_weights(name: str) -> str | None:
+    """The model's Hugging Face weights file if it is already in the local cache."""
+    pcfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(pcfg, "hf_hub_id", None)
+    if not hub_id:
+        return None
+    for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+        path = huggingface_hub.try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Can this machine open a connection to the Hugging Face hub (or has a proxy for it)?"""
+    if urllib.request.getproxies().get("https"):
+        return True  # the proxy decides; a direct probe would say nothing
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_source(name: str) -> dict[str, str] | None:
+    """Where timm should read hub weights from: the local cache when they are there.
+
+    Without this, an offline machine spends over a minute in huggingface_hub's retries before
+    failing; with it, cached weights load without the network and missing ones fail at once.
+    """
+    cached = _hub_weights(name)
+    if cached:
+        return {"file": cached}
+    if getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) and not _hub_reachable():
+        host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+        raise UserInputError(
+            f"model.pretrained: {name} weights are not cached and {host} cannot be reached; "
+            "set model.pretrained_file to a local weights file, or model.pretrained=false"
+        )
+    return None
 
 
 def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = None) -> nn.Module:
@@ -128,6 +254,8 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
         if not Path(cfg.pretrained_file).is_file():
             raise UserInputError(f"model.pretrained_file: not found: {cfg.pretrained_file}")
         overlay = {"file": str(Path(cfg.pretrained_file).resolve())}
+    elif pretrained:
+        overlay = _hub_source(cfg.name)
     try:
         return timm.create_model(
             cfg.name,
@@ -140,7 +268,7 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
     except TypeError as exc:
         raise UserInputError(f"model.kwargs: not accepted by {cfg.name}: {exc}") from None
     except (OSError, RuntimeError) as exc:
-        if not pretrained or overlay:
+        if not pretrained or cfg.pretrained_file:
             raise
         raise RuntimeError(
             f"could not download pretrained weights for {cfg.name} ({exc.__class__.__name__}); "

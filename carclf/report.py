@@ -181,6 +181,18 @@ def write_html_report(
     return path
 
 
+def _precision(quant: dict | None) -> str:
+    """One line on the shipped model's precision and the INT8 decision behind it."""
+    if not quant:
+        return "fp32 (INT8 quantisation not tried)"
+    figures = (
+        f"int8 {quant['int8_images_per_s']:.1f} vs fp32 {quant['fp32_images_per_s']:.1f} img/s, "
+        f"accuracy {quant['int8_acc']:.4f} vs {quant['fp32_acc']:.4f}"
+    )
+    kept = "int8" if quant["kept"] else "fp32 (int8 rejected)"
+    return f"{kept}: {quant['reason']}; {figures}"
+
+
 def model_card(info: BundleInfo) -> str:
     """The bundle's ``MODEL_CARD.md``: what the model is, its input, test figures and limits."""
     metrics = {k: v for k, v in info.metrics.items() if isinstance(v, int | float)}
@@ -199,6 +211,7 @@ def model_card(info: BundleInfo) -> str:
         f"std {list(info.std)}, {info.interpolation} resize, crop_pct {info.crop_pct}",
         f"- Grad-CAM layer: `{info.cam_target_layer}`",
         f"- softmax temperature: {info.temperature:.4f} ({calibration})",
+        f"- model.onnx: {_precision(info.metrics.get('quantization'))}",
         f"- training data manifest sha256: `{info.manifest_sha256}`",
         f"- carclf {info.carclf_version}",
         "",

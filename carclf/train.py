@@ -145,6 +145,19 @@ def save_checkpoint(
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def checkpoint_meta(
+    cfg: Config, manifest: Manifest, pre: Preprocess, metrics: dict[str, Any], manifest_path: str
+) -> dict[str, Any]:
+    """What a checkpoint carries beside its weights: config, label order, preprocessing."""
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "labels": manifest.labels,
+        "preprocess": pre.model_dump(mode="json"),
+        "metrics": metrics,
+        "manifest": manifest_path,
+    }
+
+
 def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load ``model.safetensors`` from a checkpoint directory into ``model`` (strict)."""
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
@@ -236,13 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "schedule": tools.schedule.state_dict(),
             "stopper": vars(stopper),
         }
-        meta = {
-            "config": cfg.model_dump(mode="json"),
-            "labels": manifest.labels,
-            "preprocess": pre.model_dump(mode="json"),
-            "metrics": metrics,
-            "manifest": config["manifest"],
-        }
+        meta = checkpoint_meta(cfg, manifest, pre, metrics, config["manifest"])
         _report(metrics, bare, tools, state, meta, is_chief=ctx.get_world_rank() == 0)
         if stop:
             break
@@ -445,6 +452,22 @@ def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]
     path = run_dir / RUN_FILE
     path.write_text(json.dumps(run, indent=2))
     return path
+
+
+def init_run(cfg: Config) -> Path:
+    """A finished run of the model as built (untrained, or pretrained weights), without Ray.
+
+    For what needs a bundle but no training: serving benchmarks, smoke tests of a new backbone.
+    """
+    run_dir, manifest = prepare_run(cfg)
+    model = create_model(cfg.model, len(manifest.labels))
+    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
+    ckpt = run_dir / "checkpoint_init"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    meta = checkpoint_meta(cfg, manifest, pre, {}, str(manifest.path))
+    save_checkpoint(ckpt, model, {"epoch": -1}, meta)
+    write_run_file(run_dir, ckpt, {})
+    return run_dir
 
 
 @dataclass

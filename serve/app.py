@@ -32,15 +32,17 @@ class AppArgs(BaseModel):
 
 def build_app(args: AppArgs) -> Application:
     """One classifier and one explainer per bundle, behind one FastAPI ingress."""
-    classifiers, explainers = {}, {}
+    classifiers, explainers, preprocess = {}, {}, {}
     batching = {
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
     }
     for path in args.bundles:
-        name = load_bundle(path, verify=False).info.name
+        info = load_bundle(path, verify=False).info
+        name = info.name
         if name in classifiers:
             raise UserInputError(f"two bundles are named {name!r}; model names must be unique")
+        preprocess[name] = info.preprocess.model_dump(mode="json")
         classifiers[name] = Classifier.options(
             name=f"classifier-{name}",
             num_replicas=args.classifier_replicas,
@@ -54,4 +56,4 @@ def build_app(args: AppArgs) -> Application:
             name=f"explainer-{name}", ray_actor_options={"num_cpus": args.explainer_cpus}
         ).bind(path)
     ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})
-    return ingress.bind(classifiers, explainers, args.settings.model_dump())
+    return ingress.bind(classifiers, explainers, preprocess, args.settings.model_dump())

@@ -1,7 +1,9 @@
 """The model deployments: one ONNX classifier and one Grad-CAM explainer per bundle.
 
-Both load the same bundle (verified hashes) and take decoded RGB images from the ingress, so
-the classifier and the explainer see the very same pixels.
+Both load the same bundle (verified hashes). The ingress decodes each image once; the classifier
+gets it already preprocessed (the bundle's own eval transform, applied in the ingress, so decoding
+and resizing run beside onnxruntime instead of before it), the explainer gets the decoded RGB image
+it draws its overlay on.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ class Classifier:
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list[Image.Image]) -> list[np.ndarray]:
-        return list(self.clf.logits(self.clf.preprocess(images)))
+    async def _batched(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return list(self.clf.logits(np.stack(inputs)))
 
     def batching(self) -> dict[str, Any]:
         """The batch size and wait in force (they follow ``user_config``)."""
@@ -76,19 +78,17 @@ class Classifier:
             "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
         }
 
-    async def predict(self, image: Image.Image, top_k: int = 5) -> dict:
-        """Top-k prediction for one decoded image (batched with concurrent requests)."""
-        logits = await self._batched(image)
+    async def predict(self, x: np.ndarray, top_k: int = 5) -> dict:
+        """Top-k prediction for one preprocessed ``[C, H, W]`` image (batched with others)."""
+        logits = await self._batched(x)
         return self.clf.top_k(softmax(logits[None]), top_k)[0]
 
-    async def infer_images(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
-        """Logits and probabilities for decoded images (KServe V2 BYTES input), batched."""
-        logits = np.stack(await asyncio.gather(*(self._batched(img) for img in images)))
-        return {"logits": logits, "probabilities": softmax(logits)}
+    async def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits and probabilities for a preprocessed ``[N, C, H, W]`` batch (KServe V2).
 
-    def infer_tensor(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits and probabilities for an already preprocessed NCHW batch (KServe V2 FP32)."""
-        logits = self.clf.logits(batch)
+        Each image joins the dynamic batch, so V2 clients share batches with V1 ones.
+        """
+        logits = np.stack(await asyncio.gather(*(self._batched(x) for x in batch)))
         return {"logits": logits, "probabilities": softmax(logits)}
 
     def check_health(self) -> None:

@@ -1,8 +1,11 @@
 """The HTTP ingress (FastAPI): KServe V1 for images, Open Inference Protocol V2, the web page.
 
-Decodes and checks every image once, then calls the model deployments through the handles it
-receives in ``__init__``. Every error is JSON ``{"error": …}`` with the status codes of
-DESIGN.md; bad input never reaches a model and never yields a 500.
+Decodes and checks every image once, preprocesses it with each model's own eval transform
+(:func:`carclf.data.transforms.eval_transform` of the bundle's preprocessing; once per distinct
+preprocessing), then calls the model deployments through the handles it receives in ``__init__``.
+Decoding runs in a worker thread, so the event loop keeps accepting requests meanwhile. Every
+error is JSON ``{"error": …}`` with the status codes of DESIGN.md; bad input never reaches a
+model and never yields a 500.
 
 Image policy (what :func:`decode_image` accepts): JPEG, PNG, WebP and GIF — any other format is
 refused with 400 whatever its content type says, which keeps PIL's rarer decoders unreachable.
@@ -34,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from carclf import __version__
-from carclf.data.transforms import load_image
+from carclf.data.transforms import Preprocess, eval_transform, load_image
 from carclf.errors import UserInputError
 from carclf.explain import METHODS
 from serve import v2
@@ -140,6 +143,7 @@ class Ingress:
     Args:
         classifiers: model name → classifier deployment handle.
         explainers: model name → explainer deployment handle.
+        preprocess: model name → the bundle's preprocessing (:class:`Preprocess` fields).
         settings: body limit, API key, default top-k.
     """
 
@@ -147,10 +151,17 @@ class Ingress:
         self,
         classifiers: dict[str, DeploymentHandle],
         explainers: dict[str, DeploymentHandle],
+        preprocess: dict[str, dict[str, Any]],
         settings: dict[str, Any] | None = None,
     ) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # the transforms' tensor ops; the ingress has a sliver of a CPU
         self.classifiers = classifiers
         self.explainers = explainers
+        self.preprocess = {n: Preprocess.model_validate(p) for n, p in preprocess.items()}
+        specs = self.preprocess.values()
+        self._transforms = {p.model_dump_json(): eval_transform(p) for p in specs}
         self.settings = ServeSettings.model_validate(settings or {})
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
@@ -179,7 +190,11 @@ class Ingress:
         return bytes(body)
 
     async def _images(self, request: Request) -> tuple[list[Image.Image], dict[str, Any]]:
-        """Images and options from JSON (base64), multipart (``file``) or raw image bytes."""
+        """Decoded images and options from JSON (base64), multipart (``file``) or raw bytes."""
+        encoded, options = await self._encoded(request)
+        return await asyncio.to_thread(lambda: [decode_image(d) for d in encoded]), options
+
+    async def _encoded(self, request: Request) -> tuple[list[bytes], dict[str, Any]]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await self._body(request)
         if kind == "application/json":
@@ -190,9 +205,9 @@ class Ingress:
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "multipart upload needs a file field named 'file'")
             options = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
-            return [decode_image(await upload.read())], options
+            return [await upload.read()], options
         if kind in IMAGE_TYPES:
-            return [decode_image(body)], dict(request.query_params)
+            return [body], dict(request.query_params)
         raise ApiError(
             415,
             f"unsupported media type {kind or '(none)'}; send JSON, multipart "
@@ -200,7 +215,7 @@ class Ingress:
         )
 
     @staticmethod
-    def _json_images(body: bytes) -> tuple[list[Image.Image], dict[str, Any]]:
+    def _json_images(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -208,7 +223,7 @@ class Ingress:
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not instances:
             raise ApiError(422, "JSON body needs a non-empty 'instances' list")
-        images = []
+        encoded = []
         for item in instances:
             b64 = item.get("image_b64") if isinstance(item, dict) else None
             if not isinstance(b64, str):
@@ -217,9 +232,23 @@ class Ingress:
                 data = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError):
                 raise ApiError(422, "image_b64 is not valid base64") from None
-            images.append(decode_image(data))
+            encoded.append(data)
         options = {k: v for k, v in payload.items() if k != "instances"}
-        return images, options
+        return encoded, options
+
+    async def _inputs(self, names: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """Each model's ``[N, C, H, W]`` input, transformed once per distinct preprocessing."""
+
+        def run() -> dict[str, np.ndarray]:
+            by_spec: dict[str, np.ndarray] = {}
+            for name in names:
+                key = self.preprocess[name].model_dump_json()
+                if key not in by_spec:
+                    batch = [self._transforms[key](img).numpy() for img in images]
+                    by_spec[key] = np.stack(batch)
+            return {n: by_spec[self.preprocess[n].model_dump_json()] for n in names}
+
+        return await asyncio.to_thread(run)
 
     def _model(self, name: str) -> DeploymentHandle:
         if name not in self.classifiers:
@@ -248,7 +277,8 @@ class Ingress:
         handle = self._model(name)
         images, options = await self._images(request)
         k = self._top_k(options)
-        preds = await asyncio.gather(*(handle.predict.remote(img, k) for img in images))
+        batch = (await self._inputs([name], images))[name]
+        preds = await asyncio.gather(*(handle.predict.remote(x, k) for x in batch))
         return {"predictions": list(preds)}
 
     @app.post("/v1/models/{name}:explain")
@@ -275,8 +305,9 @@ class Ingress:
             raise ApiError(422, "analyze takes exactly one image")
         k = self._top_k(options)
         names = sorted(self.classifiers)
+        inputs = await self._inputs(names, images)
         preds = await asyncio.gather(
-            *(self.classifiers[n].predict.remote(images[0], k) for n in names)
+            *(self.classifiers[n].predict.remote(inputs[n][0], k) for n in names)
         )
         return {"models": dict(zip(names, preds, strict=True))}
 
@@ -355,15 +386,15 @@ class Ingress:
         if datatype == "BYTES":
             if tensor.ndim != 1:
                 raise v2.ProtocolError(f"BYTES input must have shape [N], got {list(tensor.shape)}")
-            images = [decode_image(item) for item in tensor]
-            return await handle.infer_images.remote(images)
+            images = await asyncio.to_thread(lambda: [decode_image(item) for item in tensor])
+            return await handle.infer.remote((await self._inputs([name], images))[name])
         size = list((await self._model_info(name))["input_size"])
         if datatype != "FP32" or tensor.ndim != 4 or list(tensor.shape[1:]) != size:
             raise v2.ProtocolError(
                 f"input 'input' must be FP32 [N, {', '.join(map(str, size))}] or BYTES [N]; "
                 f"got {datatype} {list(tensor.shape)}"
             )
-        return await handle.infer_tensor.remote(tensor)
+        return await handle.infer.remote(tensor)
 
     # --- the web page --------------------------------------------------------------------
 

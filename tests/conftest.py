@@ -9,11 +9,8 @@ import pytest
 
 from carclf.config import Config, validate_config
 from carclf.data.audit import write_audit
-from carclf.data.manifest import read_manifest
 from carclf.data.synth import write_toy_dataset
-from carclf.data.transforms import preprocess_for
-from carclf.models import create_model
-from carclf.train import save_checkpoint, write_run_file
+from carclf.train import init_run
 
 # Torch on 2 cores: one thread per process keeps Ray workers from fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,24 +44,9 @@ def tiny_config(output_dir: Path, manifest: Path, **sections: dict) -> Config:
     return validate_config(raw)
 
 
-def write_fake_run(out: Path, manifest: Path) -> Path:
+def write_fake_run(out: Path, manifest: Path, **sections: dict) -> Path:
     """A finished run directory written without Ray (untrained weights) at ``out``."""
-    cfg = tiny_config(out, manifest)
-    labels = read_manifest(manifest).labels
-    model = create_model(cfg.model, len(labels))
-    ckpt = out / "checkpoint_0"
-    ckpt.mkdir(parents=True)
-    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
-    meta = {
-        "config": cfg.model_dump(mode="json"),
-        "labels": labels,
-        "preprocess": pre.model_dump(mode="json"),
-        "metrics": {"val_acc": 0.0},
-        "manifest": str(manifest),
-    }
-    save_checkpoint(ckpt, model, {"epoch": 0}, meta)
-    write_run_file(out, ckpt, {"val_acc": 0.0})
-    return out
+    return init_run(tiny_config(out, manifest, **sections))
 
 
 @pytest.fixture()

@@ -56,3 +56,56 @@ def test_local_pretrained_file_loads_the_backbone_and_resets_the_head(tmp_path) 
     missing = ModelConfig(name="test_resnet", pretrained=True, pretrained_file="nope.safetensors")
     with pytest.raises(UserInputError, match="pretrained_file"):
         create_model(missing, 7)
+
+
+def test_googlenet_comes_from_torchvision_with_a_local_weights_file(tmp_path) -> None:
+    import torchvision
+
+    torch.manual_seed(2)
+    # As torchvision publishes it: 1000 classes and the two auxiliary heads.
+    source = torchvision.models.GoogLeNet(aux_logits=True, init_weights=True)
+    weights = tmp_path / "googlenet.pth"
+    torch.save(source.state_dict(), weights)
+    cfg = ModelConfig(name="tv_googlenet", pretrained=True, pretrained_file=str(weights))
+    model = create_model(cfg, num_classes=7).eval()
+    src, new = source.state_dict(), model.state_dict()
+    backbone = [k for k in new if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(src[k], new[k]) for k in backbone)
+    assert new["fc.weight"].shape == (7, 1024) and not any(k.startswith("aux") for k in new)
+    assert model(torch.zeros(1, 3, 96, 96)).shape == (1, 7)
+    assert cam_target_layer(model) == "inception5b"
+    from carclf.recipes import parameter_groups
+
+    groups = parameter_groups(model)  # stem, nine inception blocks, head: for layer decay
+    assert len(groups) == 11 and all(n.startswith("fc.") for n in groups[-1])
+
+
+def test_unreachable_hub_fails_at_once_and_a_cached_file_loads_offline(
+    tmp_path, monkeypatch
+) -> None:
+    import time
+
+    import huggingface_hub
+    import timm
+    from safetensors.torch import save_file
+
+    import carclf.models
+
+    monkeypatch.setattr(carclf.models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = ModelConfig(name="resnet10t", pretrained=True)
+    start = time.monotonic()
+    with pytest.raises(UserInputError, match="pretrained_file"):
+        create_model(cfg, 7)
+    assert time.monotonic() - start < 5
+    # The same weights in the hub cache's layout load without the network.
+    hub_id = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    repo = tmp_path / f"models--{hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    source = timm.create_model("resnet10t", num_classes=1000)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    model = create_model(cfg, 7)
+    assert torch.equal(model.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
