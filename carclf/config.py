@@ -44,6 +44,9 @@ class ModelConfig(_Strict):
     img_size: int | None = Field(None, gt=0, description="input side; None keeps the model's")
     crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="None keeps the model's")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    head_hidden: int = Field(
+        0, ge=0, description="hidden units of a two-layer MLP head; 0 keeps one linear layer"
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model arguments")
 
 

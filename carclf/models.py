@@ -257,7 +257,7 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
     elif pretrained:
         overlay = _hub_source(cfg.name)
     try:
-        return timm.create_model(
+        model = timm.create_model(
             cfg.name,
             pretrained=pretrained,
             num_classes=num_classes,
@@ -274,6 +274,30 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
             f"could not download pretrained weights for {cfg.name} ({exc.__class__.__name__}); "
             "set model.pretrained_file to a local weights file, or model.pretrained=false"
         ) from exc
+    if cfg.head_hidden:
+        mlp_head(model, cfg.head_hidden, cfg.drop_rate, num_classes)
+    return model
+
+
+def mlp_head(model: nn.Module, hidden: int, drop_rate: float, num_classes: int) -> nn.Module:
+    """Swap the model's linear classifier for Linear → GELU → Dropout → Linear, in place.
+
+    The new head is what ``get_classifier()`` returns, so freezing treats it as the head.
+    """
+    old = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(old, nn.Linear):
+        kind = type(old).__name__ if old is not None else "missing"
+        raise UserInputError(f"model.head_hidden: the classifier is {kind}, not a linear layer")
+    path = next(name for name, module in model.named_modules() if module is old)
+    parent_path, _, attr = path.rpartition(".")
+    head = nn.Sequential(
+        nn.Linear(old.in_features, hidden),
+        nn.GELU(),
+        nn.Dropout(drop_rate),
+        nn.Linear(hidden, num_classes),
+    )
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, head)
+    return model
 
 
 def preflight_pretrained(cfg: ModelConfig) -> None:

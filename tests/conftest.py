@@ -94,8 +94,8 @@ def served_bundle(toy_manifest: Path, tmp_path_factory: pytest.TempPathFactory):
 def served_app(ray_session, served_bundle):
     """The carclf app with an API key on 127.0.0.1:8766 at ``/``; yields its base URL.
 
-    Serve is restarted on this port first: a module before this one (test_pipeline) may have
-    left Serve's proxy on another port, and ``serve.start`` would not move it.
+    Serve is (re)started on this port first, since ``serve.start`` would not move a proxy that
+    an earlier test left on another port. test_pipeline adds its app beside this one.
     """
     from ray import serve
 

@@ -109,3 +109,26 @@ def test_unreachable_hub_fails_at_once_and_a_cached_file_loads_offline(
     save_file(state, str(repo / "snapshots" / "abc123" / "model.safetensors"))
     model = create_model(cfg, 7)
     assert torch.equal(model.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "efficientnet_b0", "tv_googlenet"])
+def test_two_layer_mlp_head_is_the_head_that_freezing_keeps_trainable(name: str) -> None:
+    from carclf.config import validate_config
+    from carclf.recipes import head_parameter_names, trainable_names
+
+    cfg = validate_config(
+        {
+            "output_dir": "unused",
+            "data": {"manifest": "unused.parquet"},
+            "model": {"name": name, "head_hidden": 32, "drop_rate": 0.3},
+            "train": {"freeze_epochs": 1},
+        }
+    )
+    model = create_model(cfg.model, num_classes=7).eval()
+    head = model.get_classifier()
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears][1:] == [(32, 7)]
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in head.modules())
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    heads = head_parameter_names(model)
+    assert len(heads) == 4 and trainable_names(model, cfg, epoch=0) == heads

@@ -19,11 +19,13 @@ from carclf.evaluate import evaluate
 from carclf.export import export_run
 from carclf.train import run_training
 
-from .conftest import tiny_config
+from .conftest import SERVE_PORT, tiny_config
 
 pytestmark = pytest.mark.integration
-PORT = 8765
-URL = f"http://127.0.0.1:{PORT}"
+# The trained bundle is served beside the session's test app, on the same Serve proxy, under
+# its own route prefix (one Serve start for the whole suite).
+PREFIX = "/pipeline"
+URL = f"http://127.0.0.1:{SERVE_PORT}{PREFIX}"
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +42,12 @@ def trained(ray_session, toy_manifest: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def served(trained, toy_manifest: Path):
+def served(trained, served_app: str, toy_manifest: Path):
     from ray import serve
 
     result, out = trained
     bundle = export_run(result.run_dir, out / "bundle", name="body")
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_serve_app([str(bundle.path)]), name="carclf", route_prefix="/")
+    serve.run(build_serve_app([str(bundle.path)]), name="carclf", route_prefix=PREFIX)
     wait_ready(URL)
     yield bundle
     serve.delete("carclf")
