@@ -35,7 +35,7 @@ from carclf.data.synth import write_toy_dataset
 from carclf.data.transforms import preprocess_for
 from carclf.models import create_model
 from carclf.recipes import build_optimizer, build_step_tools
-from carclf.train import _loaders, train_one_epoch
+from carclf.train import build_loaders, train_one_epoch
 
 WARMUP_BATCHES = 2
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> Path:
             wcfg = cfg.model_copy(
                 update={"data": cfg.data.model_copy(update={"num_workers": workers})}
             )
-            train, _ = _loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
+            train, _ = build_loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
             loader[str(workers)] = loader_rate(train, args.batches)
             print(
                 f"loader, {workers} workers: {loader[str(workers)]:.0f} images/s", file=sys.stderr
