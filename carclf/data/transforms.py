@@ -128,8 +128,16 @@ def cache_resize(pre: Preprocess) -> Callable[[Image.Image], Image.Image]:
 
 
 def resized_size(width: int, height: int, pre: Preprocess) -> tuple[int, int]:
-    """``(width, height)`` of an image after :func:`cache_resize` (torchvision's rounding)."""
-    short = math.floor(min(pre.input_size[1:]) / pre.crop_pct)
-    if width <= height:
-        return short, int(short * height / width)
-    return int(short * width / height), short
+    """``(width, height)`` of an image after :func:`cache_resize`, without decoding it.
+
+    Follows the resize timm's eval transform picks: torchvision's shortest-side ``Resize`` for a
+    square input, timm's ``ResizeKeepRatio`` otherwise.
+    """
+    target_h, target_w = (math.floor(side / pre.crop_pct) for side in pre.input_size[1:])
+    if target_h == target_w:
+        short = target_h
+        if width <= height:
+            return short, int(short * height / width)
+        return int(short * width / height), short
+    ratio = min(height / target_h, width / target_w)
+    return round(width / ratio), round(height / ratio)
