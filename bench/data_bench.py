@@ -5,6 +5,11 @@ PyTorch):
 
 * **loader**: the training DataLoader of ``carclf.train`` (decode with ``load_image`` + the train
   transform), iterated without a model, for each ``--loader-workers`` value;
+* **loader, cached** (``data.cache``): the same loader once its in-memory cache of decoded,
+  resized images is full (after one pass), without DataLoader workers;
+* **Ray Data** (``--ray``, ``data.loader: ray``): ``carclf.data.raydata.build_datasets``' train
+  dataset iterated with ``iter_torch_batches`` on a local Ray using every CPU, with and without
+  ``data.cache``;
 * **step**: ``carclf.train.train_one_epoch`` on batches already in memory (no decoding), i.e. what
   one Ray Train worker can consume.
 
@@ -12,7 +17,7 @@ If the loader is slower than the step, training waits on data: add DataLoader wo
 (``data.num_workers``), cache decoded images, or shrink the images beforehand. Writes
 ``data_bench.json`` and ``data_bench.md`` into ``--out``.
 
-    python bench/data_bench.py --config jobs/configs/demo.yaml [--manifest M] [--device cuda]
+    python bench/data_bench.py [--config C] [--manifest M] [--device cuda] [--ray]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from carclf.data.synth import write_toy_dataset
 from carclf.data.transforms import preprocess_for
 from carclf.models import create_model
 from carclf.recipes import build_optimizer, build_step_tools
-from carclf.train import _loaders, train_one_epoch
+from carclf.train import build_loaders, train_one_epoch
 
 WARMUP_BATCHES = 2
 
@@ -54,6 +59,48 @@ def loader_rate(loader: torch.utils.data.DataLoader, batches: int) -> float:
             images, _ = next(it)
         seen += len(images)
     return seen / (time.perf_counter() - start)
+
+
+def cached_loader_rate(cfg, manifest, pre, batches: int) -> float:
+    """Images/s of the training loader with ``data.cache`` once a full pass has filled it."""
+    ccfg = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"num_workers": 0, "cache": True})}
+    )
+    train, _ = build_loaders(ccfg, manifest, pre, 0, cfg.scaling.num_workers)
+    for _ in train:  # fill the cache
+        pass
+    return loader_rate(train, batches)
+
+
+def ray_data_rates(cfg, manifest, pre, batches: int) -> dict[str, float]:
+    """Images/s of the Ray Data train dataset, uncached and cached, on a local Ray."""
+    import ray
+
+    from carclf.data.raydata import build_datasets
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    batch = cfg.train.batch_size // cfg.scaling.num_workers
+    rates = {}
+    try:
+        for cache in (False, True):
+            rcfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": cache})})
+            train = build_datasets(rcfg, manifest, pre)["train"]
+            rates["cached" if cache else "uncached"] = loader_rate(
+                _Repeat(lambda t=train: t.iter_torch_batches(batch_size=batch)), batches
+            )
+    finally:
+        ray.shutdown()
+    return rates
+
+
+class _Repeat:
+    """An iterable of ``(images, labels)`` that restarts a Ray Data iteration each pass."""
+
+    def __init__(self, start) -> None:
+        self.start = start
+
+    def __iter__(self):
+        return ((b["image"], b["label"]) for b in self.start())
 
 
 def step_rate(cfg, num_classes: int, input_size: tuple, batches: int, device: str) -> float:
@@ -102,6 +149,9 @@ def markdown(result: dict) -> str:
     ]
     for workers, rate in result["loader"].items():
         lines.append(f"| loader, {workers} DataLoader worker(s) | {rate:.0f} |")
+    lines.append(f"| loader, data.cache (full), 0 workers | {result['loader_cached']:.0f} |")
+    for kind, rate in result.get("ray_data", {}).items():
+        lines.append(f"| Ray Data iterator, {kind}, {os.cpu_count()} CPUs | {rate:.0f} |")
     lines += ["", result["verdict"]]
     return "\n".join(lines) + "\n"
 
@@ -117,6 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one Ray worker's)")
+    parser.add_argument("--ray", action="store_true", help="also time the Ray Data iterator")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,14 +181,19 @@ def main(argv: list[str] | None = None) -> Path:
             wcfg = cfg.model_copy(
                 update={"data": cfg.data.model_copy(update={"num_workers": workers})}
             )
-            train, _ = _loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
+            train, _ = build_loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
             loader[str(workers)] = loader_rate(train, args.batches)
             print(
                 f"loader, {workers} workers: {loader[str(workers)]:.0f} images/s", file=sys.stderr
             )
+        cached = cached_loader_rate(cfg, manifest, pre, args.batches)
+        print(f"loader, cached: {cached:.0f} images/s", file=sys.stderr)
+        ray_data = ray_data_rates(cfg, manifest, pre, args.batches) if args.ray else {}
+        for kind, rate in ray_data.items():
+            print(f"Ray Data, {kind}: {rate:.0f} images/s", file=sys.stderr)
         step = step_rate(cfg, len(manifest.labels), pre.input_size, args.batches, args.device)
         print(f"training step: {step:.0f} images/s", file=sys.stderr)
-    best = max(loader.values())
+    best = max([*loader.values(), cached, *ray_data.values()])
     verdict = (
         f"Data-bound: the fastest loader ({best:.0f}/s) is slower than the step ({step:.0f}/s)."
         if best < step
@@ -155,6 +211,8 @@ def main(argv: list[str] | None = None) -> Path:
         "batch_per_worker": cfg.train.batch_size // cfg.scaling.num_workers,
         "images": len(manifest.split("train")),
         "loader": loader,
+        "loader_cached": cached,
+        "ray_data": ray_data,
         "step": step,
         "verdict": verdict,
     }

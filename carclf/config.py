@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from carclf.collapse import CollapseRule
 from carclf.errors import UserInputError
@@ -28,12 +35,35 @@ class DataConfig(_Strict):
     manifest: str | None = None
     root: str | None = None
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per train worker")
-    augment: bool = True
+    loader: Literal["torch", "ray"] = Field(
+        "torch", description="torch: a DataLoader per worker; ray: a Ray Data pipeline, sharded"
+    )
+    augment: Literal["none", "basic", "randaugment", "trivialaugment"] = Field(
+        "basic", description="training augmentation policy; true/false mean basic/none"
+    )
+    balanced_sampling: bool = Field(
+        False, description="draw training images with weights 1/class count (torch loader)"
+    )
+    cache: bool = Field(
+        False, description="keep decoded, resized images in memory after the first epoch"
+    )
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value: Any) -> Any:
+        # Older configs say augment: true/false.
+        if isinstance(value, bool):
+            return "basic" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if not self.manifest and not self.root:
             raise ValueError("set data.manifest (a Parquet manifest) or data.root (an image tree)")
+        if self.balanced_sampling and self.loader == "ray":
+            raise ValueError(
+                "balanced_sampling needs data.loader=torch (no weighted Ray Data draw)"
+            )
         return self
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from carclf.config import Config, save_config
 from carclf.data.audit import write_audit
-from carclf.data.dataset import ManifestDataset
+from carclf.data.dataset import ManifestDataset, cache_bytes
 from carclf.data.manifest import Manifest, read_manifest
-from carclf.data.transforms import Preprocess, eval_transform, preprocess_for, train_transform
+from carclf.data.sampling import BalancedDistributedSampler
+from carclf.data.transforms import (
+    Preprocess,
+    cache_resize,
+    eval_transform,
+    preprocess_for,
+    train_transform,
+)
 from carclf.errors import UserInputError
 from carclf.metrics import core_metrics, softmax
 from carclf.models import check_model_name, create_model, preflight_pretrained
@@ -119,7 +126,9 @@ def predict_loader(
     all_logits, all_labels = [], []
     for images, labels in loader:
         all_logits.append(model(images.to(device)).float().cpu())
-        all_labels.append(labels)
+        all_labels.append(labels.cpu())
+    if not all_logits:  # an empty shard (Ray Data's unequal validation split)
+        return np.empty((0, 0), np.float32), np.empty(0, np.int64)
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
@@ -178,29 +187,60 @@ def _gather(array: np.ndarray) -> np.ndarray:
         return array
     parts: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, array)
-    return np.concatenate(parts)
+    return np.concatenate([part for part in parts if len(part)] or parts[:1])
 
 
-def _loaders(
+def build_loaders(
     cfg: Config, manifest: Manifest, pre: Preprocess, rank: int, world: int
 ) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders over this worker's shard.
+    """Train and validation DataLoaders over this worker's shard (``data.loader: torch``).
 
-    The training sampler is a seeded ``DistributedSampler`` for every world size, so the global
-    batch holds the same images whether it is split over one worker or several (1 worker and N
-    workers with the same global batch take the same steps).
+    The training sampler is seeded for every world size, so the global batch holds the same
+    images whether it is split over one worker or several (1 worker and N workers with the same
+    global batch take the same steps): a ``DistributedSampler``, or with
+    ``data.balanced_sampling`` a ``BalancedDistributedSampler``.
     """
     per_worker = max(cfg.train.batch_size // world, 1)
-    train_set = ManifestDataset(manifest.split("train"), train_transform(pre, cfg.data.augment))
-    val_set = ManifestDataset(manifest.split("val"), eval_transform(pre))
-    sampler = DistributedSampler(
-        train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
+    resize = cache_resize(pre) if cfg.data.cache else None
+    records = manifest.split("train")
+    train_set = ManifestDataset(records, train_transform(pre, cfg.data.augment), resize)
+    val_set = ManifestDataset(manifest.split("val"), eval_transform(pre), resize)
+    if cfg.data.balanced_sampling:
+        labels = [label for _, label in records]
+        sampler = BalancedDistributedSampler(labels, world, rank, seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(
+            train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
     common = {"num_workers": cfg.data.num_workers, "persistent_workers": cfg.data.num_workers > 0}
     # drop_last: mixup pairs samples within a batch, and a ragged last batch skews BatchNorm.
     train = DataLoader(train_set, per_worker, sampler=sampler, drop_last=True, **common)
     val = DataLoader(val_set, per_worker, shuffle=False, **common)
     return train, val
+
+
+def _worker_loaders(
+    cfg: Config, manifest: Manifest, pre: Preprocess, ctx: Any
+) -> tuple[Iterable, Iterable]:
+    """This worker's batches: its Ray Data shards, or DataLoaders prepared by Ray Train."""
+    import ray.train.torch
+
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.data.loader == "ray":
+        from carclf.data.raydata import shard_loaders
+
+        return shard_loaders(cfg, len(manifest.split("train")), world)
+    train_loader, val_loader = build_loaders(cfg, manifest, pre, rank, world)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=True)
+    return train_loader, val_loader
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    """Reseed a DataLoader's sampler for ``epoch`` (Ray Data reshuffles on its own)."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -216,11 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     manifest = read_manifest(config["manifest"])
     bare = create_model(cfg.model, len(manifest.labels)).to(device)
     pre = preprocess_for(bare, cfg.model.img_size, cfg.model.crop_pct)
-    train_loader, val_loader = _loaders(
-        cfg, manifest, pre, ctx.get_world_rank(), ctx.get_world_size()
-    )
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=True)
+    train_loader, val_loader = _worker_loaders(cfg, manifest, pre, ctx)
     optimizer = build_optimizer(bare, cfg)  # every parameter, before any freezing
     tools = build_step_tools(bare, optimizer, cfg, len(manifest.labels), len(train_loader), device)
     stopper = EarlyStopping(cfg.train.early_stopping_patience, _mode(cfg.train.monitor))
@@ -230,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (Re)wrap in DDP whenever the set of trainable parameters changes (unfreezing).
         if set_trainable(bare, trainable_names(bare, cfg, epoch)) or model is None:
             model = ray.train.torch.prepare_model(bare)
-        train_loader.sampler.set_epoch(epoch)
+        _set_epoch(train_loader, epoch)
         stats = train_one_epoch(model, train_loader, optimizer, tools, device)
         scored = tools.ema.module if tools.ema is not None else model
         metrics = {
@@ -270,6 +306,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
         "val_loss": loss,
         **{f"val_{k}": v for k, v in core_metrics(labels, softmax(logits)).items()},
         "val_top_class_share": float(share),
+        "val_images": len(labels),
     }
 
 
@@ -409,6 +446,7 @@ def fit_run(cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = ()) -> T
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": str(manifest.path)},
+        **_ray_datasets(cfg, manifest),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -434,6 +472,29 @@ def fit_run(cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = ()) -> T
     best_ckpt, best_metrics = pick(result.best_checkpoints, key=lambda c: c[1][cfg.train.monitor])
     write_run_file(run_dir, Path(best_ckpt.path), best_metrics)
     return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels, manifest.path)
+
+
+def _ray_datasets(cfg: Config, manifest: Manifest) -> dict[str, Any]:
+    """The trainer's ``datasets`` and ``dataset_config`` for ``data.loader: ray``, else none.
+
+    Prints the decoded-image cache's size when ``data.cache`` is on.
+    """
+    if cfg.data.loader != "ray" and not cfg.data.cache:
+        return {}
+    model = create_model(cfg.model, len(manifest.labels), pretrained=False)
+    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
+    if cfg.data.cache:
+        size = cache_bytes(manifest, pre, ("train", "val"))
+        where = "the object store" if cfg.data.loader == "ray" else "each data-loading process"
+        print(f"[carclf] data.cache: {size / 2**20:.1f} MiB in {where}", file=sys.stderr)
+    if cfg.data.loader != "ray":
+        return {}
+    from carclf.data.raydata import ValidationKeptWhole, build_datasets
+
+    return {
+        "datasets": build_datasets(cfg, manifest, pre),
+        "dataset_config": ValidationKeptWhole(),
+    }
 
 
 def run_training(cfg: Config) -> TrainResult:

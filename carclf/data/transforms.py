@@ -7,6 +7,8 @@ The eval transform is a function of :class:`Preprocess` alone, which travels ins
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import timm.data
@@ -68,17 +70,74 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     )
 
 
-def train_transform(pre: Preprocess, augment: bool = True) -> T.Compose:
-    """The training transform: timm's random-resized-crop pipeline, or the eval one without aug."""
-    if not augment:
+AUGMENT_POLICIES = ("none", "basic", "randaugment", "trivialaugment")
+# timm's RandAugment: magnitude 9 of 10, magnitude noise 0.5 (timm's ImageNet recipes).
+RANDAUGMENT = "rand-m9-mstd0.5"
+ROTATION_DEGREES = 10.0
+COLOR_JITTER = 0.2
+CROP_SCALE = (0.6, 1.0)
+
+
+def train_transform(pre: Preprocess, augment: str = "basic") -> T.Compose:
+    """The training transform for an augmentation policy (``AUGMENT_POLICIES``).
+
+    Every policy starts with timm's random-resized crop and horizontal flip and ends with timm's
+    to-tensor and normalisation; they differ in between:
+
+    * ``none``: the eval transform (no randomness at all);
+    * ``basic``: random rotation and colour jitter (the seeds' augmentations);
+    * ``randaugment``: timm's RandAugment (``RANDAUGMENT``), which replaces the colour jitter;
+    * ``trivialaugment``: torchvision's ``TrivialAugmentWide``.
+    """
+    if augment not in AUGMENT_POLICIES:
+        raise ValueError(f"augment policy {augment!r} is not one of {AUGMENT_POLICIES}")
+    if augment == "none":
         return eval_transform(pre)
-    return timm.data.create_transform(
+    crop_flip, middle, to_tensor = timm.data.create_transform(
         input_size=pre.input_size,
         is_training=True,
-        scale=(0.6, 1.0),
+        scale=CROP_SCALE,
         hflip=0.5,
-        color_jitter=0.2,
+        color_jitter=COLOR_JITTER if augment == "basic" else None,
+        auto_augment=RANDAUGMENT if augment == "randaugment" else None,
         interpolation=pre.interpolation,
         mean=pre.mean,
         std=pre.std,
+        separate=True,
     )
+    steps = list(middle.transforms)
+    if augment == "basic":
+        steps.insert(0, T.RandomRotation(ROTATION_DEGREES, interpolation=_interpolation(pre)))
+    elif augment == "trivialaugment":
+        steps.append(T.TrivialAugmentWide(interpolation=_interpolation(pre)))
+    return T.Compose([*crop_flip.transforms, *steps, *to_tensor.transforms])
+
+
+def _interpolation(pre: Preprocess) -> T.InterpolationMode:
+    return timm.data.transforms.str_to_interp_mode(pre.interpolation)
+
+
+def cache_resize(pre: Preprocess) -> Callable[[Image.Image], Image.Image]:
+    """The eval transform's first step (shortest side to ``input / crop_pct``), for caching.
+
+    An image cached after this step goes through the eval transform unchanged (a resize to the
+    size an image already has is a no-op), and the random crop of the train transform starts
+    from it.
+    """
+    return eval_transform(pre).transforms[0]
+
+
+def resized_size(width: int, height: int, pre: Preprocess) -> tuple[int, int]:
+    """``(width, height)`` of an image after :func:`cache_resize`, without decoding it.
+
+    Follows the resize timm's eval transform picks: torchvision's shortest-side ``Resize`` for a
+    square input, timm's ``ResizeKeepRatio`` otherwise.
+    """
+    target_h, target_w = (math.floor(side / pre.crop_pct) for side in pre.input_size[1:])
+    if target_h == target_w:
+        short = target_h
+        if width <= height:
+            return short, int(short * height / width)
+        return int(short * width / height), short
+    ratio = min(height / target_h, width / target_w)
+    return round(width / ratio), round(height / ratio)
