@@ -41,3 +41,4 @@ bench: install
 	OMP_NUM_THREADS=1 $(PY) bench/data_bench.py
 	@test -d $(BENCH_BUNDLE) || .venv/bin/carclf demo
 	OMP_NUM_THREADS=1 $(PY) -m bench.serve_bench $(BENCH_BUNDLE)
+	OMP_NUM_THREADS=1 flock /tmp/carclf-ray.lock $(PY) bench/tune_bench.py
