@@ -21,7 +21,7 @@ import yaml
 from .conftest import tiny_config
 
 STUDY = "s"
-SAMPLES = 3
+SAMPLES = 2
 
 
 def _config(tmp_path: Path, manifest: Path) -> Path:
@@ -87,11 +87,12 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(
     for epochs_csv, mtime in first.items():  # finished before the kill: not trained again
         assert epochs_csv.stat().st_mtime == mtime
         assert _epochs(epochs_csv.parent) == ["0"]
-    # The restored searcher is the Optuna one, holding every trial of the experiment.
-    state = max((out / "tune" / STUDY).glob("searcher-state-*.pkl"), key=os.path.getmtime)
+    # The restored searcher is the Optuna one: it kept the first trial and told it the rest.
+    state = sorted((out / "tune" / STUDY).glob("searcher-state-*.pkl"))[-1]
     with state.open("rb") as fh:
-        searcher = pickle.load(fh)
-    assert len(searcher["_ot_study"].trials) == SAMPLES
+        trials = pickle.load(fh)["_ot_study"].trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * SAMPLES
+    assert trials[0].params["train.lr"] == float(rows[0]["param:train.lr"])
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == SAMPLES
     assert list(out.glob("tune/s/*/events.out.tfevents.*")), "no TensorBoard logs from Tune"
