@@ -36,8 +36,10 @@ clean:
 
 # Benchmarks, JSON and Markdown into bench/results/: the data loader against the training step,
 # and serving (HTTP against in-process, onnxruntime against eager) on efficientnet_b0 at 224 px,
-# the model of issue 7's goals; BENCH_BUNDLE=path/to/bundle benchmarks a bundle of yours instead.
+# the model of issue 7's goals (BENCH_BUNDLE=path/to/bundle benchmarks a bundle of yours instead);
+# and the search: ASHA + Optuna against random search (FIFO) with the same number of trials.
 BENCH_BUNDLE ?=
 bench: install
 	OMP_NUM_THREADS=1 $(PY) bench/data_bench.py
 	OMP_NUM_THREADS=1 $(PY) -m bench.serve_bench $(if $(BENCH_BUNDLE),$(BENCH_BUNDLE),--arch efficientnet_b0)
+	OMP_NUM_THREADS=1 $(PY) bench/tune_bench.py

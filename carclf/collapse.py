@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -81,3 +82,32 @@ def detect_collapse(
     if all(recent):
         return "; ".join(recent[-1])
     return None
+
+
+def confusion_pattern(cm: np.ndarray, labels: Sequence[str], max_class_share: float = 0.5) -> str:
+    """Name the shape of a confusion matrix (rows true, columns predicted), as a reader would.
+
+    Args:
+        cm: the ``K × K`` confusion matrix (:func:`carclf.metrics.confusion`).
+        labels: class names in index order.
+        max_class_share: above this share of all predictions in one column, the model has
+            collapsed onto that class (1/K would be an even spread).
+
+    Returns:
+        ``"collapsed onto <class>"`` when one class takes more than ``max_class_share`` of the
+        predictions; ``"diagonal"`` when every class that occurs is predicted most often as
+        itself; ``"mixed"`` otherwise (also for an empty matrix).
+    """
+    cm = np.asarray(cm)
+    total = cm.sum()
+    if total == 0:
+        return "mixed"
+    predicted = cm.sum(axis=0)
+    top = int(predicted.argmax())
+    if len(labels) > 1 and predicted[top] / total > max_class_share:
+        return f"collapsed onto {labels[top]}"
+    present = cm.sum(axis=1) > 0
+    rows = np.flatnonzero(present)
+    if all(cm[i, i] == cm[i].max() and cm[i, i] > 0 for i in rows):
+        return "diagonal"
+    return "mixed"

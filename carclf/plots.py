@@ -236,3 +236,40 @@ def plot_reliability(bins: dict, path: Path, after: dict | None = None) -> Path:
     hist.set_ylabel("images")
     hist.set_xlim(0, 1)
     return _save(fig, path)
+
+
+# --- searches (carclf tune) ------------------------------------------------------------------
+
+
+def plot_search_trials(rows: list[dict], metric: str, path: Path) -> Path:
+    """The best ``metric`` of every trial in the order trials started, one line per study;
+    collapsed trials as red crosses, trials without a value at the bottom edge."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    studies = list(dict.fromkeys(r["study"] for r in rows))
+    for study in studies:
+        mine = [r for r in rows if r["study"] == study]
+        x = np.array([r["order"] for r in mine])
+        y = np.array([np.nan if r[metric] is None else r[metric] for r in mine], dtype=float)
+        ax.plot(x, y, "o-", label=study, alpha=0.8)
+        bad = np.array([r["collapsed"] for r in mine], dtype=bool)
+        if bad.any():
+            ax.plot(x[bad], np.nan_to_num(y[bad]), "x", color="red", ms=10, mew=2)
+    ax.plot([], [], "x", color="red", ms=10, mew=2, label="collapsed")
+    ax.set_xlabel("trial (in start order)")
+    ax.set_ylabel(metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_param_importances(importances: dict[str, dict[str, float]], path: Path) -> Path:
+    """Horizontal bars of parameter importance, one panel per study."""
+    fig, axes = plt.subplots(1, len(importances), figsize=(5 * len(importances), 3), squeeze=False)
+    for ax, (study, values) in zip(axes[0], importances.items(), strict=True):
+        names = list(values)[::-1]
+        ax.barh(names, [values[n] for n in names], color="tab:blue")
+        ax.set_title(study)
+        ax.set_xlabel("importance (Optuna)")
+        ax.tick_params(axis="y", labelsize=8)
+    return _save(fig, path)

@@ -4,9 +4,14 @@ Each study of ``cfg.tune.studies`` (e.g. a from-scratch CNN and a transfer model
 budget) is one Tune experiment. Every trial is a function trainable that launches its own
 ``TorchTrainer`` (the Train V2 pattern) and forwards its reports with ``TuneReportCallback``.
 A stopper ends collapsed trials early (:func:`carclf.collapse.detect_collapse`). The experiment
-directory (``output_dir``) ends up with ``trials.csv``, ``comparison.csv`` / ``comparison.md``,
-``best_config.yaml`` (accepted by ``carclf train --config`` as it is) and the Optuna study in
-``optuna.db``. Rerunning the same command resumes unfinished studies.
+directory (``output_dir``) ends up with ``trials.csv``, ``comparison.csv`` / ``comparison.md``
+with search plots, ``best_config.yaml`` (accepted by ``carclf train --config`` as it is), the
+Optuna study in ``optuna.db`` and Tune's TensorBoard logs under ``tune/`` (see
+:mod:`carclf.tune_report`).
+
+Rerunning the same command resumes unfinished studies (``Tuner.restore``). The searcher's Optuna
+study lives in memory and travels in Tune's own experiment state, so a restored search and its
+searcher always agree; ``optuna.db`` is written from the finished trials for optuna-dashboard.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from carclf.collapse import CollapseRule, detect_collapse
 from carclf.config import Config, SearchParam, Study, set_key, validate_config
 from carclf.errors import UserInputError
 from carclf.runtime import ensure_ray
-from carclf.train import fit_run, prepare_run
+from carclf.train import RUN_FILE, fit_run, prepare_run
 
 
 def study_config(cfg: Config, study: Study, params: dict[str, Any], output_dir: Path) -> Config:
@@ -76,8 +81,37 @@ def _domain(param: SearchParam) -> Any:
     return tune.choice(param.values)
 
 
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def replay_epochs(run_dir: Path) -> int:
+    """Report the epochs a trial already trained (its ``epochs.csv``) to Tune again.
+
+    Tune saves its experiment state at most every few seconds, so a driver killed just after a
+    trial ended may leave that trial marked as running. On restore the trial then starts again;
+    replaying its epochs lets the scheduler and the stopper decide as before, without training.
+
+    Returns:
+        The number of epochs replayed.
+    """
+    from ray import tune
+
+    path = run_dir / "epochs.csv"
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as fh:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    for row in rows:
+        tune.report(row)
+    return len(rows)
+
+
 def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
-    """One trial: a full Ray Train run whose reports go to Tune."""
+    """One trial: a full Ray Train run whose reports go to Tune (resumed, after a restore)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -85,7 +119,11 @@ def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
     trial_dir = Path(cfg.output_dir) / study / tune.get_context().get_trial_name()
     spec = cfg.tune.studies[study]
     trial_cfg = study_config(cfg, spec, decode_params(spec, params), trial_dir)
+    done = replay_epochs(trial_dir)
+    if done >= trial_cfg.train.epochs or (trial_dir / RUN_FILE).is_file():
+        return
     _, manifest = prepare_run(trial_cfg)
+    # Ray Train resumes from the run directory's last checkpoint, after the replayed epochs.
     fit_run(trial_cfg, manifest, callbacks=[TuneReportCallback()])
 
 
@@ -108,7 +146,7 @@ def _collapse_stopper(rule: CollapseRule, num_classes: int) -> Any:
     return CollapseStopper()
 
 
-def _search_alg(cfg: Config, study: str, out: Path) -> Any:
+def _search_alg(cfg: Config, study: str) -> Any:
     from ray.tune.search import ConcurrencyLimiter
 
     t = cfg.tune
@@ -117,13 +155,14 @@ def _search_alg(cfg: Config, study: str, out: Path) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
+    # In-memory study: it is pickled with Tune's experiment state, so a restore brings back
+    # exactly the trials Tune knows. An RDB study would run ahead of a killed driver's last
+    # saved state and keep trials "running" forever.
     searcher = OptunaSearch(
         metric=t.metric,
         mode=t.mode,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         study_name=study,
-        storage=storage,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
 
@@ -131,6 +170,7 @@ def _search_alg(cfg: Config, study: str, out: Path) -> Any:
 def run_study(cfg: Config, study: str, num_classes: int) -> Any:
     """Run (or resume) one study; returns Tune's ``ResultGrid``."""
     from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = cfg.tune
@@ -151,42 +191,64 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
         if t.scheduler == "asha"
         else FIFOScheduler()
     )
+    search_alg = _search_alg(cfg, study)
     tuner = tune.Tuner(
         trainable,
         param_space={k: _domain(p) for k, p in t.studies[study].space.items()},
         tune_config=tune.TuneConfig(
             metric=t.metric,
             mode=t.mode,
-            search_alg=_search_alg(cfg, study, out),
+            search_alg=search_alg,
             scheduler=scheduler,
             num_samples=t.num_samples,
-            max_concurrent_trials=t.max_concurrent,
+            # Optuna's ConcurrencyLimiter already caps it; Tune warns when told twice.
+            max_concurrent_trials=t.max_concurrent if search_alg is None else None,
         ),
         run_config=tune.RunConfig(
             name=study,
             storage_path=str(out / "tune"),
             stop=_collapse_stopper(t.collapse, num_classes),
+            # Explicit, not left to Tune's defaults: `tensorboard --logdir output_dir` shows the
+            # trials (tune/<study>/<trial>/events.*) beside each run's own curves.
+            callbacks=[TBXLoggerCallback()],
         ),
     )
     return tuner.fit()
 
 
+def trial_history(result: Any) -> list[dict[str, Any]]:
+    """A trial's reports, one per epoch: a restored trial's replayed epochs count once."""
+    if result.metrics_dataframe is None:
+        return []
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    for n, row in enumerate(result.metrics_dataframe.to_dict("records")):
+        by_epoch.setdefault(row.get("epoch", n), row)
+    return list(by_epoch.values())
+
+
+def _run_dir(out: Path, study: str, result: Any) -> str:
+    """The trial's Ray Train run directory (``<output_dir>/<study>/<trial name>``)."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    found = sorted((out / study).glob(f"*_{trial_id}")) if trial_id else []
+    return str(found[0]) if found else ""
+
+
 def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dict[str, Any]]:
-    """One row per trial: parameters, best metric, epochs, state and the collapse label."""
+    """One row per trial, in the order trials started: parameters, best metric, the metric per
+    epoch (``curve``), epochs, state and the collapse label."""
     t = cfg.tune
     spec = t.studies[study]
+    out = Path(cfg.output_dir).resolve()
     rows = []
     for result in grid:
-        history = (
-            [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
-        )
+        history = trial_history(result)
         reason = None
         for n in range(1, len(history) + 1):  # first epoch at which the detector fired
             reason = detect_collapse(history[:n], num_classes, t.collapse)
             if reason:
                 break
-        values = [h[t.metric] for h in history if t.metric in h]
-        finite = [v for v in values if isinstance(v, float | int) and math.isfinite(v)]
+        curve = [h.get(t.metric) for h in history]
+        finite = [v for v in curve if isinstance(v, float | int) and math.isfinite(v)]
         best = (max if t.mode == "max" else min)(finite) if finite else None
         rows.append(
             {
@@ -199,10 +261,16 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
                 "state": "ERROR" if result.error else "TERMINATED",
                 "collapsed": bool(reason),
                 "collapse_reason": reason or "",
-                "checkpoint": history[-1].get("checkpoint_dir_name", "") if history else "",
+                "curve": curve,
+                "started": history[0].get("timestamp", math.inf) if history else math.inf,
+                "run_dir": _run_dir(out, study, result),
             }
         )
-    return rows
+    rows.sort(key=lambda r: r["started"])
+    return [
+        {"order": n, **{k: v for k, v in row.items() if k != "started"}}
+        for n, row in enumerate(rows, 1)
+    ]
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -223,13 +291,15 @@ def best_train_config(cfg: Config, row: dict[str, Any]) -> Config:
 
 
 def run_tune(cfg: Config) -> Path:
-    """Run every study of ``cfg.tune``; write trials.csv, comparison tables and best_config.yaml.
+    """Run every study of ``cfg.tune``; write trials.csv, the Optuna study, the comparison
+    (tables, plots, test scores of each study's best trial) and best_config.yaml.
 
     Returns:
         The experiment directory.
     """
     from carclf.data.manifest import read_manifest
     from carclf.train import resolve_manifest
+    from carclf.tune_report import write_report
 
     check_studies(cfg)
     out = Path(cfg.output_dir).resolve()
@@ -245,42 +315,10 @@ def run_tune(cfg: Config) -> Path:
         grid = run_study(cfg, study, len(manifest.labels))
         rows += trial_rows(study, grid, cfg, len(manifest.labels))
     write_csv(rows, out / "trials.csv")
-    write_comparison(rows, cfg, out)
-    return out
-
-
-def write_comparison(rows: list[dict[str, Any]], cfg: Config, out: Path) -> None:
-    """Best trial per study side by side (CSV and Markdown), and ``best_config.yaml``."""
-    key = f"best_{cfg.tune.metric}"
-    sign = 1.0 if cfg.tune.mode == "max" else -1.0
-    scored = [r for r in rows if r[key] is not None and not r["collapsed"]]
-    table = []
-    for study in cfg.tune.studies:
-        mine = [r for r in rows if r["study"] == study]
-        healthy = [r for r in mine if r in scored]
-        best = max(healthy, key=lambda r: sign * r[key]) if healthy else None
-        table.append(
-            {
-                "study": study,
-                "model": cfg.tune.studies[study].overrides.get("model.name", cfg.model.name),
-                "trials": len(mine),
-                "collapsed": sum(r["collapsed"] for r in mine),
-                "stopped_early": sum(r["stopped_early"] for r in mine),
-                key: None if best is None else best[key],
-                "best_trial": None if best is None else best["trial"],
-                "best_epochs": None if best is None else best["epochs"],
-            }
-        )
-    write_csv(table, out / "comparison.csv")
-    header = list(table[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        "| " + " | ".join("" if r[h] is None else str(r[h]) for h in header) + " |" for r in table
-    ]
-    (out / "comparison.md").write_text("# Search comparison\n\n" + "\n".join(lines) + "\n")
-    if scored:
-        winner = max(scored, key=lambda r: sign * r[key])
-        best_cfg = best_train_config(cfg, winner)
+    best = write_report(rows, cfg, manifest, out)
+    if best is not None:
+        best_cfg = best_train_config(cfg, best)
         (out / "best_config.yaml").write_text(
             yaml.safe_dump(best_cfg.model_dump(mode="json", exclude={"tune"}), sort_keys=False)
         )
+    return out

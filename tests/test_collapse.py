@@ -2,9 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 
-from carclf.collapse import CollapseRule, detect_collapse
+from carclf.collapse import CollapseRule, confusion_pattern, detect_collapse
 
 K = 33
 LN_K = math.log(K)
@@ -55,3 +56,25 @@ def test_healthy_run_is_not_flagged() -> None:
 def test_rule_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError):
         CollapseRule(patience=3)
+
+
+LABELS = ["coupe", "sedan", "suv"]
+
+
+@pytest.mark.parametrize(
+    ("cm", "pattern"),
+    [
+        ([[4, 0, 0], [0, 3, 1], [1, 0, 3]], "diagonal"),
+        ([[0, 4, 0], [0, 4, 0], [0, 3, 1]], "collapsed onto sedan"),
+        ([[2, 2, 0], [3, 1, 0], [0, 1, 3]], "mixed"),  # sedan is mostly read as coupe
+        ([[4, 0, 0], [0, 4, 0], [0, 0, 0]], "diagonal"),  # a class absent from the split
+        ([[0, 0, 0], [0, 0, 0], [0, 0, 0]], "mixed"),
+    ],
+)
+def test_confusion_pattern(cm: list[list[int]], pattern: str) -> None:
+    assert confusion_pattern(np.array(cm), LABELS) == pattern
+
+
+def test_confusion_pattern_share_is_configurable() -> None:
+    cm = np.array([[3, 1, 0], [0, 3, 1], [0, 0, 4]])  # suv: 5 of 12 predictions
+    assert confusion_pattern(cm, LABELS, max_class_share=0.4) == "collapsed onto suv"

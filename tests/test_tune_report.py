@@ -1,0 +1,107 @@
+"""The report of a finished search, from crafted trial rows: no Ray needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from carclf.cli import main
+from carclf.config import Config, validate_config
+from carclf.plots import plot_param_importances, plot_search_trials
+from carclf.tune_report import best_checkpoint, export_optuna, param_importances
+
+from .conftest import tiny_config
+
+SPACE = {
+    "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+    "model.kwargs.filters": {"type": "choice", "values": [[8, 16], [16, 32]]},
+}
+
+
+def _cfg(tmp_path: Path, manifest: Path) -> Config:
+    raw = tiny_config(tmp_path / "exp", manifest).model_dump(mode="json")
+    raw["tune"] = {"studies": {"scratch": {"space": SPACE}}}
+    return validate_config(raw)
+
+
+def _row(order: int, lr: float, filters: list[int], curve: list[float | None]) -> dict:
+    values = [v for v in curve if v is not None]
+    return {
+        "order": order,
+        "study": "scratch",
+        "trial": f"_trial_{order}",
+        "param:train.lr": lr,
+        "param:model.kwargs.filters": filters,
+        "best_val_acc": max(values) if values else None,
+        "epochs": len(curve),
+        "stopped_early": len(curve) < 3,
+        "collapsed": lr > 0.05,
+        "collapse_reason": "validation accuracy at chance" if lr > 0.05 else "",
+        "curve": curve,
+    }
+
+
+ROWS = [
+    _row(1, 0.09, [8, 16], [0.14, 0.14]),
+    _row(2, 0.001, [16, 32], [0.3, 0.6, 0.8]),
+    _row(3, 0.003, [8, 16], [0.4, 0.7, 0.9]),
+    _row(4, 0.0002, [16, 32], [0.2, 0.3]),
+    _row(5, 0.08, [16, 32], []),
+]
+
+
+def test_every_trial_lands_in_an_optuna_study_dashboard_can_open(
+    tmp_path: Path, toy_manifest: Path
+) -> None:
+    cfg = _cfg(tmp_path, toy_manifest)
+    db = tmp_path / "optuna.db"
+    export_optuna(cfg, ROWS, db)
+    export_optuna(cfg, ROWS, db)  # a rerun replaces the study
+    study = optuna.load_study(study_name="scratch", storage=f"sqlite:///{db}")
+    assert len(study.trials) == len(ROWS)
+    assert study.best_trial.params == {"train.lr": 0.003, "model.kwargs.filters": "[8, 16]"}
+    assert study.best_trial.intermediate_values == {0: 0.4, 1: 0.7, 2: 0.9}
+    assert study.trials[0].user_attrs["collapsed"] is True
+    assert study.trials[4].state == optuna.trial.TrialState.FAIL
+    importances = param_importances(study)
+    assert set(importances) == {"train.lr", "model.kwargs.filters"}
+    plot = plot_param_importances({"scratch": importances}, tmp_path / "imp.png")
+    assert plot.stat().st_size > 0
+
+
+def test_no_importances_from_too_few_trials(tmp_path: Path, toy_manifest: Path) -> None:
+    study = export_optuna(_cfg(tmp_path, toy_manifest), ROWS[:1], tmp_path / "o.db")["scratch"]
+    assert param_importances(study) is None
+
+
+def test_search_plot_marks_collapsed_trials(tmp_path: Path) -> None:
+    rows = [*ROWS, {**ROWS[2], "study": "transfer", "collapsed": False}]
+    assert plot_search_trials(rows, "best_val_acc", tmp_path / "t.png").stat().st_size > 0
+
+
+def test_best_checkpoint_of_a_stopped_trial(tmp_path: Path) -> None:
+    for name, acc in (("checkpoint_a", 0.5), ("checkpoint_b", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"metrics": {"val_acc": acc}}))
+    path, metrics = best_checkpoint(tmp_path, "val_acc", "max")
+    assert path.name == "checkpoint_b" and metrics["val_acc"] == 0.75
+    assert best_checkpoint(tmp_path, "val_acc", "min")[0].name == "checkpoint_a"
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        best_checkpoint(tmp_path / "checkpoint_a", "val_acc", "max")
+
+
+def test_unknown_parameter_gets_exit_code_2(
+    tmp_path: Path, toy_manifest: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = tiny_config(tmp_path / "exp", toy_manifest).model_dump(mode="json")
+    space = {"train.speed": {"type": "int", "low": 1, "high": 3}}
+    raw["tune"] = {"studies": {"s": {"space": space}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["tune", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tune.studies.s.space.train.speed" in err[0]
