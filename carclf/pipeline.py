@@ -16,19 +16,20 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyarrow import fs as pafs
 
-from carclf.bundle import Bundle
 from carclf.config import Config, load_config
-from carclf.data.audit import write_audit
 from carclf.errors import UserInputError
-from carclf.evaluate import EvalResult, evaluate
-from carclf.export import export_run
-from carclf.models import check_model_name
 from carclf.storage import Storage, open_storage
-from carclf.train import TrainResult, run_training
-from carclf.tune import run_tune
+
+# The stages import torch, timm and Ray (half a minute on a busy 2-core node): they are imported
+# where they run, so that a job with a missing data set fails before that.
+if TYPE_CHECKING:
+    from carclf.bundle import Bundle
+    from carclf.evaluate import EvalResult
+    from carclf.train import TrainResult
 
 
 @dataclass
@@ -50,6 +51,10 @@ def run_pipeline(
 
     ``storage`` receives Ray Train's checkpoints (default: ``cfg.output_dir`` itself).
     """
+    from carclf.evaluate import evaluate
+    from carclf.export import export_run
+    from carclf.train import run_training
+
     base = Path(cfg.output_dir).resolve().parent
     progress(
         f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
@@ -73,13 +78,12 @@ class JobResult:
 
 
 def check_data(cfg: Config) -> None:
-    """Refuse a missing data set or model name in a second, before any Ray work starts."""
+    """Refuse a missing data set in a second, before anything heavy is imported or started."""
     if cfg.data.manifest:
         if not Path(cfg.data.manifest).is_file():
             raise UserInputError(f"data.manifest: no such file: {cfg.data.manifest}")
     elif not Path(cfg.data.root).is_dir():
         raise UserInputError(f"data.root: no such directory: {cfg.data.root}")
-    check_model_name(cfg.model.name)
 
 
 def _with(cfg: Config, **update: object) -> Config:
@@ -114,6 +118,9 @@ def run_job(
         bundle_name: the model's name in the bundle (default: the config's task).
     """
     check_data(cfg)
+    from carclf.data.audit import write_audit
+    from carclf.tune import run_tune
+
     storage = open_storage(cfg.output_dir, filesystem)
     if storage.is_local:
         run_dir = Path(storage.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     """Head (1 CPU) + one worker node (1 CPU), token auth on; down at the end in any case."""
     tmp = tmp_path_factory.mktemp("cluster")
     token = tmp / "config" / "ray_token"
+    # Short: Ray's socket paths under the node directories must stay below 108 bytes.
+    nodes = Path(tempfile.mkdtemp(prefix="carclf-cl-"))
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env = {
         **clean,
-        "CARCLF_CLUSTER_DIR": str(tmp / "nodes"),
+        "CARCLF_CLUSTER_DIR": str(nodes),
         "CARCLF_RAY_TOKEN_FILE": str(token),
         "CARCLF_HEAD_PORT": str(HEAD_PORT),
         "CARCLF_DASHBOARD_PORT": str(DASHBOARD_PORT),
@@ -69,7 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     }
     up = _local_sh("up", env)
     assert up.returncode == 0, up.stdout + up.stderr
-    sessions = [int(p.read_text()) for p in (tmp / "nodes").glob("*/sid")]
+    sessions = [int(p.read_text()) for p in nodes.glob("*/sid")]
     client_env = {
         **clean,
         "RAY_ADDRESS": ADDRESS,
