@@ -83,17 +83,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     _local_sh("down", env)
 
 
-def _submit(cluster: Cluster, *args: str, env: dict[str, str] | None = None):
+def _submit(cluster: Cluster, *args: str, env: dict[str, str] | None = None, timeout: float = 60):
     """`ray job submit` from the repository root; waits for the job and streams its logs."""
-    command = [str(RAY), "job", "submit", "--working-dir", ".", "--", "python", "-m"]
-    return subprocess.run(
-        [*command, "jobs.pipeline", "--config", CONFIG, *args],
-        cwd=ROOT,
-        env=env or cluster.client_env,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
+    job_id = f"carclf-test-{time.monotonic_ns()}"
+    command = [str(RAY), "job", "submit", "--submission-id", job_id, "--working-dir", "."]
+    try:
+        return subprocess.run(
+            [*command, "--", "python", "-m", "jobs.pipeline", "--config", CONFIG, *args],
+            cwd=ROOT,
+            env=env or cluster.client_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        logs = [str(RAY), "job", "logs", job_id]
+        shown = subprocess.run(logs, env=cluster.client_env, capture_output=True, text=True)
+        pytest.fail(f"job {job_id} ran over {timeout:.0f} s; its logs:\n{shown.stdout[-4000:]}")
 
 
 def _train_worker_nodes(cluster: Cluster) -> set[str]:
@@ -120,7 +126,7 @@ def test_pipeline_job_trains_on_both_nodes(cluster: Cluster, toy_root: Path) -> 
     assert bundle_uri in job.stdout.splitlines()
     bundle = out.parent / "bundle"
     assert (bundle / "bundle.json").is_file() and (bundle / "model.onnx").is_file()
-    assert (out.parent / "tune" / "comparison.csv").is_file()
+    assert (out.parent / "manifest.parquet").is_file()  # audited from data.root
     assert len(_train_worker_nodes(cluster)) == 2
 
 
