@@ -47,6 +47,7 @@ from carclf.recipes import (
     trainable_names,
 )
 from carclf.runtime import ensure_ray
+from carclf.storage import Storage, open_storage
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -435,12 +436,19 @@ def prepare_run(cfg: Config) -> tuple[Path, Manifest]:
     return run_dir, manifest
 
 
-def fit_run(cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Run Ray Train for a prepared run; extra ``callbacks`` see every report (Tune's, say)."""
+def fit_run(
+    cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = (), storage: Storage | None = None
+) -> TrainResult:
+    """Run Ray Train for a prepared run; extra ``callbacks`` see every report (Tune's, say).
+
+    Checkpoints go to ``storage`` (a directory named like the run directory, on any pyarrow
+    filesystem), by default the run directory itself.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(cfg.output_dir).resolve()
+    storage = storage or open_storage(str(run_dir))
     sign = _mode(cfg.train.monitor)
     threads = str(max(int(cfg.scaling.cpus_per_worker), 1))
     trainer = TorchTrainer(
@@ -454,7 +462,7 @@ def fit_run(cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = ()) -> T
         ),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            **storage.ray_storage(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,
@@ -470,8 +478,11 @@ def fit_run(cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = ()) -> T
         raise RuntimeError(f"{run_dir}: training reported no checkpoint (already finished?)")
     pick = max if sign == "max" else min
     best_ckpt, best_metrics = pick(result.best_checkpoints, key=lambda c: c[1][cfg.train.monitor])
-    write_run_file(run_dir, Path(best_ckpt.path), best_metrics)
-    return TrainResult(run_dir, Path(best_ckpt.path), best_metrics, manifest.labels, manifest.path)
+    best_dir = Path(best_ckpt.path)
+    if not storage.is_local:  # export and evaluation read the checkpoint from local disk
+        best_dir = Path(best_ckpt.to_directory(str(run_dir / "best_checkpoint")))
+    write_run_file(run_dir, best_dir, best_metrics)
+    return TrainResult(run_dir, best_dir, best_metrics, manifest.labels, manifest.path)
 
 
 def _ray_datasets(cfg: Config, manifest: Manifest) -> dict[str, Any]:
@@ -497,14 +508,15 @@ def _ray_datasets(cfg: Config, manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def run_training(cfg: Config) -> TrainResult:
+def run_training(cfg: Config, storage: Storage | None = None) -> TrainResult:
     """Fine-tune ``cfg.model`` on Ray Train; the run directory is ``cfg.output_dir``.
 
-    Rerunning with the same ``output_dir`` resumes from the last checkpoint there.
+    Rerunning with the same ``output_dir`` resumes from the last checkpoint there. ``storage``
+    puts the checkpoints elsewhere (see :meth:`fit_run`).
     """
     _, manifest = prepare_run(cfg)
     ensure_ray()
-    return fit_run(cfg, manifest)
+    return fit_run(cfg, manifest, storage=storage)
 
 
 def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:

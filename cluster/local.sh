@@ -18,8 +18,15 @@ HEAD_PORT=${CARCLF_HEAD_PORT:-6390}
 DASHBOARD_PORT=${CARCLF_DASHBOARD_PORT:-8275}
 HEAD_CPUS=${CARCLF_HEAD_CPUS:-1}
 WORKER_CPUS=${CARCLF_WORKER_CPUS:-1}
+# Worker processes of node i take ports WORKER_PORTS + 1000 i .. + 999; its other ports are
+# HEAD_PORT + 10 i + 1..7. Pick both away from another Ray on this host (the test suite's).
+WORKER_PORTS=${CARCLF_WORKER_PORTS:-20000}
 
 export RAY_AUTH_MODE=token
+# A job's entrypoint (`python -m jobs.pipeline …`) runs in the environment of the node that starts
+# it: this checkout's venv comes first, as carclf would be installed in a real cluster's image.
+PATH="$(dirname "$RAY"):$PATH"
+export PATH
 export RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
 
 make_token() {
@@ -31,15 +38,19 @@ make_token() {
   chmod 600 "$TOKEN_FILE"
 }
 
-# Each node gets its own temp dir and port range, so several raylets share one host, and its
-# own session (setsid): every process Ray starts for the node stays in that session, whatever Ray
+# Each node gets its own temp dir and ports, so several raylets share one host, and its own
+# session (setsid): every process Ray starts for the node stays in that session, whatever Ray
 # renames it to, so `down` stops exactly this cluster.
 start_node() {
-  local name=$1
-  shift
+  local name=$1 i=$2 base=$((HEAD_PORT + 10 * $2))
+  shift 2
   mkdir -p "$STATE/$name"
   setsid "$RAY" start --node-ip-address=127.0.0.1 --temp-dir="$STATE/$name/tmp" \
-    --disable-usage-stats "$@" >"$STATE/$name/start.log" 2>&1 &
+    --disable-usage-stats --node-manager-port=$((base + 1)) --object-manager-port=$((base + 2)) \
+    --dashboard-agent-listen-port=$((base + 3)) --dashboard-agent-grpc-port=$((base + 4)) \
+    --metrics-export-port=$((base + 5)) --runtime-env-agent-port=$((base + 6)) \
+    --min-worker-port=$((WORKER_PORTS + 1000 * i)) --max-worker-port=$((WORKER_PORTS + 1000 * i + 999)) \
+    "$@" >"$STATE/$name/start.log" 2>&1 &
   echo $! >"$STATE/$name/sid"
   wait $! || { cat "$STATE/$name/start.log" >&2; exit 1; }
 }
@@ -48,14 +59,12 @@ up() {
   local workers=${1:-1}
   make_token
   mkdir -p "$STATE"
-  start_node head --head --port="$HEAD_PORT" --dashboard-host=127.0.0.1 \
-    --dashboard-port="$DASHBOARD_PORT" --num-cpus="$HEAD_CPUS" --resources='{"head": 1}' \
-    --node-manager-port=6391 --object-manager-port=6392 --min-worker-port=20000 --max-worker-port=20999
+  start_node head 0 --head --port="$HEAD_PORT" --dashboard-host=127.0.0.1 \
+    --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port=$((HEAD_PORT + 7)) \
+    --num-cpus="$HEAD_CPUS" --resources='{"head": 1}'
   for i in $(seq 1 "$workers"); do
-    start_node "worker$i" --address="127.0.0.1:$HEAD_PORT" --num-cpus="$WORKER_CPUS" \
-      --resources="{\"worker\": 1, \"worker_$i\": 1}" \
-      --node-manager-port=$((6391 + 10 * i)) --object-manager-port=$((6392 + 10 * i)) \
-      --min-worker-port=$((20000 + 1000 * i)) --max-worker-port=$((20999 + 1000 * i))
+    start_node "worker$i" "$i" --address="127.0.0.1:$HEAD_PORT" --num-cpus="$WORKER_CPUS" \
+      --resources="{\"worker\": 1, \"worker_$i\": 1}"
   done
   cat <<MSG
 Ray cluster up: head + $workers worker node(s), token auth on.

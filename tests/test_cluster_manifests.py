@@ -51,3 +51,13 @@ def test_launcher_configs(name: str) -> None:
     starts = " ".join(doc["head_start_ray_commands"] + doc["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2
     assert "--dashboard-host=127.0.0.1" in starts
+
+
+def test_job_runtime_env_is_valid_for_ray() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    doc = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    env = RuntimeEnv(**doc)
+    assert env["working_dir"] == "." and ".venv/" in env["excludes"]
+    # The uv lock the workers install from ships with the working directory.
+    assert not any(pattern in {"uv.lock", "pyproject.toml"} for pattern in doc["excludes"])
