@@ -199,13 +199,15 @@ def build_loaders(
     The training sampler is seeded for every world size, so the global batch holds the same
     images whether it is split over one worker or several (1 worker and N workers with the same
     global batch take the same steps): a ``DistributedSampler``, or with
-    ``data.balanced_sampling`` a ``BalancedDistributedSampler``.
+    ``data.balanced_sampling`` a ``BalancedDistributedSampler``. Validation takes every
+    ``world``-th image from ``rank`` on, unpadded, so gathered metrics count each image once.
     """
     per_worker = max(cfg.train.batch_size // world, 1)
     resize = cache_resize(pre) if cfg.data.cache else None
     records = manifest.split("train")
     train_set = ManifestDataset(records, train_transform(pre, cfg.data.augment), resize)
-    val_set = ManifestDataset(manifest.split("val"), eval_transform(pre), resize)
+    val_records = manifest.split("val")[rank::world]
+    val_set = ManifestDataset(val_records, eval_transform(pre), resize)
     if cfg.data.balanced_sampling:
         labels = [label for _, label in records]
         sampler = BalancedDistributedSampler(labels, world, rank, seed=cfg.seed)
@@ -233,7 +235,7 @@ def _worker_loaders(
         return shard_loaders(cfg, len(manifest.split("train")), world)
     train_loader, val_loader = build_loaders(cfg, manifest, pre, rank, world)
     train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=True)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
     return train_loader, val_loader
 
 
@@ -471,6 +473,8 @@ def fit_run(
             ),
             callbacks=[_epoch_logger()(run_dir), *callbacks],
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+            # Train's INFO lines (one per report and rank) would drown carclf's epoch line.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

@@ -119,6 +119,17 @@ def test_cache_size_estimate_is_what_the_cache_holds(size: tuple, toy_manifest: 
     assert cache_bytes(manifest, pre, ["val"]) == held > 0
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_validation_shards_hold_every_image_once(world: int, toy_manifest: Path) -> None:
+    manifest = read_manifest(toy_manifest)
+    cfg = tiny_config(Path("o"), toy_manifest)
+    pre = PRE.model_copy(update={"input_size": (3, 8, 8)})
+    shards = [build_loaders(cfg, manifest, pre, rank, world)[1].dataset for rank in range(world)]
+    paths = [path for shard in shards for path, _ in shard.records]
+    # 28 images over 3 workers: no padding, so gathered metrics count each image once.
+    assert sorted(paths) == sorted(p for p, _ in manifest.split("val"))
+
+
 @pytest.mark.integration
 def test_ray_data_loader_trains_on_two_workers_and_scores_all_of_val(
     ray_session, toy_manifest: Path, tmp_path: Path
