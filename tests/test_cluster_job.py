@@ -46,7 +46,8 @@ def _cluster_processes(sessions: list[int]) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
         try:
-            if os.getsid(proc.pid) in sessions:
+            # A zombie has exited already; only its parent's exit status is left.
+            if os.getsid(proc.pid) in sessions and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (ProcessLookupError, psutil.Error):
             continue
@@ -117,7 +118,10 @@ def _train_worker_nodes(cluster: Cluster) -> set[str]:
 
 def test_pipeline_job_trains_on_both_nodes(cluster: Cluster, toy_root: Path) -> None:
     out = cluster.state / "runs" / "toy" / "train"
-    job = _submit(cluster, "--set", f"data.root={toy_root}", "--set", f"output_dir=file://{out}")
+    # The search stage (tune.studies) is left out here: three Ray Train runs instead of one do
+    # not fit the suite's time budget on 2 shared cores; tests/test_tune.py covers the search.
+    settings = [f"data.root={toy_root}", f"output_dir=file://{out}", "tune=null"]
+    job = _submit(cluster, *[a for s in settings for a in ("--set", s)], timeout=150)
     print(job.stdout[-4000:])
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
