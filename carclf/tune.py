@@ -305,8 +305,12 @@ def run_tune(cfg: Config) -> Path:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(resolve_manifest(cfg))
+    # Absolute paths: each trial runs in its own working directory (Tune's trial directory).
     cfg = cfg.model_copy(
-        update={"data": cfg.data.model_copy(update={"manifest": str(manifest.path)})}
+        update={
+            "output_dir": str(out),
+            "data": cfg.data.model_copy(update={"manifest": str(manifest.path)}),
+        }
     )
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ensure_ray()
