@@ -159,9 +159,10 @@ class Ingress:
         torch.set_num_threads(1)  # the transforms' tensor ops; the ingress has a sliver of a CPU
         self.classifiers = classifiers
         self.explainers = explainers
-        self.preprocess = {n: Preprocess.model_validate(p) for n, p in preprocess.items()}
-        specs = self.preprocess.values()
-        self._transforms = {p.model_dump_json(): eval_transform(p) for p in specs}
+        specs = {n: Preprocess.model_validate(p) for n, p in preprocess.items()}
+        # Models with the same preprocessing share one key, so an image is transformed once.
+        self._spec_key = {n: p.model_dump_json() for n, p in specs.items()}
+        self._transforms = {self._spec_key[n]: eval_transform(p) for n, p in specs.items()}
         self.settings = ServeSettings.model_validate(settings or {})
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
@@ -242,11 +243,11 @@ class Ingress:
         def run() -> dict[str, np.ndarray]:
             by_spec: dict[str, np.ndarray] = {}
             for name in names:
-                key = self.preprocess[name].model_dump_json()
+                key = self._spec_key[name]
                 if key not in by_spec:
                     batch = [self._transforms[key](img).numpy() for img in images]
                     by_spec[key] = np.stack(batch)
-            return {n: by_spec[self.preprocess[n].model_dump_json()] for n in names}
+            return {n: by_spec[self._spec_key[n]] for n in names}
 
         return await asyncio.to_thread(run)
 
