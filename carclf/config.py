@@ -157,12 +157,41 @@ class SearchParam(_Strict):
             return [int(self.low), int(self.high)]
         return [self.low, self.high]
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this dimension can take."""
+        if self.type == "choice":
+            return value in (self.values or [])
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
 
 class Study(_Strict):
     """One search of an experiment: fixed overrides plus a search space (dotted config keys)."""
 
     overrides: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, SearchParam]
+    start: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="points tried first, before the searcher samples (e.g. a recipe known to "
+        "work); each gives a value for every parameter of the space and counts as a trial",
+    )
+
+    @model_validator(mode="after")
+    def _start_in_space(self) -> Study:
+        for n, point in enumerate(self.start):
+            if set(point) != set(self.space):
+                missing, extra = set(self.space) - set(point), set(point) - set(self.space)
+                raise ValueError(
+                    f"start[{n}] must give every parameter of the space: missing "
+                    f"{sorted(missing)}, not in the space {sorted(extra)}"
+                )
+            for key, value in point.items():
+                if not self.space[key].contains(value):
+                    raise ValueError(f"start[{n}].{key}: {value!r} is outside the space")
+        return self
 
 
 class TuneSection(_Strict):
@@ -181,6 +210,16 @@ class TuneSection(_Strict):
     trial_cpus: float = Field(0.01, gt=0.0, description="CPUs of each trial's driver actor")
     collapse: CollapseRule = Field(default_factory=CollapseRule)
     studies: dict[str, Study] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _start_within_budget(self) -> TuneSection:
+        for name, study in self.studies.items():
+            if len(study.start) > self.num_samples:
+                raise ValueError(
+                    f"studies.{name}.start has {len(study.start)} points, more than "
+                    f"num_samples ({self.num_samples})"
+                )
+        return self
 
 
 class Config(_Strict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ def check_studies(cfg: Config) -> None:
                     study_config(cfg, study, {key: value}, Path(cfg.output_dir))
                 except UserInputError as exc:
                     raise UserInputError(f"tune.studies.{name}.space.{key}: {exc}") from None
+        for n, point in enumerate(study.start):
+            try:
+                study_config(cfg, study, point, Path(cfg.output_dir))
+            except UserInputError as exc:
+                raise UserInputError(f"tune.studies.{name}.start[{n}]: {exc}") from None
 
 
 def _primitive(values: list[Any]) -> bool:
@@ -64,6 +70,15 @@ def decode_params(study: Study, params: dict[str, Any]) -> dict[str, Any]:
     for key, param in study.space.items():
         if key in out and param.type == "choice" and not _primitive(param.values):
             out[key] = param.values[int(out[key])]
+    return out
+
+
+def encode_params(study: Study, params: dict[str, Any]) -> dict[str, Any]:
+    """Config values → sampled values: the inverse of :func:`decode_params`."""
+    out = dict(params)
+    for key, param in study.space.items():
+        if key in out and param.type == "choice" and not _primitive(param.values):
+            out[key] = param.values.index(out[key])
     return out
 
 
@@ -146,12 +161,43 @@ def _collapse_stopper(rule: CollapseRule, num_classes: int) -> Any:
     return CollapseStopper()
 
 
+def fit_concurrency(cfg: Config, cluster_cpus: float) -> int:
+    """How many trials may run at once: ``tune.max_concurrent``, capped by the cluster's CPUs.
+
+    A trial holds its driver's sliver plus every worker's CPUs. Trials launched beyond what fits
+    would each wait for workers until Ray Train's start-up timeout and fail, so the cap is
+    applied (and said) before the search starts.
+
+    Raises:
+        UserInputError: when not even one trial fits.
+    """
+    per_trial = cfg.tune.trial_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    fits = int(cluster_cpus // per_trial + 1e-9)
+    if fits < 1:
+        raise UserInputError(
+            f"tune: one trial needs {per_trial:g} CPUs (trial_cpus + num_workers × "
+            f"cpus_per_worker) but the cluster has {cluster_cpus:g}"
+        )
+    if fits < cfg.tune.max_concurrent:
+        print(
+            f"[carclf] tune: {cfg.tune.max_concurrent} concurrent trials need "
+            f"{cfg.tune.max_concurrent * per_trial:g} CPUs, the cluster has {cluster_cpus:g}: "
+            f"running {fits} at a time",
+            file=sys.stderr,
+        )
+    return min(fits, cfg.tune.max_concurrent)
+
+
 def _search_alg(cfg: Config, study: str) -> Any:
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     t = cfg.tune
+    spec = t.studies[study]
+    start = [encode_params(spec, point) for point in spec.start]
     if t.searcher == "random":
-        return None  # Tune's random/grid variant generator
+        return BasicVariantGenerator(
+            points_to_evaluate=start, max_concurrent=t.max_concurrent, random_state=cfg.seed
+        )
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -161,6 +207,7 @@ def _search_alg(cfg: Config, study: str) -> Any:
     searcher = OptunaSearch(
         metric=t.metric,
         mode=t.mode,
+        points_to_evaluate=start or None,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         study_name=study,
     )
@@ -201,8 +248,6 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=t.num_samples,
-            # Optuna's ConcurrencyLimiter already caps it; Tune warns when told twice.
-            max_concurrent_trials=t.max_concurrent if search_alg is None else None,
         ),
         run_config=tune.RunConfig(
             name=study,
@@ -314,6 +359,12 @@ def run_tune(cfg: Config) -> Path:
     )
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ensure_ray()
+    import ray
+
+    concurrent = fit_concurrency(cfg, ray.cluster_resources().get("CPU", 0.0))
+    cfg = cfg.model_copy(
+        update={"tune": cfg.tune.model_copy(update={"max_concurrent": concurrent})}
+    )
     rows: list[dict[str, Any]] = []
     for study in cfg.tune.studies:
         grid = run_study(cfg, study, len(manifest.labels))

@@ -146,6 +146,16 @@ def _best(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any] | N
     return max(healthy, key=lambda r: sign * r[key]) if healthy else None
 
 
+def _study_model(cfg: Config, study: str, best: dict[str, Any] | None) -> str:
+    """The study's model: the best trial's where the model is searched over."""
+    spec = cfg.tune.studies[study]
+    if "model.name" in spec.space:
+        if best is not None and best.get("param:model.name"):
+            return str(best["param:model.name"])
+        return " | ".join(map(str, spec.space["model.name"].values or []))
+    return str(spec.overrides.get("model.name", cfg.model.name))
+
+
 def comparison_table(
     rows: list[dict[str, Any]], cfg: Config, manifest: Manifest, out: Path
 ) -> list[dict[str, Any]]:
@@ -164,7 +174,7 @@ def comparison_table(
         table.append(
             {
                 "study": study,
-                "model": cfg.tune.studies[study].overrides.get("model.name", cfg.model.name),
+                "model": _study_model(cfg, study, best),
                 "trials": len(mine),
                 "collapsed": sum(r["collapsed"] for r in mine),
                 "stopped_early": sum(r["stopped_early"] for r in mine),
@@ -178,12 +188,20 @@ def comparison_table(
     return table
 
 
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if key == "best_trial":  # Tune's directory name; its first parts are the trial's id
+        return "_".join(str(value).split("_")[:3])
+    return str(value)
+
+
 def _markdown(table: list[dict[str, Any]]) -> list[str]:
     header = list(table[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + [
-        "| " + " | ".join("" if r[h] is None else str(r[h]) for h in header) + " |" for r in table
-    ]
+    return lines + ["| " + " | ".join(_cell(h, r[h]) for h in header) + " |" for r in table]
 
 
 def write_report(

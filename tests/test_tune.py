@@ -11,7 +11,7 @@ import yaml
 from carclf.cli import main
 from carclf.config import load_config, validate_config
 from carclf.errors import UserInputError
-from carclf.tune import check_studies, run_tune
+from carclf.tune import check_studies, fit_concurrency, run_tune
 
 from .conftest import tiny_config
 
@@ -36,6 +36,22 @@ def test_unknown_parameter_is_refused(tmp_path: Path, toy_manifest: Path) -> Non
     )
     with pytest.raises(UserInputError, match=r"tune\.studies\.s\.space\.train\.speed"):
         check_studies(cfg)
+
+
+def test_ablation_demo_runs_two_trials_at_once_on_two_cores() -> None:
+    assert fit_concurrency(load_config(ABLATION), cluster_cpus=2.0) == 2
+
+
+def test_concurrency_is_capped_to_what_the_cluster_holds(
+    tmp_path: Path, toy_manifest: Path, capsys: pytest.CaptureFixture
+) -> None:
+    space = {"train.lr": {"type": "loguniform", "low": 0.001, "high": 0.1}}
+    cfg = _with_tune(tmp_path, toy_manifest, {"s": {"space": space}}, max_concurrent=4)
+    per_trial = cfg.tune.trial_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    assert fit_concurrency(cfg, cluster_cpus=2 * per_trial) == 2
+    assert "running 2 at a time" in capsys.readouterr().err
+    with pytest.raises(UserInputError, match="one trial needs"):
+        fit_concurrency(cfg, cluster_cpus=per_trial / 2)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +116,41 @@ def test_two_studies_with_a_collapsing_scratch_cnn(
         assert best.model.name == "scratch_cnn_bn"
     else:
         assert not (out / "best_config.yaml").exists()
+
+
+def _start(tmp_path: Path, toy_manifest: Path, *points: dict, num_samples: int = 2):
+    space = {
+        "train.lr": {"type": "loguniform", "low": 0.001, "high": 0.1},
+        "model.kwargs.filters": {"type": "choice", "values": [[8, 16], [16, 32]]},
+    }
+    return _with_tune(
+        tmp_path,
+        toy_manifest,
+        {"s": {"overrides": {"model.name": "scratch_cnn"}, "space": space, "start": list(points)}},
+        num_samples=num_samples,
+    )
+
+
+def test_start_point_travels_to_the_searcher_encoded(tmp_path: Path, toy_manifest: Path) -> None:
+    from carclf.tune import decode_params, encode_params
+
+    point = {"train.lr": 0.003, "model.kwargs.filters": [16, 32]}
+    study = _start(tmp_path, toy_manifest, point).tune.studies["s"]
+    assert encode_params(study, point) == {"train.lr": 0.003, "model.kwargs.filters": 1}
+    assert decode_params(study, encode_params(study, point)) == point
+
+
+@pytest.mark.parametrize(
+    ("points", "reason"),
+    [
+        ([{"train.lr": 0.003}], "missing"),
+        ([{"train.lr": 0.5, "model.kwargs.filters": [8, 16]}], "outside the space"),
+        ([{"train.lr": 0.003, "model.kwargs.filters": [8, 8]}], "outside the space"),
+        ([{"train.lr": 0.003, "model.kwargs.filters": [8, 16]}] * 3, "more than num_samples"),
+    ],
+)
+def test_bad_start_point_is_refused(
+    tmp_path: Path, toy_manifest: Path, points: list[dict], reason: str
+) -> None:
+    with pytest.raises(UserInputError, match=reason):
+        _start(tmp_path, toy_manifest, *points)

@@ -105,3 +105,18 @@ def test_unknown_parameter_gets_exit_code_2(
     assert main(["tune", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tune.studies.s.space.train.speed" in err[0]
+
+
+def test_comparison_names_the_searched_model_and_rounds_scores(
+    tmp_path: Path, toy_manifest: Path
+) -> None:
+    from carclf.tune_report import _markdown, _study_model
+
+    raw = tiny_config(tmp_path / "exp", toy_manifest).model_dump(mode="json")
+    names = {"type": "choice", "values": ["scratch_cnn", "scratch_cnn_bn"]}
+    raw["tune"] = {"studies": {"s": {"space": {"model.name": names}}}}
+    cfg = validate_config(raw)
+    assert _study_model(cfg, "s", {"param:model.name": "scratch_cnn_bn"}) == "scratch_cnn_bn"
+    assert _study_model(cfg, "s", None) == "scratch_cnn | scratch_cnn_bn"
+    row = {"study": "s", "best_val_acc": 0.8107142857, "best_trial": "_trial_f13c7d4a_1_lr=0.1"}
+    assert _markdown([row])[-1] == "| s | 0.811 | _trial_f13c7d4a |"
