@@ -3,7 +3,9 @@
 Used by ``serve run serve/config.yaml``, ``serve deploy`` and ``carclf serve`` alike.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Serve reads the builder's annotation at run
+# time to turn a config's ``args`` into ``AppArgs``, and a string annotation would hand the
+# builder a plain dict.
 
 from pydantic import BaseModel, Field
 from ray.serve import Application

@@ -61,3 +61,18 @@ def test_job_runtime_env_is_valid_for_ray() -> None:
     assert env["working_dir"] == "." and ".venv/" in env["excludes"]
     # The uv lock the workers install from ships with the working directory.
     assert not any(pattern in {"uv.lock", "pyproject.toml"} for pattern in doc["excludes"])
+
+
+def test_serve_config_args_reach_the_builder_as_app_args(served_bundle) -> None:
+    """`serve run` / `serve deploy` turn the config's ``args`` into the builder's argument
+    through its annotation; a dict slipping through would fail on the cluster, not here."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve.app import build_app
+
+    app_cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
+    assert app_cfg["import_path"] == "serve.app:build_app"
+    args = {**app_cfg["args"], "bundles": [str(served_bundle.path)]}
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert isinstance(app, Application)
