@@ -42,14 +42,18 @@ def study_config(cfg: Config, study: Study, params: dict[str, Any], output_dir: 
 
 
 def check_studies(cfg: Config) -> None:
-    """Refuse unknown parameters and unusable values before any trial starts (exit code 2)."""
+    """Refuse unknown parameters, unusable values and unknown models before any trial starts
+    (exit code 2)."""
+    from carclf.models import check_model_name
+
     if cfg.tune is None:
         raise UserInputError("tune: the config has no 'tune' section")
     for name, study in cfg.tune.studies.items():
         for key, param in study.space.items():
             for value in param.sample_values():
                 try:
-                    study_config(cfg, study, {key: value}, Path(cfg.output_dir))
+                    trial = study_config(cfg, study, {key: value}, Path(cfg.output_dir))
+                    check_model_name(trial.model.name)
                 except UserInputError as exc:
                     raise UserInputError(f"tune.studies.{name}.space.{key}: {exc}") from None
         for n, point in enumerate(study.start):

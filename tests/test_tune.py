@@ -154,3 +154,10 @@ def test_bad_start_point_is_refused(
 ) -> None:
     with pytest.raises(UserInputError, match=reason):
         _start(tmp_path, toy_manifest, *points)
+
+
+def test_unknown_model_among_the_choices_is_refused(tmp_path: Path, toy_manifest: Path) -> None:
+    names = {"type": "choice", "values": ["resnet18", "resnet_18"]}
+    cfg = _with_tune(tmp_path, toy_manifest, {"s": {"space": {"model.name": names}}})
+    with pytest.raises(UserInputError, match=r"space\.model\.name: model\.name: unknown model"):
+        check_studies(cfg)
