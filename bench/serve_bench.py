@@ -2,7 +2,8 @@
 
 1. HTTP ``:predict`` throughput and p50/p99 latency with N concurrent clients, against the same
    model's in-process decode + preprocess + onnxruntime throughput at the same thread count.
-2. onnxruntime against PyTorch eager on the same preprocessed batch, same threads.
+2. onnxruntime against PyTorch eager on the same preprocessed batches, same threads: at
+   ``--threads`` and batch 1 (the headline), and at 1 thread / every core × batch 1 / 8.
 3. ``:explain`` latency against ``:predict`` latency, one request at a time.
 
 Writes ``serve.json`` and ``serve.md`` under ``--out``; prints the Markdown path last.
@@ -86,35 +87,53 @@ def in_process(bundle_path: str, images: list[bytes], threads: int) -> dict[str,
     return {"images_per_s": len(images) / (time.perf_counter() - start)}
 
 
-def onnx_vs_eager(bundle_path: str, images: list[bytes], threads: int) -> dict[str, float]:
-    """Forward passes only, on the same preprocessed single-image batches."""
+def onnx_vs_eager(
+    bundle_path: str, images: list[bytes], threads: int, batch: int = 1, block: int = 5
+) -> dict[str, float]:
+    """Forward passes only, on the same preprocessed batches, at the same thread count.
+
+    The two run in alternating blocks of ``block`` batches: a busy neighbour slows both alike,
+    and neither runs while the other's thread pool is still spinning down.
+    """
     bundle = load_bundle(bundle_path)
     clf = OnnxClassifier(bundle, threads=threads)
     model = Explainer.from_bundle(bundle).model
     torch.set_num_threads(threads)
-    batches = [clf.preprocess([load_image(d)]) for d in images]
+    decoded = [load_image(d) for d in images]
+    batches = [clf.preprocess(decoded[i : i + batch]) for i in range(0, len(decoded), batch)]
+    batches = [b for b in batches if len(b) == batch]
 
     def eager(b: np.ndarray) -> None:
         with torch.inference_mode():
             model(torch.from_numpy(b))
 
-    # Interleaved, image by image, so a busy neighbour on the machine slows both alike.
     runs = {"eager": eager, "onnx": clf.logits}
     seconds = dict.fromkeys(runs, 0.0)
-    for b in batches[:3]:  # warm-up: first-call allocations and kernel selection
-        for run in runs.values():
-            run(b)
-    for b in batches:
+    for run in runs.values():  # warm-up: first-call allocations and kernel selection
+        run(batches[0])
+    for i in range(0, len(batches), block):
         for key, run in runs.items():
             t0 = time.perf_counter()
-            run(b)
+            for b in batches[i : i + block]:
+                run(b)
             seconds[key] += time.perf_counter() - t0
-    onnx, eager_rate = (len(batches) / seconds[k] for k in ("onnx", "eager"))
+    onnx, eager_rate = (len(batches) * batch / seconds[k] for k in ("onnx", "eager"))
     return {
+        "threads": threads,
+        "batch": batch,
         "onnx_images_per_s": onnx,
         "eager_images_per_s": eager_rate,
         "onnx_over_eager": onnx / eager_rate,
     }
+
+
+def framework_grid(bundle_path: str, images: list[bytes], cpus: int) -> list[dict[str, float]]:
+    """onnxruntime against eager at one thread and at every core, at batch 1 and 8."""
+    return [
+        onnx_vs_eager(bundle_path, images[: 40 * batch], threads, batch)
+        for threads in sorted({1, cpus})
+        for batch in (1, 8)
+    ]
 
 
 async def http_load(url: str, images: list[bytes], clients: int) -> dict[str, float]:
@@ -197,6 +216,16 @@ def markdown(r: dict) -> str:
             f"| explain p50 (one at a time) | {expl['p50_ms']:.1f} ms |",
             f"| **explain / predict (p50)** | **{r['explain_over_predict']:.2f}** |",
             "",
+            "onnxruntime against PyTorch eager, forward passes only, alternating blocks:",
+            "",
+            "| threads | batch | onnxruntime img/s | eager img/s | onnxruntime / eager |",
+            "| --- | --- | --- | --- | --- |",
+            *(
+                f"| {g['threads']} | {g['batch']} | {g['onnx_images_per_s']:.1f} | "
+                f"{g['eager_images_per_s']:.1f} | **{g['onnx_over_eager']:.2f}** |"
+                for g in r["onnx_vs_eager_grid"]
+            ),
+            "",
         ]
     )
 
@@ -220,8 +249,11 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         args.bundle = untrained_bundle(args.arch, args.img_size, Path(tmp.name))
     info = load_bundle(args.bundle).info
-    images = photos(args.requests)
+    images = photos(max(args.requests, 320))  # the batch-8 comparison takes 40 batches
+    cpus = len(os.sched_getaffinity(0))
     print("in-process and framework comparison …", file=sys.stderr)
+    grid = framework_grid(args.bundle, images, cpus)
+    images = images[: args.requests]
     result = {
         "model": info.name,
         "arch": info.arch,
@@ -229,10 +261,11 @@ def main() -> None:
         "requests": args.requests,
         "clients": args.clients,
         "threads": args.threads,
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": cpus,
         "precision": "int8" if info.metrics.get("quantization", {}).get("kept") else "fp32",
         "in_process": in_process(args.bundle, images, args.threads),
-        "onnx_vs_eager": onnx_vs_eager(args.bundle, images[:50], args.threads),
+        "onnx_vs_eager": onnx_vs_eager(args.bundle, images[:40], args.threads),
+        "onnx_vs_eager_grid": grid,
     }
     print("HTTP through Ray Serve …", file=sys.stderr)
     result.update(served(args, info.name, images))
