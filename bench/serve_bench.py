@@ -174,7 +174,12 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
     ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        app_args = AppArgs(bundles=[args.bundle], classifier_cpus=float(args.threads))
+        app_args = AppArgs(
+            bundles=[args.bundle],
+            classifier_cpus=float(args.threads),
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+        )
         serve.run(build_app(app_args), name="bench", route_prefix="/")
         base = f"http://127.0.0.1:{args.port}"
         wait_ready(base)
@@ -192,6 +197,10 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
         ray.shutdown()
 
 
+def _wait(seconds: float | None) -> str:
+    return "the app's default wait" if seconds is None else f"waiting at most {seconds * 1000:g} ms"
+
+
 def markdown(r: dict) -> str:
     http, local, fw = r["http"], r["in_process"], r["onnx_vs_eager"]
     pred, expl = r["predict_latency"], r["explain_latency"]
@@ -200,7 +209,8 @@ def markdown(r: dict) -> str:
             f"# Serving benchmark: {r['model']} ({r['arch']}, input {r['input_size']})",
             "",
             f"{r['requests']} JPEGs (640x480 to 1024x768), {r['clients']} HTTP clients, "
-            f"{r['threads']} onnxruntime/torch thread(s), {r['cpus']} CPUs; "
+            f"{r['threads']} onnxruntime/torch thread(s), {r['cpus']} CPUs, batches of up to "
+            f"{r['max_batch_size']} ({_wait(r['batch_wait_timeout_s'])}); "
             f"the bundle's model.onnx is {r['precision']}.",
             "",
             "| measure | value |",
@@ -239,6 +249,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--explain-requests", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime/torch threads")
+    defaults = AppArgs(bundles=["-"])
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    p.add_argument("--batch-wait-timeout-s", type=float, help="default: the app's (0 on CPU)")
     p.add_argument("--port", type=int, default=8770)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -261,6 +274,8 @@ def main() -> None:
         "requests": args.requests,
         "clients": args.clients,
         "threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "cpus": cpus,
         "precision": "int8" if info.metrics.get("quantization", {}).get("kept") else "fp32",
         "in_process": in_process(args.bundle, images, args.threads),

@@ -12,7 +12,7 @@ from ray.serve import Application
 
 from carclf.bundle import load_bundle
 from carclf.errors import UserInputError
-from serve.deployments import Classifier, Explainer
+from serve.deployments import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, Classifier, Explainer
 from serve.ingress import Ingress, ServeSettings
 
 
@@ -21,8 +21,10 @@ class AppArgs(BaseModel):
 
     bundles: list[str] = Field(min_length=1, description="bundle directories, one model each")
     settings: ServeSettings = Field(default_factory=ServeSettings)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1)
+    batch_wait_timeout_s: float | None = Field(
+        None, ge=0.0, description="how long a batch waits to fill; default 0 on CPU, 10 ms on GPU"
+    )
     classifier_replicas: int = Field(1, ge=1)
     # Logical CPUs reserved per replica. Small defaults let several models share a laptop;
     # onnxruntime and torch use max(1, int(cpus)) threads, never more than reserved.
@@ -37,7 +39,9 @@ def build_app(args: AppArgs) -> Application:
     classifiers, explainers, preprocess = {}, {}, {}
     batching = {
         "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s
+        if args.batch_wait_timeout_s is not None
+        else BATCH_WAIT_TIMEOUT_S["gpu" if args.use_gpu else "cpu"],
     }
     for path in args.bundles:
         info = load_bundle(path, verify=False).info
