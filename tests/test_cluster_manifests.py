@@ -38,9 +38,14 @@ def test_rayjob_runs_the_pipeline_on_a_committed_config() -> None:
     assert entry.startswith("python -m jobs.pipeline") and (ROOT / config).is_file()
 
 
-def test_rayservice_embeds_serve_config_verbatim() -> None:
+def test_rayservice_embeds_serve_config_but_listens_on_the_pod() -> None:
     embedded = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())["spec"]["serveConfigV2"]
-    assert yaml.safe_load(embedded) == yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    on_k8s = yaml.safe_load(embedded)
+    local = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    assert local["http_options"]["host"] == "127.0.0.1"  # a laptop binds loopback
+    assert on_k8s["http_options"].pop("host") == "0.0.0.0"  # the serve Service reaches the pod
+    local["http_options"].pop("host")
+    assert on_k8s == local
 
 
 @pytest.mark.parametrize("name", ["launcher-aws.yaml", "launcher-gcp.yaml"])
