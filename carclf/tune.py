@@ -176,7 +176,7 @@ def fit_concurrency(cfg: Config, cluster_cpus: float) -> int:
         UserInputError: when not even one trial fits.
     """
     per_trial = cfg.tune.trial_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    fits = int(cluster_cpus // per_trial + 1e-9)
+    fits = int(cluster_cpus / per_trial + 1e-9)  # tolerance before truncating: 1.9999999 is 2
     if fits < 1:
         raise UserInputError(
             f"tune: one trial needs {per_trial:g} CPUs (trial_cpus + num_workers × "
