@@ -34,12 +34,13 @@ from carclf.config import validate_config
 from carclf.data.audit import write_audit
 from carclf.data.synth import write_toy_dataset
 from carclf.data.transforms import load_image
-from carclf.demo import wait_ready
 from carclf.explain import Explainer
 from carclf.export import export_run
 from carclf.inference import OnnxClassifier
 from carclf.train import init_run
-from serve.app import AppArgs, build_app
+from serve.app import AppArgs
+from serve.client import wait_ready
+from serve.launch import start_app
 
 
 def photos(count: int, seed: int = 0) -> list[bytes]:
@@ -173,15 +174,13 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
 
     ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app_args = AppArgs(
             bundles=[args.bundle],
             classifier_cpus=float(args.threads),
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_timeout_s,
         )
-        serve.run(build_app(app_args), name="bench", route_prefix="/")
-        base = f"http://127.0.0.1:{args.port}"
+        base = start_app(app_args, port=args.port, name="bench")
         wait_ready(base)
         predict = f"{base}/v1/models/{name}:predict"
         sequential(predict, images[:5])  # warm-up

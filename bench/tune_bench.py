@@ -28,7 +28,7 @@ from pathlib import Path
 from carclf.config import load_config
 from carclf.data.audit import write_audit
 from carclf.data.synth import write_toy_dataset
-from carclf.tune import run_tune
+from carclf.search.tune import run_tune
 
 ARMS = {"asha+optuna": ("optuna", "asha"), "fifo+random": ("random", "fifo")}
 

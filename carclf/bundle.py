@@ -1,8 +1,10 @@
-"""The model bundle: the only hand-off from training to serving.
+"""The model bundle: the only hand-off from training to serving (docs/ARCHITECTURE.md).
 
 A directory written atomically (temp dir + rename) holding ``model.onnx``, ``weights.safetensors``
 and ``bundle.json``. Loading verifies every file's sha256 and the label count, and says which
-check failed.
+check failed. ``bundle.json`` keeps the preprocessing's fields at its top level (``input_size``,
+``mean``, ``std``, ``interpolation``, ``crop_pct``); in Python they are one
+:class:`~carclf.data.transforms.Preprocess`, ``BundleInfo.preprocess``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from carclf import __version__
 from carclf.data.manifest import file_sha256
@@ -30,7 +39,7 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 
 
 class BundleInfo(BaseModel):
-    """The contents of ``bundle.json`` (DESIGN.md)."""
+    """The contents of ``bundle.json`` (docs/ARCHITECTURE.md, "The model bundle")."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -39,11 +48,7 @@ class BundleInfo(BaseModel):
     labels: list[str]
     arch: str
     num_classes: int
-    input_size: tuple[int, int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    crop_pct: float
+    preprocess: Preprocess  # flat in bundle.json: input_size, mean, std, interpolation, crop_pct
     cam_target_layer: str
     temperature: float = 1.0  # logits are divided by it before the softmax (calibration)
     model_spec: dict[str, Any] = {}
@@ -53,16 +58,28 @@ class BundleInfo(BaseModel):
     carclf_version: str = __version__
     created_at: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_preprocess(cls, data: Any) -> Any:
+        """bundle.json's flat preprocessing fields → ``preprocess``."""
+        if isinstance(data, dict) and "preprocess" not in data:
+            data = dict(data)
+            fields = {k: data.pop(k) for k in Preprocess.model_fields if k in data}
+            data["preprocess"] = fields
+        return data
+
+    @model_serializer(mode="wrap")
+    def _flatten_preprocess(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``preprocess`` → bundle.json's flat fields, in its place among the keys."""
+        out: dict[str, Any] = {}
+        for key, value in handler(self).items():
+            out.update(value if key == "preprocess" else {key: value})
+        return out
+
     @property
-    def preprocess(self) -> Preprocess:
-        """The preprocessing the model was trained with, for :func:`eval_transform`."""
-        return Preprocess(
-            input_size=self.input_size,
-            mean=self.mean,
-            std=self.std,
-            interpolation=self.interpolation,
-            crop_pct=self.crop_pct,
-        )
+    def input_size(self) -> tuple[int, int, int]:
+        """The model's input ``(C, H, W)``."""
+        return self.preprocess.input_size
 
 
 class Bundle:

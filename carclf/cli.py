@@ -7,9 +7,9 @@ else. Each command prints the path of what it wrote as the last line of standard
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> str:
 
 def cmd_tune(args: argparse.Namespace) -> str:
     from carclf.config import load_config
-    from carclf.tune import run_tune
+    from carclf.search.tune import run_tune
 
     out = run_tune(load_config(args.config, args.set))
     print((out / "comparison.md").read_text(), file=sys.stderr)
@@ -108,9 +108,10 @@ def cmd_compare(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> str:
-    from carclf.export import export_run
+    from carclf.export import export_run, export_settings
 
-    bundle = export_run(args.run, args.out, name=args.name)
+    settings = export_settings(args.run, args.set) if args.set else None
+    bundle = export_run(args.run, args.out, name=args.name, settings=settings)
     return str(bundle.path)
 
 
@@ -144,17 +145,11 @@ def cmd_explain(args: argparse.Namespace) -> str:
 def cmd_serve(args: argparse.Namespace) -> str:
     from ray import serve
 
-    from carclf.runtime import ensure_ray
+    from serve.launch import app_args, start_app
 
-    app = build_serve_app(args.bundles, api_key=args.api_key)
-    ensure_ray()
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="carclf", route_prefix="/", blocking=False)
-    url = f"http://{args.host}:{args.port}"
+    url = start_app(app_args(args.bundles, args.api_key), host=args.host, port=args.port)
     print(f"serving {', '.join(args.bundles)} at {url} (Ctrl-C to stop)", file=sys.stderr)
     try:
-        import time
-
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -162,21 +157,63 @@ def cmd_serve(args: argparse.Namespace) -> str:
     return url
 
 
+def cmd_pipeline(args: argparse.Namespace) -> str:
+    from carclf.config import load_config
+    from carclf.pipeline import progress, run_pipeline
+
+    result = run_pipeline(load_config(args.config, args.set), staging=args.staging)
+    print(f"test accuracy: {result.evaluation.metrics['summary']['acc']:.4f}")
+    if args.deploy:
+        from serve.launch import app_args, start_app
+
+        bundle = result.bundle
+        # The app outlives this process (Serve's controller is detached). Its replicas load
+        # the bundle from this path, so on several machines it must be on a shared filesystem.
+        url = start_app(app_args([bundle.path]), port=args.serve_port, name=bundle.info.name)
+        progress(f"serving {bundle.info.name} at {url}")
+    return result.bundle_uri
+
+
 def cmd_demo(args: argparse.Namespace) -> str:
-    from carclf.demo import run_demo
+    import ray
+    from ray import serve
 
-    return str(run_demo(args.config, args.set, build_serve_app, port=args.port))
+    from carclf.config import load_config
+    from carclf.data.manifest import read_manifest
+    from carclf.pipeline import demo_config, progress, run_pipeline
+    from serve.client import query, wait_ready
+    from serve.launch import app_args, start_app
+
+    cfg = demo_config(load_config(args.config, args.set))
+    base = Path(cfg.output_dir).resolve().parent
+    try:
+        result = run_pipeline(cfg)
+        progress(f"Ray Serve on http://127.0.0.1:{args.port}")
+        url = start_app(app_args([result.bundle.path]), port=args.port)
+        wait_ready(url)
+        progress("HTTP predict and explain for a test image")
+        image = Path(read_manifest(result.trained.manifest).split("test")[0][0])
+        answer = query(url, result.bundle.info.name, image, base / "demo_overlay.png")
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    _demo_summary(result, image, answer, base / "demo_overlay.png")
+    return str(base)
 
 
-def build_serve_app(bundles: Sequence[str], api_key: str | None = None):
-    """The Serve application of ``serve/`` for ``bundles``.
-
-    carclf does not import the ``serve`` package (it sits above carclf); like ``serve run``,
-    the CLI resolves the app builder by its import path at run time.
-    """
-    builder = importlib.import_module("serve.app")
-    settings = {"api_key": api_key} if api_key else {}
-    return builder.build_app(builder.AppArgs(bundles=list(bundles), settings=settings))
+def _demo_summary(result, image: Path, answer: dict, overlay: Path) -> None:
+    """The demo's closing lines on standard output."""
+    pred = answer["prediction"]
+    print(f"test accuracy: {result.evaluation.metrics['summary']['acc']:.4f}")
+    print(f"test image:    {image}")
+    print(
+        f"predicted:     {pred['label']} ({pred['score']:.3f}); "
+        f"Grad-CAM explained {answer['explanation']['label']}"
+    )
+    print(f"report:        {result.evaluation.report}")
+    print(f"bundle:        {result.bundle.path}")
+    print(f"overlay:       {overlay}")
 
 
 def _existing(path: str) -> str:
@@ -199,18 +236,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every ``carclf`` command."""
-    parser = argparse.ArgumentParser(prog="carclf", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"carclf {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded data set")
-    p.add_argument("--config", default="jobs/configs/demo.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=cmd_demo)
-
+def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data sets and manifests").add_subparsers(
         dest="data_command", required=True
     )
@@ -247,14 +273,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier import in --out")
     p.set_defaults(func=cmd_stanford)
 
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    """The commands that take a config: demo, pipeline, train, tune."""
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded data set")
+    p.add_argument("--config", default="jobs/configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_demo)
+    add_pipeline_args(sub.add_parser("pipeline", help=PIPELINE_HELP))
     p = sub.add_parser("train", help="Ray Train fine-tuning")
     _config_args(p)
     p.set_defaults(func=cmd_train)
-
     p = sub.add_parser("tune", help="Ray Tune + Optuna search with ASHA and collapse detection")
     _config_args(p)
     p.set_defaults(func=cmd_tune)
 
+
+PIPELINE_HELP = "audit → search → final training → export → evaluation (→ --deploy)"
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The pipeline's arguments (``carclf pipeline`` and ``python -m jobs.pipeline``)."""
+    _config_args(p)
+    p.add_argument("--staging", type=Path, help="local staging dir for a URI output_dir")
+    p.add_argument("--deploy", action="store_true", help="serve the bundle with Ray Serve")
+    p.add_argument("--serve-port", type=int, default=8000)
+    p.set_defaults(func=cmd_pipeline)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    """The commands that take a run or a bundle: evaluate, compare, export."""
     p = sub.add_parser("evaluate", help="metrics, plots and a report for a run or bundle")
     p.add_argument("source", help="run directory or bundle directory")
     p.add_argument("--manifest", required=True)
@@ -262,26 +311,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--gallery", type=int, default=12, help="Grad-CAM overlays per gallery")
     p.set_defaults(func=cmd_evaluate)
-
     p = sub.add_parser("compare", help="evaluate several runs or bundles; one comparison table")
     p.add_argument("sources", nargs="+", help="run directories or bundle directories")
     p.add_argument("--manifest", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
-
     p = sub.add_parser("export", help="ONNX + safetensors bundle with the parity check")
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--name", help="model name in the bundle (default: the config's task)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="export.KEY=VALUE",
+        help="override the run's export settings, e.g. --set export.quantize=true",
+    )
     p.set_defaults(func=cmd_export)
 
+
+def _add_bundles(sub: argparse._SubParsersAction) -> None:
+    """The commands that use a bundle: predict, explain, serve."""
     p = sub.add_parser("predict", help="top-k predictions from a bundle, without Serve")
     p.add_argument("bundle")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_predict)
-
     p = sub.add_parser("explain", help="Grad-CAM overlays from a bundle, without Serve")
     p.add_argument("bundle")
     p.add_argument("images", nargs="+")
@@ -290,29 +346,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="class name or index (default: the predicted class)")
     p.add_argument("--target-layer", help="module to hook (default: the bundle's)")
     p.set_defaults(func=cmd_explain)
-
     p = sub.add_parser("serve", help="the Serve app on a local Ray")
     p.add_argument("bundles", nargs="+")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require this key in the x-api-key header")
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``carclf`` command."""
+    parser = argparse.ArgumentParser(prog="carclf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"carclf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_runs(sub)
+    _add_data(sub)
+    _add_models(sub)
+    _add_bundles(sub)
     return parser
+
+
+def run(args: argparse.Namespace, prog: str = "carclf") -> int:
+    """Run a parsed command: its output path last on stdout; exit code 0, 2 or 130."""
+    try:
+        out = args.func(args)
+    except UserInputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(out, flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``carclf`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        out = args.func(args)
-    except UserInputError as exc:
-        print(f"carclf: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    print(out)
-    return 0
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ go beside them. ``compare`` evaluates several models on the same split and tabul
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from collections.abc import Callable
@@ -23,13 +22,12 @@ import torch
 
 from carclf.bundle import BUNDLE_FILE, load_bundle
 from carclf.data.manifest import read_manifest
-from carclf.data.transforms import eval_transform, load_image
+from carclf.data.transforms import load_image
 from carclf.errors import UserInputError
 from carclf.explain import Explainer
 from carclf.inference import OnnxClassifier
 from carclf.metrics import (
     confusion,
-    fit_temperature,
     full_metrics,
     reliability,
     roc_auc_per_class,
@@ -44,12 +42,21 @@ from carclf.plots import (
     plot_training_curves,
 )
 from carclf.report import audit_summary, write_html_report
-from carclf.train import load_run
+from carclf.runs import EPOCHS_FILE, load_run
+from carclf.scoring import (
+    LogitsFn,
+    Records,
+    paths_of,
+    score,
+    targets_of,
+    torch_logits,
+    validation_temperature,
+)
+from carclf.tables import markdown_table, number_cell, write_csv
 
 PREDICTIONS_FILE = "predictions.parquet"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
-BATCH = 64
 
 
 @dataclass
@@ -59,7 +66,7 @@ class Model:
     source: Path
     kind: str  # "run" or "bundle"
     labels: list[str]
-    logits: Callable[[list[str]], np.ndarray]  # image paths → the model's own logits [N, K]
+    logits: LogitsFn  # image paths → the model's own logits [N, K]
     temperature: float | None  # the bundle's softmax temperature; None: fit on validation
     explainer: Callable[[], Explainer]
     config: dict
@@ -92,19 +99,12 @@ def load_model(source: str | Path) -> Model:
             epochs_csv=None,
         )
     trained = load_run(source)
-    transform = eval_transform(trained.preprocess)
-
-    def logits(paths: list[str]) -> np.ndarray:
-        batch = torch.stack([transform(load_image(p)) for p in paths])
-        with torch.no_grad():
-            return trained.model(batch).numpy()
-
-    epochs = source / "epochs.csv"
+    epochs = source / EPOCHS_FILE
     return Model(
         source=source,
         kind="run",
         labels=trained.labels,
-        logits=logits,
+        logits=torch_logits(trained.model, trained.preprocess),
         temperature=None,
         explainer=lambda: Explainer(trained.model, trained.preprocess, trained.labels),
         config=trained.cfg.model_dump(mode="json"),
@@ -112,21 +112,13 @@ def load_model(source: str | Path) -> Model:
     )
 
 
-def _score(paths: list[str], logits: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-    return np.concatenate([logits(paths[i : i + BATCH]) for i in range(0, len(paths), BATCH)])
-
-
-def _targets(records: list[tuple[str, int]]) -> np.ndarray:
-    return np.array([y for _, y in records])
-
-
-def _temperature(model: Model, val: list[tuple[str, int]]) -> tuple[float, str]:
+def _temperature(model: Model, val: Records) -> tuple[float, str]:
     """The bundle's temperature, or one fitted on the manifest's validation split for a run."""
     if model.temperature is not None:
         return model.temperature, "bundle.json"
-    if not val:
+    fitted = validation_temperature(model.logits, val)
+    if fitted is None:
         return 1.0, "no validation images: not fitted"
-    fitted = fit_temperature(_score([p for p, _ in val], model.logits), _targets(val))
     return fitted, "fitted on the validation split"
 
 
@@ -288,10 +280,10 @@ def evaluate(
     records = data.split(split)
     if not records:
         raise UserInputError(f"{manifest}: split {split!r} is empty")
-    paths = [p for p, _ in records]
-    y_true = _targets(records)
+    paths = paths_of(records)
+    y_true = targets_of(records)
     temperature, how = _temperature(model, data.split("val"))
-    logits = _score(paths, model.logits).astype(np.float64)
+    logits = score(paths, model.logits).astype(np.float64)
     probs = softmax(logits / temperature)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(paths, y_true, probs, model.labels, out / PREDICTIONS_FILE, logits)
@@ -330,12 +322,6 @@ COMPARE_COLUMNS = (
 )
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def compare(sources: list[str | Path], manifest: str | Path, split: str, out: str | Path) -> Path:
     """Evaluate each run or bundle on the same split; write ``comparison.csv`` and ``.md``.
 
@@ -353,12 +339,8 @@ def compare(sources: list[str | Path], manifest: str | Path, split: str, out: st
             | {k: result.metrics["summary"][k] for k in COMPARE_COLUMNS}
         )
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "comparison.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row.values()) + " |" for row in rows]
+    write_csv(rows, out / "comparison.csv")
+    lines = markdown_table(rows, number_cell(digits=4, missing="n/a"))
     md = out / "comparison.md"
     md.write_text(f"# Comparison on `{split}` of `{manifest}`\n\n" + "\n".join(lines) + "\n")
     return md

@@ -21,15 +21,25 @@ from carclf.bundle import (
     BundleInfo,
     write_bundle,
 )
+from carclf.config import ExportConfig, apply_overrides, validate_config
 from carclf.data.manifest import Manifest, file_sha256, read_manifest
-from carclf.data.transforms import eval_transform, load_image
+from carclf.data.transforms import Preprocess, eval_transform
 from carclf.errors import UserInputError
 from carclf.explain import target_layer_for
 from carclf.inference import onnx_session
-from carclf.metrics import core_metrics, fit_temperature, softmax, temperature_effect
+from carclf.metrics import core_metrics, softmax, temperature_effect
 from carclf.quantize import try_int8
 from carclf.report import model_card
-from carclf.train import load_run
+from carclf.runs import TrainedModel, load_run, load_run_config
+from carclf.scoring import (
+    Records,
+    load_batch,
+    onnx_logits,
+    paths_of,
+    score,
+    targets_of,
+    validation_temperature,
+)
 
 
 class ParityError(RuntimeError):
@@ -78,100 +88,105 @@ def parity_check(
     return report
 
 
-def _load_batch(paths: list[str], transform) -> torch.Tensor:
-    return torch.stack([transform(load_image(p)) for p in paths])
-
-
-def _onnx_logits(onnx_path: Path, records: list[tuple[str, int]], transform) -> np.ndarray:
-    session, _ = onnx_session(str(onnx_path), threads=torch.get_num_threads())
-    logits = []
-    for start in range(0, len(records), 64):
-        batch = _load_batch([p for p, _ in records[start : start + 64]], transform).numpy()
-        logits.append(session.run(["logits"], {"input": batch})[0])
-    return np.concatenate(logits)
-
-
 def _calibrated_metrics(
-    onnx_path: Path, val: list[tuple[str, int]], test: list[tuple[str, int]], transform
+    shipped: Path, pre: Preprocess, val: Records, test: Records
 ) -> tuple[float, dict]:
     """Fit the temperature on the validation split; test figures with it applied."""
-    temperature = 1.0
-    if val:
-        temperature = fit_temperature(_onnx_logits(onnx_path, val, transform), _targets(val))
-    logits, y = _onnx_logits(onnx_path, test, transform), _targets(test)
+    logits_of = onnx_logits(str(shipped), pre)
+    fitted = validation_temperature(logits_of, val)
+    temperature = 1.0 if fitted is None else fitted
+    logits, y = score(paths_of(test), logits_of), targets_of(test)
     metrics = {f"test_{k}": v for k, v in core_metrics(y, softmax(logits / temperature)).items()}
-    source = "fitted on val" if val else "no validation images: not fitted"
+    source = "no validation images: not fitted" if fitted is None else "fitted on val"
     metrics["calibration"] = temperature_effect(logits, y, temperature, source)
     return temperature, metrics
 
 
-def _targets(records: list[tuple[str, int]]) -> np.ndarray:
-    return np.array([y for _, y in records])
-
-
 def _maybe_int8(
-    cfg_export: Any, fp32: Path, manifest: Manifest, records: list, batch: torch.Tensor, transform
+    settings: ExportConfig,
+    fp32: Path,
+    pre: Preprocess,
+    manifest: Manifest,
+    records: Records,
+    batch: torch.Tensor,
 ) -> tuple[Path, dict[str, Any] | None]:
     """The model to ship: the int8 one where ``export.quantize`` asks and it pays (quantize.py)."""
     train = manifest.split("train")
-    if not cfg_export.quantize or not train:
+    if not settings.quantize or not train:
         return fp32, None
     # An even spread over the training split, whatever its order (it is sorted by class).
-    picks = np.linspace(0, len(train) - 1, min(cfg_export.calibration_images, len(train)))
-    calibration = _load_batch([train[int(i)][0] for i in picks], transform).numpy()
-    y = _targets(records)
+    picks = np.linspace(0, len(train) - 1, min(settings.calibration_images, len(train)))
+    calibration = load_batch([train[int(i)][0] for i in picks], eval_transform(pre)).numpy()
+    y = targets_of(records)
 
     def accuracy(model: Path) -> float:
-        return core_metrics(y, softmax(_onnx_logits(model, records, transform)))["acc"]
+        probs = softmax(score(paths_of(records), onnx_logits(str(model), pre)))
+        return core_metrics(y, probs)["acc"]
 
-    return try_int8(fp32, calibration, batch.numpy(), accuracy, cfg_export.max_accuracy_drop)
+    return try_int8(fp32, calibration, batch.numpy(), accuracy, settings.max_accuracy_drop)
 
 
-def export_run(run_dir: str | Path, out: str | Path, name: str | None = None) -> Bundle:
+def export_settings(run_dir: str | Path, overrides: list[str]) -> ExportConfig:
+    """The run's ``export`` section with ``--set export.…`` overrides applied and validated."""
+    for item in overrides:
+        if not item.partition("=")[0].strip().startswith("export."):
+            raise UserInputError(f"--set {item!r}: carclf export takes only export.* keys")
+    cfg = load_run_config(run_dir)
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    return validate_config(raw, source=f"{run_dir} with --set").export
+
+
+def _bundle_info(
+    trained: TrainedModel, name: str | None, metrics: dict, temperature: float, manifest: Path
+) -> BundleInfo:
+    cfg = trained.cfg
+    return BundleInfo(
+        name=name or cfg.task,
+        task=cfg.task,
+        labels=trained.labels,
+        arch=cfg.model.name,
+        num_classes=len(trained.labels),
+        preprocess=trained.preprocess,
+        cam_target_layer=target_layer_for(trained.model),
+        temperature=temperature,
+        model_spec=cfg.model.model_dump(mode="json") | {"pretrained": False},
+        metrics=metrics,
+        manifest_sha256=file_sha256(manifest),
+    )
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    settings: ExportConfig | None = None,
+) -> Bundle:
     """Export the best checkpoint of ``run_dir`` into the bundle directory ``out``.
 
     The parity check runs on the first ``export.parity_images`` test images (validation images
     when the test split is empty), and the bundle's metrics are onnxruntime's on the test split,
     of the model it ships (INT8 where ``export.quantize`` is on and the int8 model pays).
     The softmax temperature is fitted on the validation split; ``MODEL_CARD.md`` describes it all.
+    ``settings`` replace the run's own ``export`` section (``carclf export --set export.…``).
     """
     trained = load_run(run_dir)
-    cfg, model = trained.cfg, trained.model
+    settings = settings or trained.cfg.export
+    model, pre = trained.model, trained.preprocess
     manifest = read_manifest(trained.manifest)
     records = manifest.split("test") or manifest.split("val")
     if not records:
         raise UserInputError(f"{manifest.path}: no test or validation images for the parity check")
-    transform = eval_transform(trained.preprocess)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_tmp = Path(tmp) / ONNX_FILE
-        export_onnx(model, trained.preprocess.input_size, onnx_tmp, cfg.export.opset)
-        batch = _load_batch([p for p, _ in records[: cfg.export.parity_images]], transform)
-        parity = parity_check(model, onnx_tmp, batch, cfg.export.atol)
-        shipped, int8 = _maybe_int8(cfg.export, onnx_tmp, manifest, records, batch, transform)
-        temperature, metrics = _calibrated_metrics(
-            shipped, manifest.split("val"), records, transform
-        )
+        export_onnx(model, pre.input_size, onnx_tmp, settings.opset)
+        batch = load_batch(paths_of(records[: settings.parity_images]), eval_transform(pre))
+        parity = parity_check(model, onnx_tmp, batch, settings.atol)
+        shipped, int8 = _maybe_int8(settings, onnx_tmp, pre, manifest, records, batch)
+        temperature, metrics = _calibrated_metrics(shipped, pre, manifest.split("val"), records)
         metrics["parity"] = parity  # of the fp32 export against PyTorch
         if int8 is not None:
             metrics["quantization"] = int8
-        pre = trained.preprocess
-        info = BundleInfo(
-            name=name or cfg.task,
-            task=cfg.task,
-            labels=trained.labels,
-            arch=cfg.model.name,
-            num_classes=len(trained.labels),
-            input_size=pre.input_size,
-            mean=pre.mean,
-            std=pre.std,
-            interpolation=pre.interpolation,
-            crop_pct=pre.crop_pct,
-            cam_target_layer=target_layer_for(model),
-            temperature=temperature,
-            model_spec=cfg.model.model_dump(mode="json") | {"pretrained": False},
-            metrics=metrics,
-            manifest_sha256=file_sha256(manifest.path),
-        )
+        info = _bundle_info(trained, name, metrics, temperature, manifest.path)
         weights = {k: v.contiguous() for k, v in model.state_dict().items()}
         return write_bundle(
             out,

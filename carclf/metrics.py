@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Literal, TypeVar
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -39,6 +41,33 @@ from sklearn.preprocessing import label_binarize
 
 SCHEMA_VERSION = 1
 ECE_BINS = 15
+
+Mode = Literal["max", "min"]
+T = TypeVar("T")
+
+
+# --- direction: whether a metric is better high or low ---------------------------------------
+
+
+def metric_mode(metric: str) -> Mode:
+    """``min`` for losses and error rates (``val_loss``, ``log_loss``, ``ece``), else ``max``.
+
+    The one rule for a metric's direction: early stopping, checkpoint ranking and the plateau
+    schedule follow it for ``train.monitor``; a search states its own (``tune.mode``).
+    """
+    name = metric.removeprefix("val_").removeprefix("test_")
+    return "min" if name.endswith("loss") or name == "ece" else "max"
+
+
+def better_sign(mode: Mode) -> float:
+    """+1 when higher is better, -1 when lower is: ``sign * value`` is always to maximise."""
+    return 1.0 if mode == "max" else -1.0
+
+
+def best_of(items: Iterable[T], score: Callable[[T], float], mode: Mode) -> T:
+    """The item whose ``score`` is best in direction ``mode`` (the first of equals)."""
+    sign = better_sign(mode)
+    return max(items, key=lambda item: sign * score(item))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from timm.models import register_model
 from torch import nn
 
 from carclf.config import ModelConfig
+from carclf.data.transforms import Preprocess, preprocess_for
 from carclf.errors import UserInputError
 
 SCRATCH_DATA_CFG: dict[str, Any] = {
@@ -277,6 +278,17 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
     if cfg.head_hidden:
         mlp_head(model, cfg.head_hidden, cfg.drop_rate, num_classes)
     return model
+
+
+def model_preprocess(cfg: ModelConfig) -> Preprocess:
+    """The preprocessing of ``cfg``'s model: timm's data config with ``img_size``/``crop_pct``.
+
+    Resolved once on the driver and handed to every stage (workers, checkpoints, the bundle).
+    The model is built on the meta device: its config is all that is read, no weights.
+    """
+    with torch.device("meta"):
+        model = create_model(cfg, num_classes=2, pretrained=False)
+    return preprocess_for(model, cfg.img_size, cfg.crop_pct)
 
 
 def mlp_head(model: nn.Module, hidden: int, drop_rate: float, num_classes: int) -> nn.Module:

@@ -1,17 +1,21 @@
-"""The pipeline: data audit → search → final training → export (parity-gated bundle) → evaluation.
+"""The stage sequence: data check → audit → search → final training → export → evaluation.
 
-``run_pipeline`` is the part after the data stage (Ray Train → bundle → evaluation), shared by
-``carclf demo`` and the cluster job. ``run_job`` is the whole pipeline that ``jobs.pipeline``
-submits: it checks the data set first (a missing one fails in seconds, before Ray starts), audits
-``data.root``, runs the ``tune`` studies and trains the winner. Outputs sit beside the final run
-directory: for ``output_dir: runs/x/train`` the manifest is ``runs/x/manifest.parquet``, the search
-``runs/x/tune``, the bundle ``runs/x/bundle`` and the evaluation ``runs/x/eval``. A URI
-``output_dir`` (``s3://…``) gets the same layout there: Ray Train writes its checkpoints straight
-to it and the rest is written to a local staging directory and copied up (:mod:`carclf.storage`).
+The one orchestration of the stages, used by ``carclf pipeline``, ``carclf demo`` and the
+cluster job ``jobs.pipeline``; deploying the bundle with Ray Serve is those entry points' last
+step (``carclf`` never imports ``serve``). :func:`run_pipeline` checks the data set first (a
+missing one fails in seconds, before Ray starts), audits ``data.root``, runs the ``tune``
+studies, trains the winner, exports and evaluates it.
+
+Outputs sit beside the final run directory: for ``output_dir: runs/x/train`` the manifest is
+``runs/x/manifest.parquet``, the search ``runs/x/tune``, the bundle ``runs/x/bundle`` and the
+evaluation ``runs/x/eval``. A URI ``output_dir`` (``s3://…``) gets the same layout there: Ray
+Train writes its checkpoints straight to it and the rest is written to a local staging
+directory and copied up (:mod:`carclf.storage`).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from pyarrow import fs as pafs
 
-from carclf.config import Config, load_config
+from carclf.config import Config, load_config, save_config
 from carclf.errors import UserInputError
 from carclf.storage import Storage, open_storage
 
@@ -31,50 +35,23 @@ if TYPE_CHECKING:
     from carclf.evaluate import EvalResult
     from carclf.train import TrainResult
 
+BUNDLE_DIR, EVAL_DIR, TUNE_DIR, DEMO_DATA_DIR = "bundle", "eval", "tune", "data"
+
 
 @dataclass
 class PipelineResult:
+    """What the pipeline produced; ``bundle_uri`` is where the bundle now lives."""
+
     trained: TrainResult
     bundle: Bundle
     evaluation: EvalResult
+    experiment: Path | None
+    bundle_uri: str
 
 
 def progress(text: str) -> None:
     """One progress line on stderr."""
     print(f"[carclf] {text}", file=sys.stderr, flush=True)
-
-
-def run_pipeline(
-    cfg: Config, bundle_name: str | None = None, storage: Storage | None = None
-) -> PipelineResult:
-    """Train ``cfg``, export its best checkpoint and evaluate the bundle on the test split.
-
-    ``storage`` receives Ray Train's checkpoints (default: ``cfg.output_dir`` itself).
-    """
-    from carclf.evaluate import evaluate
-    from carclf.export import export_run
-    from carclf.train import run_training
-
-    base = Path(cfg.output_dir).resolve().parent
-    progress(
-        f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
-        f"{cfg.train.epochs} epochs → {cfg.output_dir}"
-    )
-    trained = run_training(cfg, storage=storage)
-    progress("export: ONNX + safetensors, parity check against PyTorch")
-    bundle = export_run(trained.run_dir, base / "bundle", name=bundle_name)
-    progress("evaluate the bundle on the test split")
-    evaluation = evaluate(bundle.path, trained.manifest, "test", base / "eval")
-    return PipelineResult(trained, bundle, evaluation)
-
-
-@dataclass
-class JobResult:
-    """What the whole pipeline produced; ``bundle_uri`` is where the bundle now lives."""
-
-    pipeline: PipelineResult
-    experiment: Path | None
-    bundle_uri: str
 
 
 def check_data(cfg: Config) -> None:
@@ -86,12 +63,9 @@ def check_data(cfg: Config) -> None:
         raise UserInputError(f"data.root: no such directory: {cfg.data.root}")
 
 
-def _with(cfg: Config, **update: object) -> Config:
-    """A copy of ``cfg`` with top-level keys or a new ``data.manifest`` replaced."""
-    if "manifest" in update:
-        data = cfg.data.model_copy(update={"manifest": str(update.pop("manifest"))})
-        update["data"] = data
-    return cfg.model_copy(update=update)
+def with_data(cfg: Config, **data: object) -> Config:
+    """A copy of ``cfg`` with keys of its ``data`` section replaced."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
 
 
 def winner_config(experiment: Path, output_dir: Path) -> Config:
@@ -102,46 +76,94 @@ def winner_config(experiment: Path, output_dir: Path) -> Config:
     return load_config(best, [f"output_dir={output_dir}"])
 
 
-def run_job(
+def _local_run_dir(storage: Storage, staging: Path | None) -> Path:
+    """Where this machine writes the final run: in place, or in a staging directory."""
+    if storage.is_local:
+        return Path(storage.path)
+    run_dir = Path(staging or tempfile.mkdtemp(prefix="carclf-staging-")) / storage.name
+    progress(f"outputs → {storage.path} on {storage.filesystem.type_name}, staged in {run_dir}")
+    return run_dir
+
+
+def _audit(cfg: Config) -> Config:
+    """``cfg`` reading the manifest of its data (``data.root`` audited beside the run)."""
+    from carclf.runs import resolve_manifest
+
+    if not cfg.data.manifest:
+        progress(f"audit {cfg.data.root}")
+    return with_data(cfg, manifest=str(resolve_manifest(cfg)))
+
+
+def _search(cfg: Config, base: Path, run_dir: Path) -> tuple[Config, Path | None]:
+    """Run the ``tune`` studies when the config has them; the winner's config for ``run_dir``."""
+    if cfg.tune is None:
+        return cfg, None
+    from carclf.search.tune import run_tune
+
+    progress(f"search: studies {', '.join(cfg.tune.studies)} → {base / TUNE_DIR}")
+    experiment = run_tune(cfg.model_copy(update={"output_dir": str(base / TUNE_DIR)}))
+    winner = winner_config(experiment, run_dir)
+    progress(f"winner: {winner.model.name}, lr {winner.train.lr:.2e}")
+    return winner, experiment
+
+
+def run_pipeline(
     cfg: Config,
     staging: Path | None = None,
     filesystem: pafs.FileSystem | None = None,
     bundle_name: str | None = None,
-) -> JobResult:
-    """Audit → search (when ``cfg.tune``) → final training → export → evaluation → upload.
+) -> PipelineResult:
+    """Data check → audit → search (when ``cfg.tune``) → final training → export → evaluation.
 
     Args:
-        cfg: the job's config; ``output_dir`` (the final run directory) may be a URI.
+        cfg: the config; ``output_dir`` (the final run directory) may be a URI.
         staging: local directory for what carclf writes when ``output_dir`` is not on the local
             filesystem (default: a new temporary directory).
         filesystem: a pyarrow filesystem that ``output_dir`` is a path inside (instead of a URI).
         bundle_name: the model's name in the bundle (default: the config's task).
     """
     check_data(cfg)
-    from carclf.data.audit import write_audit
-    from carclf.tune import run_tune
+    from carclf.evaluate import evaluate
+    from carclf.export import export_run
+    from carclf.train import run_training
 
     storage = open_storage(cfg.output_dir, filesystem)
-    if storage.is_local:
-        run_dir = Path(storage.path)
-    else:
-        run_dir = Path(staging or tempfile.mkdtemp(prefix="carclf-staging-")) / storage.name
-        progress(f"outputs → {storage.path} on {storage.filesystem.type_name}, staged in {run_dir}")
+    run_dir = _local_run_dir(storage, staging)
     base = run_dir.parent
-    cfg = _with(cfg, output_dir=str(run_dir))
-    if not cfg.data.manifest:
-        progress(f"audit {cfg.data.root}")
-        cfg = _with(
-            cfg, manifest=write_audit(cfg.data.root, base / "manifest.parquet", seed=cfg.seed)
-        )
-    experiment = None
-    if cfg.tune is not None:
-        progress(f"search: studies {', '.join(cfg.tune.studies)} → {base / 'tune'}")
-        experiment = run_tune(_with(cfg, output_dir=str(base / "tune")))
-        cfg = winner_config(experiment, run_dir)
-        progress(f"winner: {cfg.model.name}, lr {cfg.train.lr:.2e}")
-    result = run_pipeline(cfg, bundle_name=bundle_name, storage=storage)
+    cfg, experiment = _search(
+        _audit(cfg.model_copy(update={"output_dir": str(run_dir)})), base, run_dir
+    )
+    progress(
+        f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
+        f"{cfg.train.epochs} epochs → {run_dir}"
+    )
+    trained = run_training(cfg, storage=storage)
+    progress("export: ONNX + safetensors, parity check against PyTorch")
+    bundle = export_run(trained.run_dir, base / BUNDLE_DIR, name=bundle_name)
+    progress("evaluate the bundle on the test split")
+    evaluation = evaluate(bundle.path, trained.manifest, "test", base / EVAL_DIR)
     if not storage.is_local:
         progress(f"copy the outputs up to {storage.parent().uri}")
         storage.parent().upload(base)
-    return JobResult(result, experiment, storage.sibling("bundle").uri)
+    return PipelineResult(trained, bundle, evaluation, experiment, storage.sibling(BUNDLE_DIR).uri)
+
+
+def demo_config(cfg: Config) -> Config:
+    """The demo's config: the embedded toy data set drawn beside ``output_dir``, a fresh run.
+
+    The toy set goes to ``<base>/data`` (drawn once), its audit to the run's manifest place;
+    earlier training, bundle and evaluation outputs are removed, since the demo always trains
+    afresh. The resolved config is saved in ``<base>``.
+    """
+    from carclf.data.synth import write_toy_dataset
+
+    base = Path(cfg.output_dir).resolve().parent
+    data_root = base / DEMO_DATA_DIR
+    if not (data_root / "train").is_dir():
+        progress(f"toy data set → {data_root}")
+        write_toy_dataset(data_root, seed=cfg.seed)
+    for old in (Path(cfg.output_dir), base / BUNDLE_DIR, base / EVAL_DIR):
+        shutil.rmtree(old, ignore_errors=True)
+    cfg = with_data(cfg, root=str(data_root), manifest=None)
+    save_config(cfg, base)
+    return cfg

@@ -20,6 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from carclf.config import Config
+from carclf.metrics import Mode, better_sign, metric_mode
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -57,7 +58,7 @@ class Schedule:
         warmup = t.warmup_epochs * steps_per_epoch
         self.per_step: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
-        self.sign = -1.0 if t.monitor == "val_loss" else 1.0
+        self.sign = better_sign(metric_mode(t.monitor))  # the plateau below maximises
         if kind == "cosine":
 
             def factor(step: int) -> float:
@@ -225,9 +226,9 @@ class EarlyStopping:
         mode: ``max`` for accuracy-like metrics, ``min`` for losses.
     """
 
-    def __init__(self, patience: int | None, mode: str = "max") -> None:
+    def __init__(self, patience: int | None, mode: Mode = "max") -> None:
         self.patience = patience
-        self.sign = 1.0 if mode == "max" else -1.0
+        self.sign = better_sign(mode)
         self.best: float | None = None
         self.bad_epochs = 0
 

@@ -202,13 +202,14 @@ def model_card(info: BundleInfo) -> str:
         if cal
         else "not fitted"
     )
+    pre = info.preprocess
     lines = [
         f"# Model card: {info.name}",
         "",
         f"- task: `{info.task}`",
         f"- architecture: `{info.arch}`, {info.num_classes} classes",
-        f"- input: {info.input_size[1]}×{info.input_size[2]} RGB, mean {list(info.mean)}, "
-        f"std {list(info.std)}, {info.interpolation} resize, crop_pct {info.crop_pct}",
+        f"- input: {pre.input_size[1]}×{pre.input_size[2]} RGB, mean {list(pre.mean)}, "
+        f"std {list(pre.std)}, {pre.interpolation} resize, crop_pct {pre.crop_pct}",
         f"- Grad-CAM layer: `{info.cam_target_layer}`",
         f"- softmax temperature: {info.temperature:.4f} ({calibration})",
         f"- model.onnx: {_precision(info.metrics.get('quantization'))}",

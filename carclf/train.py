@@ -7,8 +7,6 @@ checkpoints. A rerun with the same ``output_dir`` resumes from the last checkpoi
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import tempfile
 import time
@@ -19,25 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from carclf import runs
 from carclf.config import Config, save_config
-from carclf.data.audit import write_audit
 from carclf.data.dataset import ManifestDataset, cache_bytes
 from carclf.data.manifest import Manifest, read_manifest
 from carclf.data.sampling import BalancedDistributedSampler
-from carclf.data.transforms import (
-    Preprocess,
-    cache_resize,
-    eval_transform,
-    preprocess_for,
-    train_transform,
-)
+from carclf.data.transforms import Preprocess, cache_resize, eval_transform, train_transform
 from carclf.errors import UserInputError
-from carclf.metrics import core_metrics, softmax
-from carclf.models import check_model_name, create_model, preflight_pretrained
+from carclf.metrics import best_of, core_metrics, metric_mode, softmax
+from carclf.models import check_model_name, create_model, model_preprocess, preflight_pretrained
 from carclf.recipes import (
     EarlyStopping,
     StepTools,
@@ -48,12 +39,6 @@ from carclf.recipes import (
 )
 from carclf.runtime import ensure_ray
 from carclf.storage import Storage, open_storage
-
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
-META_FILE = "meta.json"
-RUN_FILE = "run.json"
-
 
 # --- plain PyTorch: one epoch of training, predictions over a loader -------------------------
 
@@ -142,43 +127,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --- checkpoints: safetensors weights + the state needed to resume ---------------------------
-
-
-def save_checkpoint(
-    directory: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]
-) -> None:
-    """Write weights (safetensors), optimizer/scheduler state and metadata into ``directory``."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(directory / WEIGHTS_FILE))
-    torch.save(state, directory / STATE_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def checkpoint_meta(
-    cfg: Config, manifest: Manifest, pre: Preprocess, metrics: dict[str, Any], manifest_path: str
-) -> dict[str, Any]:
-    """What a checkpoint carries beside its weights: config, label order, preprocessing."""
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "labels": manifest.labels,
-        "preprocess": pre.model_dump(mode="json"),
-        "metrics": metrics,
-        "manifest": manifest_path,
-    }
-
-
-def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Load ``model.safetensors`` from a checkpoint directory into ``model`` (strict)."""
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
-    return model
-
-
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The metadata of a checkpoint: config, labels, preprocessing, metrics, epoch."""
-    return json.loads((Path(directory) / META_FILE).read_text())
-
-
 # --- the Ray Train worker --------------------------------------------------------------------
 
 
@@ -252,17 +200,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = Config.model_validate(config["cfg"])
+    pre = Preprocess.model_validate(config["preprocess"])  # resolved once, on the driver
     torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))
     seed_everything(cfg.seed)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     manifest = read_manifest(config["manifest"])
     bare = create_model(cfg.model, len(manifest.labels)).to(device)
-    pre = preprocess_for(bare, cfg.model.img_size, cfg.model.crop_pct)
     train_loader, val_loader = _worker_loaders(cfg, manifest, pre, ctx)
     optimizer = build_optimizer(bare, cfg)  # every parameter, before any freezing
     tools = build_step_tools(bare, optimizer, cfg, len(manifest.labels), len(train_loader), device)
-    stopper = EarlyStopping(cfg.train.early_stopping_patience, _mode(cfg.train.monitor))
+    stopper = EarlyStopping(cfg.train.early_stopping_patience, metric_mode(cfg.train.monitor))
     start_epoch = _resume(ray.train.get_checkpoint(), bare, optimizer, tools, stopper)
     model = None
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -288,14 +236,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "schedule": tools.schedule.state_dict(),
             "stopper": vars(stopper),
         }
-        meta = checkpoint_meta(cfg, manifest, pre, metrics, config["manifest"])
+        meta = runs.checkpoint_meta(cfg, manifest, pre, metrics)
         _report(metrics, bare, tools, state, meta, is_chief=ctx.get_world_rank() == 0)
         if stop:
             break
-
-
-def _mode(monitor: str) -> str:
-    return "min" if monitor == "val_loss" else "max"
 
 
 def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
@@ -324,9 +268,9 @@ def _resume(
     if not checkpoint:
         return 0
     with checkpoint.as_directory() as d:
-        load_weights(bare, d)
-        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-    if tools.ema is not None:  # model.safetensors holds the EMA weights; the raw ones are here
+        runs.load_weights(bare, d)
+        state = runs.load_state(d)
+    if tools.ema is not None:  # the checkpoint's weights are the EMA weights; the raw ones are here
         tools.ema.module.load_state_dict(bare.state_dict())
         bare.load_state_dict(state["raw_model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -347,7 +291,7 @@ def _report(
             weights = bare
             if tools.ema is not None:  # export the EMA weights, resume from both
                 weights, state = tools.ema.module, {**state, "raw_model": bare.state_dict()}
-            save_checkpoint(Path(tmp), weights, state, meta)
+            runs.save_checkpoint(Path(tmp), weights, state, meta)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -366,6 +310,24 @@ class TrainResult:
     manifest: Path
 
 
+@dataclass
+class PreparedRun:
+    """What the driver resolves once and hands to every worker: the manifest, preprocessing."""
+
+    run_dir: Path
+    manifest: Manifest
+    preprocess: Preprocess
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    return (
+        f"[carclf] epoch {row['epoch']}: train_loss {row['train_loss']:.3f} "
+        f"val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} "
+        f"val_f1 {row['val_f1_macro']:.3f} lr {row['lr']:.2e} "
+        f"{row['images_per_s']:.0f} img/s"
+    )
+
+
 def _epoch_logger() -> Any:
     import ray.train
 
@@ -378,39 +340,18 @@ def _epoch_logger() -> Any:
 
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
             row = metrics[0]
-            path = self.run_dir / "epochs.csv"
-            new = not path.exists()
-            with path.open("a", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            runs.append_epoch(self.run_dir, row)
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(self.run_dir / runs.TENSORBOARD_DIR))
             for key, value in row.items():
                 if key != "epoch":
                     self.writer.add_scalar(key, value, row["epoch"])
             self.writer.flush()
-            print(
-                f"[carclf] epoch {row['epoch']}: train_loss {row['train_loss']:.3f} "
-                f"val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} "
-                f"val_f1 {row['val_f1_macro']:.3f} lr {row['lr']:.2e} "
-                f"{row['images_per_s']:.0f} img/s",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(_epoch_line(row), file=sys.stderr, flush=True)
 
     return EpochLog
-
-
-def resolve_manifest(cfg: Config) -> Path:
-    """The manifest to train on: ``data.manifest``, or an audit of ``data.root`` into the run."""
-    if cfg.data.manifest:
-        return Path(cfg.data.manifest).resolve()
-    out = Path(cfg.output_dir) / "manifest.parquet"
-    return write_audit(cfg.data.root, out, seed=cfg.seed).resolve()
 
 
 def check_training_input(cfg: Config, manifest: Manifest) -> None:
@@ -427,19 +368,41 @@ def check_training_input(cfg: Config, manifest: Manifest) -> None:
         raise UserInputError("train.batch_size: smaller than scaling.num_workers")
 
 
-def prepare_run(cfg: Config) -> tuple[Path, Manifest]:
-    """Validate everything a run needs before any worker starts; returns the run directory."""
+def prepare_run(cfg: Config) -> PreparedRun:
+    """Validate everything a run needs before any worker starts, and resolve it once."""
     check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
     preflight_pretrained(cfg.model)
     run_dir = Path(cfg.output_dir).resolve()
-    manifest = read_manifest(resolve_manifest(cfg))
+    manifest = read_manifest(runs.resolve_manifest(cfg))
     check_training_input(cfg, manifest)
     save_config(cfg, run_dir)
-    return run_dir, manifest
+    return PreparedRun(run_dir, manifest, model_preprocess(cfg.model))
+
+
+def _run_config(cfg: Config, storage: Storage, callbacks: Sequence[Any]) -> Any:
+    """Ray Train's ``RunConfig``: where checkpoints go, how many are kept, who sees reports."""
+    import ray.train
+
+    run_dir = Path(cfg.output_dir).resolve()
+    threads = str(max(int(cfg.scaling.cpus_per_worker), 1))
+    return ray.train.RunConfig(
+        name=run_dir.name,
+        **storage.ray_storage(),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=2,
+            checkpoint_score_attribute=cfg.train.monitor,
+            checkpoint_score_order=metric_mode(cfg.train.monitor),
+        ),
+        callbacks=[_epoch_logger()(run_dir), *callbacks],
+        worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+        # Train's INFO lines (one per report and rank) would drown carclf's epoch line.
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+    )
 
 
 def fit_run(
-    cfg: Config, manifest: Manifest, callbacks: Sequence[Any] = (), storage: Storage | None = None
+    cfg: Config, run: PreparedRun, callbacks: Sequence[Any] = (), storage: Storage | None = None
 ) -> TrainResult:
     """Run Ray Train for a prepared run; extra ``callbacks`` see every report (Tune's, say).
 
@@ -449,57 +412,43 @@ def fit_run(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    run_dir = Path(cfg.output_dir).resolve()
-    storage = storage or open_storage(str(run_dir))
-    sign = _mode(cfg.train.monitor)
-    threads = str(max(int(cfg.scaling.cpus_per_worker), 1))
+    storage = storage or open_storage(str(run.run_dir))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "manifest": str(manifest.path)},
-        **_ray_datasets(cfg, manifest),
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "manifest": str(run.manifest.path),
+            "preprocess": run.preprocess.model_dump(mode="json"),
+        },
+        **_ray_datasets(cfg, run),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
-        run_config=ray.train.RunConfig(
-            name=run_dir.name,
-            **storage.ray_storage(),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2,
-                checkpoint_score_attribute=cfg.train.monitor,
-                checkpoint_score_order=sign,
-            ),
-            callbacks=[_epoch_logger()(run_dir), *callbacks],
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
-            # Train's INFO lines (one per report and rank) would drown carclf's epoch line.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
+        run_config=_run_config(cfg, storage, callbacks),
     )
     result = trainer.fit()
     if not result.best_checkpoints:
-        raise RuntimeError(f"{run_dir}: training reported no checkpoint (already finished?)")
-    pick = max if sign == "max" else min
-    best_ckpt, best_metrics = pick(result.best_checkpoints, key=lambda c: c[1][cfg.train.monitor])
+        raise RuntimeError(f"{run.run_dir}: training reported no checkpoint (already finished?)")
+    monitor = cfg.train.monitor
+    best_ckpt, best_metrics = best_of(
+        result.best_checkpoints, lambda c: c[1][monitor], metric_mode(monitor)
+    )
     best_dir = Path(best_ckpt.path)
     if not storage.is_local:  # export and evaluation read the checkpoint from local disk
-        best_dir = Path(best_ckpt.to_directory(str(run_dir / "best_checkpoint")))
-    write_run_file(run_dir, best_dir, best_metrics)
-    return TrainResult(run_dir, best_dir, best_metrics, manifest.labels, manifest.path)
+        best_dir = Path(best_ckpt.to_directory(str(run.run_dir / runs.BEST_CHECKPOINT_DIR)))
+    runs.write_run_file(run.run_dir, best_dir, best_metrics)
+    return TrainResult(run.run_dir, best_dir, best_metrics, run.manifest.labels, run.manifest.path)
 
 
-def _ray_datasets(cfg: Config, manifest: Manifest) -> dict[str, Any]:
+def _ray_datasets(cfg: Config, run: PreparedRun) -> dict[str, Any]:
     """The trainer's ``datasets`` and ``dataset_config`` for ``data.loader: ray``, else none.
 
     Prints the decoded-image cache's size when ``data.cache`` is on.
     """
-    if cfg.data.loader != "ray" and not cfg.data.cache:
-        return {}
-    model = create_model(cfg.model, len(manifest.labels), pretrained=False)
-    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
     if cfg.data.cache:
-        size = cache_bytes(manifest, pre, ("train", "val"))
+        size = cache_bytes(run.manifest, run.preprocess, ("train", "val"))
         where = "the object store" if cfg.data.loader == "ray" else "each data-loading process"
         print(f"[carclf] data.cache: {size / 2**20:.1f} MiB in {where}", file=sys.stderr)
     if cfg.data.loader != "ray":
@@ -507,7 +456,7 @@ def _ray_datasets(cfg: Config, manifest: Manifest) -> dict[str, Any]:
     from carclf.data.raydata import ValidationKeptWhole, build_datasets
 
     return {
-        "datasets": build_datasets(cfg, manifest, pre),
+        "datasets": build_datasets(cfg, run.manifest, run.preprocess),
         "dataset_config": ValidationKeptWhole(),
     }
 
@@ -518,17 +467,9 @@ def run_training(cfg: Config, storage: Storage | None = None) -> TrainResult:
     Rerunning with the same ``output_dir`` resumes from the last checkpoint there. ``storage``
     puts the checkpoints elsewhere (see :meth:`fit_run`).
     """
-    _, manifest = prepare_run(cfg)
+    run = prepare_run(cfg)
     ensure_ray()
-    return fit_run(cfg, manifest, storage=storage)
-
-
-def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:
-    """Mark a run finished: ``run.json`` names its best checkpoint and that epoch's metrics."""
-    run = {"best_checkpoint": str(best_checkpoint), "metrics": metrics}
-    path = run_dir / RUN_FILE
-    path.write_text(json.dumps(run, indent=2))
-    return path
+    return fit_run(cfg, run, storage=storage)
 
 
 def init_run(cfg: Config) -> Path:
@@ -536,44 +477,11 @@ def init_run(cfg: Config) -> Path:
 
     For what needs a bundle but no training: serving benchmarks, smoke tests of a new backbone.
     """
-    run_dir, manifest = prepare_run(cfg)
-    model = create_model(cfg.model, len(manifest.labels))
-    pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
-    ckpt = run_dir / "checkpoint_init"
+    run = prepare_run(cfg)
+    model = create_model(cfg.model, len(run.manifest.labels))
+    ckpt = run.run_dir / runs.INIT_CHECKPOINT
     ckpt.mkdir(parents=True, exist_ok=True)
-    meta = checkpoint_meta(cfg, manifest, pre, {}, str(manifest.path))
-    save_checkpoint(ckpt, model, {"epoch": -1}, meta)
-    write_run_file(run_dir, ckpt, {})
-    return run_dir
-
-
-@dataclass
-class TrainedModel:
-    """The best checkpoint of a run, loaded back into PyTorch."""
-
-    model: nn.Module
-    cfg: Config
-    labels: list[str]
-    preprocess: Preprocess
-    metrics: dict[str, Any]
-    manifest: str
-
-
-def load_run(run_dir: str | Path) -> TrainedModel:
-    """Load the best checkpoint of a finished run (``run.json`` names it), in eval mode."""
-    run_file = Path(run_dir) / RUN_FILE
-    if not run_file.is_file():
-        raise UserInputError(f"{run_dir}: not a finished training run (no {RUN_FILE})")
-    ckpt = Path(json.loads(run_file.read_text())["best_checkpoint"])
-    meta = read_meta(ckpt)
-    cfg = Config.model_validate(meta["config"])
-    model = create_model(cfg.model, len(meta["labels"]), pretrained=False)
-    load_weights(model, ckpt).eval()
-    return TrainedModel(
-        model=model,
-        cfg=cfg,
-        labels=meta["labels"],
-        preprocess=Preprocess.model_validate(meta["preprocess"]),
-        metrics=meta["metrics"],
-        manifest=meta["manifest"],
-    )
+    meta = runs.checkpoint_meta(cfg, run.manifest, run.preprocess, {})
+    runs.save_checkpoint(ckpt, model, {"epoch": -1}, meta)
+    runs.write_run_file(run.run_dir, ckpt, {})
+    return run.run_dir

@@ -99,14 +99,12 @@ def served_app(ray_session, served_bundle):
     """
     from ray import serve
 
-    from carclf.cli import build_serve_app
-    from carclf.demo import wait_ready
+    from serve.client import wait_ready
+    from serve.launch import app_args, start_app
 
     url = f"http://127.0.0.1:{SERVE_PORT}"
     serve.shutdown()
-    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-    app = build_serve_app([str(served_bundle.path)], api_key=SERVE_KEY)
-    serve.run(app, name="carclf-test", route_prefix="/")
+    start_app(app_args([served_bundle.path], SERVE_KEY), port=SERVE_PORT, name="carclf-test")
     wait_ready(url)
     yield url
     serve.delete("carclf-test")

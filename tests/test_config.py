@@ -53,6 +53,6 @@ def test_every_committed_config_validates(path: Path) -> None:
     cfg = load_config(path)
     check_model_name(cfg.model.name)
     if cfg.tune is not None:
-        from carclf.tune import check_studies
+        from carclf.search.space import check_studies
 
         check_studies(cfg)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carclf.cli import build_serve_app
 from carclf.data.manifest import read_manifest
-from carclf.demo import query, wait_ready
 from carclf.evaluate import evaluate
 from carclf.export import export_run
 from carclf.train import run_training
+from serve.client import query, wait_ready
+from serve.launch import app_args, start_app
 
 from .conftest import SERVE_PORT, tiny_config
 
@@ -47,7 +47,7 @@ def served(trained, served_app: str, toy_manifest: Path):
 
     result, out = trained
     bundle = export_run(result.run_dir, out / "bundle", name="body")
-    serve.run(build_serve_app([str(bundle.path)]), name="carclf", route_prefix=PREFIX)
+    start_app(app_args([bundle.path]), port=SERVE_PORT, route_prefix=PREFIX)
     wait_ready(URL)
     yield bundle
     serve.delete("carclf")

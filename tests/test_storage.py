@@ -8,7 +8,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from carclf.errors import UserInputError
-from carclf.pipeline import check_data, run_job
+from carclf.pipeline import check_data, run_pipeline
 from carclf.storage import open_storage
 from tests.conftest import tiny_config
 
@@ -65,7 +65,7 @@ def test_job_outputs_on_a_remote_filesystem(
     bucket.mkdir()
     remote = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
     cfg = tiny_config(Path("runs/toy/train"), toy_manifest)
-    result = run_job(cfg, staging=tmp_path / "stage", filesystem=remote)
+    result = run_pipeline(cfg, staging=tmp_path / "stage", filesystem=remote)
     assert result.bundle_uri == "runs/toy/bundle"
     runs = bucket / "runs" / "toy"
     assert list((runs / "train").glob("checkpoint_*/model.safetensors"))

@@ -11,7 +11,8 @@ import yaml
 from carclf.cli import main
 from carclf.config import load_config, validate_config
 from carclf.errors import UserInputError
-from carclf.tune import check_studies, fit_concurrency, run_tune
+from carclf.search.space import check_studies
+from carclf.search.tune import fit_concurrency, run_tune
 
 from .conftest import tiny_config
 
@@ -132,7 +133,7 @@ def _start(tmp_path: Path, toy_manifest: Path, *points: dict, num_samples: int =
 
 
 def test_start_point_travels_to_the_searcher_encoded(tmp_path: Path, toy_manifest: Path) -> None:
-    from carclf.tune import decode_params, encode_params
+    from carclf.search.space import decode_params, encode_params
 
     point = {"train.lr": 0.003, "model.kwargs.filters": [16, 32]}
     study = _start(tmp_path, toy_manifest, point).tune.studies["s"]

@@ -12,7 +12,8 @@ import yaml
 from carclf.cli import main
 from carclf.config import Config, validate_config
 from carclf.plots import plot_param_importances, plot_search_trials
-from carclf.tune_report import best_checkpoint, export_optuna, param_importances
+from carclf.runs import best_checkpoint
+from carclf.search.report import export_optuna, param_importances
 
 from .conftest import tiny_config
 
@@ -110,7 +111,7 @@ def test_unknown_parameter_gets_exit_code_2(
 def test_comparison_names_the_searched_model_and_rounds_scores(
     tmp_path: Path, toy_manifest: Path
 ) -> None:
-    from carclf.tune_report import _markdown, _study_model
+    from carclf.search.report import _study_model, comparison_markdown
 
     raw = tiny_config(tmp_path / "exp", toy_manifest).model_dump(mode="json")
     names = {"type": "choice", "values": ["scratch_cnn", "scratch_cnn_bn"]}
@@ -119,4 +120,4 @@ def test_comparison_names_the_searched_model_and_rounds_scores(
     assert _study_model(cfg, "s", {"param:model.name": "scratch_cnn_bn"}) == "scratch_cnn_bn"
     assert _study_model(cfg, "s", None) == "scratch_cnn | scratch_cnn_bn"
     row = {"study": "s", "best_val_acc": 0.8107142857, "best_trial": "_trial_f13c7d4a_1_lr=0.1"}
-    assert _markdown([row])[-1] == "| s | 0.811 | _trial_f13c7d4a |"
+    assert comparison_markdown([row])[-1] == "| s | 0.811 | _trial_f13c7d4a |"

@@ -9,35 +9,23 @@ parameter importances come (``optuna.importance``).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from carclf.collapse import confusion_pattern
-from carclf.config import Config, SearchParam
+from carclf.config import Config
 from carclf.data.manifest import Manifest
+from carclf.metrics import best_of
 from carclf.plots import plot_param_importances, plot_search_trials
+from carclf.runs import finish_unfinished
+from carclf.search.space import optuna_distribution, optuna_value
+from carclf.tables import markdown_table, number_cell, write_csv
 
 OPTUNA_DB = "optuna.db"
 TRIALS_PLOT = "search_trials.png"
 IMPORTANCE_PLOT = "param_importances.png"
-
-
-def _distribution(param: SearchParam) -> Any:
-    """A search dimension as Optuna sees it; choices as JSON text (lists are not Optuna values)."""
-    from optuna import distributions as d
-
-    if param.type == "choice":
-        return d.CategoricalDistribution([json.dumps(v) for v in param.values])
-    if param.type == "int":
-        return d.IntDistribution(int(param.low), int(param.high))
-    return d.FloatDistribution(param.low, param.high, log=param.type == "loguniform")
-
-
-def _optuna_value(param: SearchParam, value: Any) -> Any:
-    return json.dumps(value) if param.type == "choice" else value
 
 
 def export_optuna(cfg: Config, rows: list[dict[str, Any]], path: Path) -> dict[str, Any]:
@@ -68,11 +56,11 @@ def export_optuna(cfg: Config, rows: list[dict[str, Any]], path: Path) -> dict[s
                 else optuna.trial.TrialState.COMPLETE,
                 value=value,
                 params={
-                    k: _optuna_value(p, row[f"param:{k}"])
+                    k: optuna_value(p, row[f"param:{k}"])
                     for k, p in spec.space.items()
                     if f"param:{k}" in row
                 },
-                distributions={k: _distribution(p) for k, p in spec.space.items()},
+                distributions={k: optuna_distribution(p) for k, p in spec.space.items()},
                 intermediate_values={
                     i: v for i, v in enumerate(row["curve"]) if v is not None and math.isfinite(v)
                 },
@@ -102,34 +90,16 @@ def param_importances(study: Any) -> dict[str, float] | None:
             return None
 
 
-def best_checkpoint(run_dir: Path, metric: str, mode: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint of a trial's run with the best ``metric``, and that epoch's metrics.
-
-    A trial stopped by Tune (ASHA, a collapse) never returns from its Ray Train run, so its
-    run has checkpoints but no ``run.json``.
-    """
-    metas = [
-        (path.parent, json.loads(path.read_text())["metrics"])
-        for path in run_dir.glob("checkpoint_*/meta.json")
-    ]
-    if not metas:
-        raise RuntimeError(f"{run_dir}: the trial wrote no checkpoint")
-    sign = 1.0 if mode == "max" else -1.0
-    return max(metas, key=lambda m: sign * m[1][metric])
-
-
 def test_scores(row: dict[str, Any], cfg: Config, manifest: Manifest, out: Path) -> dict[str, Any]:
     """Test accuracy, macro-F1 and the confusion-matrix pattern of one trial's best checkpoint;
     the full evaluation (metrics, plots, report) goes to ``out/eval/<study>``."""
     from carclf.evaluate import PREDICTIONS_FILE, evaluate, read_predictions
     from carclf.metrics import confusion
-    from carclf.train import RUN_FILE, write_run_file
 
     if not manifest.split("test"):
         return {"test_acc": None, "test_f1_macro": None, "confusion_pattern": "no test split"}
     run_dir = Path(row["run_dir"])
-    if not (run_dir / RUN_FILE).is_file():
-        write_run_file(run_dir, *best_checkpoint(run_dir, cfg.tune.metric, cfg.tune.mode))
+    finish_unfinished(run_dir, cfg.tune.metric, cfg.tune.mode)
     result = evaluate(run_dir, manifest.path, "test", out / "eval" / row["study"], gallery_size=0)
     _, y_true, probs, labels = read_predictions(result.out_dir / PREDICTIONS_FILE)
     cm = confusion(y_true, probs.argmax(axis=1), len(labels))
@@ -140,10 +110,10 @@ def test_scores(row: dict[str, Any], cfg: Config, manifest: Manifest, out: Path)
     }
 
 
-def _best(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any] | None:
-    sign = 1.0 if mode == "max" else -1.0
+def best_trial(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any] | None:
+    """The healthy (not collapsed) trial with the best ``key``, or None."""
     healthy = [r for r in rows if r[key] is not None and not r["collapsed"]]
-    return max(healthy, key=lambda r: sign * r[key]) if healthy else None
+    return best_of(healthy, lambda r: r[key], mode) if healthy else None
 
 
 def _study_model(cfg: Config, study: str, best: dict[str, Any] | None) -> str:
@@ -165,7 +135,7 @@ def comparison_table(
     table = []
     for study in cfg.tune.studies:
         mine = [r for r in rows if r["study"] == study]
-        best = _best(mine, key, cfg.tune.mode)
+        best = best_trial(mine, key, cfg.tune.mode)
         scores = (
             test_scores(best, cfg, manifest, out)
             if best
@@ -189,19 +159,14 @@ def comparison_table(
 
 
 def _cell(key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if key == "best_trial":  # Tune's directory name; its first parts are the trial's id
+    if key == "best_trial" and value:  # Tune's directory name; its first parts are the trial's id
         return "_".join(str(value).split("_")[:3])
-    return str(value)
+    return number_cell(digits=3)(key, value)
 
 
-def _markdown(table: list[dict[str, Any]]) -> list[str]:
-    header = list(table[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_cell(h, r[h]) for h in header) + " |" for r in table]
+def comparison_markdown(table: list[dict[str, Any]]) -> list[str]:
+    """The comparison as Markdown lines: scores to 3 decimals, trial names shortened."""
+    return markdown_table(table, _cell)
 
 
 def write_report(
@@ -212,8 +177,6 @@ def write_report(
     Returns:
         The best healthy trial over all studies (for ``best_config.yaml``), or None.
     """
-    from carclf.tune import write_csv
-
     studies = export_optuna(cfg, rows, out / OPTUNA_DB)
     importances = {name: param_importances(s) for name, s in studies.items()}
     plot_search_trials(rows, f"best_{cfg.tune.metric}", out / TRIALS_PLOT)
@@ -223,7 +186,7 @@ def write_report(
     table = comparison_table(rows, cfg, manifest, out)
     write_csv(table, out / "comparison.csv")
     missing = sorted(set(importances) - set(found))
-    lines = ["# Search comparison", "", *_markdown(table), ""]
+    lines = ["# Search comparison", "", *comparison_markdown(table), ""]
     lines += [f"![{cfg.tune.metric} per trial]({TRIALS_PLOT})", ""]
     if found:
         lines += [f"![parameter importances]({IMPORTANCE_PLOT})", ""]
@@ -235,4 +198,4 @@ def write_report(
         f"TensorBoard: `tensorboard --logdir {out}`.",
     ]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    return _best(rows, f"best_{cfg.tune.metric}", cfg.tune.mode)
+    return best_trial(rows, f"best_{cfg.tune.metric}", cfg.tune.mode)

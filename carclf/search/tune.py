@@ -7,7 +7,7 @@ A stopper ends collapsed trials early (:func:`carclf.collapse.detect_collapse`).
 directory (``output_dir``) ends up with ``trials.csv``, ``comparison.csv`` / ``comparison.md``
 with search plots, ``best_config.yaml`` (accepted by ``carclf train --config`` as it is), the
 Optuna study in ``optuna.db`` and Tune's TensorBoard logs under ``tune/`` (see
-:mod:`carclf.tune_report`).
+:mod:`carclf.search.report`).
 
 Rerunning the same command resumes unfinished studies (``Tuner.restore``). The searcher's Optuna
 study lives in memory and travels in Tune's own experiment state, so a restored search and its
@@ -16,7 +16,6 @@ searcher always agree; ``optuna.db`` is written from the finished trials for opt
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from collections import defaultdict
@@ -25,86 +24,22 @@ from typing import Any
 
 import yaml
 
+from carclf import runs
 from carclf.collapse import CollapseRule, detect_collapse
-from carclf.config import Config, SearchParam, Study, set_key, validate_config
+from carclf.config import Config
 from carclf.errors import UserInputError
+from carclf.metrics import best_of
 from carclf.runtime import ensure_ray
-from carclf.train import RUN_FILE, fit_run, prepare_run
-
-
-def study_config(cfg: Config, study: Study, params: dict[str, Any], output_dir: Path) -> Config:
-    """The train config of one trial: base config, the study's overrides, the sampled params."""
-    raw = cfg.model_dump(mode="json", exclude={"tune"})
-    for key, value in {**study.overrides, **params}.items():
-        set_key(raw, key, value)
-    raw["output_dir"] = str(output_dir)
-    return validate_config(raw, source="tune")
-
-
-def check_studies(cfg: Config) -> None:
-    """Refuse unknown parameters, unusable values and unknown models before any trial starts
-    (exit code 2)."""
-    from carclf.models import check_model_name
-
-    if cfg.tune is None:
-        raise UserInputError("tune: the config has no 'tune' section")
-    for name, study in cfg.tune.studies.items():
-        for key, param in study.space.items():
-            for value in param.sample_values():
-                try:
-                    trial = study_config(cfg, study, {key: value}, Path(cfg.output_dir))
-                    check_model_name(trial.model.name)
-                except UserInputError as exc:
-                    raise UserInputError(f"tune.studies.{name}.space.{key}: {exc}") from None
-        for n, point in enumerate(study.start):
-            try:
-                study_config(cfg, study, point, Path(cfg.output_dir))
-            except UserInputError as exc:
-                raise UserInputError(f"tune.studies.{name}.start[{n}]: {exc}") from None
-
-
-def _primitive(values: list[Any]) -> bool:
-    return all(v is None or isinstance(v, bool | int | float | str) for v in values)
-
-
-def decode_params(study: Study, params: dict[str, Any]) -> dict[str, Any]:
-    """Sampled values → config values: choices of lists (``filters``) travel as their index,
-    since Optuna's categorical distribution takes only plain values."""
-    out = dict(params)
-    for key, param in study.space.items():
-        if key in out and param.type == "choice" and not _primitive(param.values):
-            out[key] = param.values[int(out[key])]
-    return out
-
-
-def encode_params(study: Study, params: dict[str, Any]) -> dict[str, Any]:
-    """Config values → sampled values: the inverse of :func:`decode_params`."""
-    out = dict(params)
-    for key, param in study.space.items():
-        if key in out and param.type == "choice" and not _primitive(param.values):
-            out[key] = param.values.index(out[key])
-    return out
-
-
-def _domain(param: SearchParam) -> Any:
-    from ray import tune
-
-    if param.type == "loguniform":
-        return tune.loguniform(param.low, param.high)
-    if param.type == "uniform":
-        return tune.uniform(param.low, param.high)
-    if param.type == "int":
-        return tune.randint(int(param.low), int(param.high) + 1)
-    if not _primitive(param.values):
-        return tune.choice(list(range(len(param.values))))
-    return tune.choice(param.values)
-
-
-def _number(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+from carclf.search.report import write_report
+from carclf.search.space import (
+    check_studies,
+    decode_params,
+    encode_params,
+    study_config,
+    tune_domain,
+)
+from carclf.tables import write_csv
+from carclf.train import fit_run, prepare_run
 
 
 def replay_epochs(run_dir: Path) -> int:
@@ -119,11 +54,7 @@ def replay_epochs(run_dir: Path) -> int:
     """
     from ray import tune
 
-    path = run_dir / "epochs.csv"
-    if not path.is_file():
-        return 0
-    with path.open(newline="") as fh:
-        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    rows = runs.read_epochs(run_dir)
     for row in rows:
         tune.report(row)
     return len(rows)
@@ -139,11 +70,10 @@ def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
     spec = cfg.tune.studies[study]
     trial_cfg = study_config(cfg, spec, decode_params(spec, params), trial_dir)
     done = replay_epochs(trial_dir)
-    if done >= trial_cfg.train.epochs or (trial_dir / RUN_FILE).is_file():
+    if done >= trial_cfg.train.epochs or runs.is_finished(trial_dir):
         return
-    _, manifest = prepare_run(trial_cfg)
     # Ray Train resumes from the run directory's last checkpoint, after the replayed epochs.
-    fit_run(trial_cfg, manifest, callbacks=[TuneReportCallback()])
+    fit_run(trial_cfg, prepare_run(trial_cfg), callbacks=[TuneReportCallback()])
 
 
 def _collapse_stopper(rule: CollapseRule, num_classes: int) -> Any:
@@ -245,7 +175,7 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
     search_alg = _search_alg(cfg, study)
     tuner = tune.Tuner(
         trainable,
-        param_space={k: _domain(p) for k, p in t.studies[study].space.items()},
+        param_space={k: tune_domain(p) for k, p in t.studies[study].space.items()},
         tune_config=tune.TuneConfig(
             metric=t.metric,
             mode=t.mode,
@@ -298,7 +228,7 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
                 break
         curve = [h.get(t.metric) for h in history]
         finite = [v for v in curve if isinstance(v, float | int) and math.isfinite(v)]
-        best = (max if t.mode == "max" else min)(finite) if finite else None
+        best = best_of(finite, float, t.mode) if finite else None
         rows.append(
             {
                 "study": study,
@@ -322,16 +252,6 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
     ]
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Rows with possibly different keys as one CSV (missing cells empty)."""
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def best_train_config(cfg: Config, row: dict[str, Any]) -> Config:
     """The winning trial as a plain train config (no ``tune`` section), into ``best_run``."""
     params = {k.removeprefix("param:"): v for k, v in row.items() if k.startswith("param:")}
@@ -347,13 +267,11 @@ def run_tune(cfg: Config) -> Path:
         The experiment directory.
     """
     from carclf.data.manifest import read_manifest
-    from carclf.train import resolve_manifest
-    from carclf.tune_report import write_report
 
     check_studies(cfg)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(resolve_manifest(cfg))
+    manifest = read_manifest(runs.resolve_manifest(cfg))
     # Absolute paths: each trial runs in its own working directory (Tune's trial directory).
     cfg = cfg.model_copy(
         update={

@@ -1,0 +1,221 @@
+"""The run directory and checkpoint format: the one module that knows where a run keeps what.
+
+A run directory (``output_dir`` of ``carclf train``) holds::
+
+    config.yaml            the resolved config (carclf.config.save_config)
+    epochs.csv             one row of metrics per epoch (EPOCHS_FILE)
+    tensorboard/           the same scalars for TensorBoard
+    checkpoint_*/          Ray Train's checkpoints, each:
+        model.safetensors  the weights (the EMA weights when train.ema_decay is set)
+        train_state.pt     optimizer, schedule and early-stopping state, to resume
+        meta.json          config, label order, preprocessing, metrics, manifest path
+    run.json               written last: names the best checkpoint and its metrics
+
+A run without ``run.json`` is unfinished (still training, or stopped by Tune). When the data
+comes as ``data.root``, its audited manifest is ``manifest.parquet`` beside the run directory
+(:func:`manifest_path`), whichever command audits it. The trainer writes this format; export,
+evaluation and the search's report read it through the functions here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from carclf.config import Config
+from carclf.data.audit import write_audit
+from carclf.data.manifest import Manifest
+from carclf.data.transforms import Preprocess
+from carclf.errors import UserInputError
+from carclf.metrics import Mode, best_of
+from carclf.models import create_model
+
+CHECKPOINT_WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+RUN_FILE = "run.json"
+EPOCHS_FILE = "epochs.csv"
+TENSORBOARD_DIR = "tensorboard"
+MANIFEST_FILE = "manifest.parquet"
+CHECKPOINT_GLOB = "checkpoint_*"
+INIT_CHECKPOINT = "checkpoint_init"  # the one checkpoint of a run written without training
+BEST_CHECKPOINT_DIR = "best_checkpoint"  # local copy of the best one when storage is remote
+
+
+def manifest_path(output_dir: str | Path) -> Path:
+    """Where the manifest audited from ``data.root`` goes: beside the run directory.
+
+    For ``output_dir: runs/x/train`` that is ``runs/x/manifest.parquet``, shared by the search
+    (``runs/x/tune``), the final run, the bundle and the evaluation beside it.
+    """
+    return Path(output_dir).resolve().parent / MANIFEST_FILE
+
+
+def resolve_manifest(cfg: Config) -> Path:
+    """The manifest a config trains on: ``data.manifest``, or ``data.root`` audited into
+    :func:`manifest_path` (an earlier audit of the same tree is reused, a different one refused).
+
+    The one place where ``data.root`` becomes a manifest, for every command.
+    """
+    if cfg.data.manifest:
+        return Path(cfg.data.manifest).resolve()
+    return write_audit(cfg.data.root, manifest_path(cfg.output_dir), seed=cfg.seed).resolve()
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def checkpoint_meta(
+    cfg: Config, manifest: Manifest, pre: Preprocess, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint carries beside its weights: config, label order, preprocessing."""
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "labels": manifest.labels,
+        "preprocess": pre.model_dump(mode="json"),
+        "metrics": metrics,
+        "manifest": str(manifest.path),
+    }
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]
+) -> None:
+    """Write weights (safetensors), optimizer/scheduler state and metadata into ``directory``."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(directory / CHECKPOINT_WEIGHTS_FILE))
+    torch.save(state, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a checkpoint directory's weights into ``model`` (strict)."""
+    model.load_state_dict(load_file(str(Path(directory) / CHECKPOINT_WEIGHTS_FILE)))
+    return model
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """The resume state of a checkpoint (a torch pickle this run wrote itself)."""
+    return torch.load(Path(directory) / STATE_FILE, weights_only=False)
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint: config, labels, preprocessing, metrics, manifest."""
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def checkpoints(run_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every checkpoint of a run with its epoch's metrics."""
+    for meta in run_dir.glob(f"{CHECKPOINT_GLOB}/{META_FILE}"):
+        yield meta.parent, json.loads(meta.read_text())["metrics"]
+
+
+def best_checkpoint(run_dir: Path, metric: str, mode: Mode) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint with the best ``metric``, and that epoch's metrics.
+
+    For a run that has no ``run.json``: a trial stopped by Tune (ASHA, a collapse) never
+    returns from its Ray Train run.
+    """
+    found = list(checkpoints(run_dir))
+    if not found:
+        raise RuntimeError(f"{run_dir}: the run wrote no checkpoint")
+    return best_of(found, lambda c: c[1][metric], mode)
+
+
+# --- the run as a whole --------------------------------------------------------------------
+
+
+def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:
+    """Mark a run finished: ``run.json`` names its best checkpoint and that epoch's metrics."""
+    run = {"best_checkpoint": str(best_checkpoint), "metrics": metrics}
+    path = run_dir / RUN_FILE
+    path.write_text(json.dumps(run, indent=2))
+    return path
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run wrote ``run.json``."""
+    return (run_dir / RUN_FILE).is_file()
+
+
+def finish_unfinished(run_dir: Path, metric: str, mode: Mode) -> None:
+    """Give a run that Tune stopped a ``run.json`` naming its best checkpoint by ``metric``."""
+    if not is_finished(run_dir):
+        write_run_file(run_dir, *best_checkpoint(run_dir, metric, mode))
+
+
+def append_epoch(run_dir: Path, row: dict[str, Any]) -> None:
+    """Add one epoch's metrics to ``epochs.csv`` (the header comes with the first row)."""
+    path = run_dir / EPOCHS_FILE
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def read_epochs(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``epochs.csv`` as numbers; empty when the run has none yet."""
+    path = run_dir / EPOCHS_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+@dataclass
+class TrainedModel:
+    """The best checkpoint of a run, loaded back into PyTorch."""
+
+    model: nn.Module
+    cfg: Config
+    labels: list[str]
+    preprocess: Preprocess
+    metrics: dict[str, Any]
+    manifest: str
+
+
+def _best_dir(run_dir: str | Path) -> Path:
+    """The best checkpoint that ``run.json`` names; refuses an unfinished run."""
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise UserInputError(f"{run_dir}: not a finished training run (no {RUN_FILE})")
+    return Path(json.loads(run_file.read_text())["best_checkpoint"])
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a finished run trained with (from its best checkpoint)."""
+    return Config.model_validate(read_meta(_best_dir(run_dir))["config"])
+
+
+def load_run(run_dir: str | Path) -> TrainedModel:
+    """Load the best checkpoint of a finished run (``run.json`` names it), in eval mode."""
+    ckpt = _best_dir(run_dir)
+    meta = read_meta(ckpt)
+    cfg = Config.model_validate(meta["config"])
+    model = create_model(cfg.model, len(meta["labels"]), pretrained=False)
+    load_weights(model, ckpt).eval()
+    return TrainedModel(
+        model=model,
+        cfg=cfg,
+        labels=meta["labels"],
+        preprocess=Preprocess.model_validate(meta["preprocess"]),
+        metrics=meta["metrics"],
+        manifest=meta["manifest"],
+    )

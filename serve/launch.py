@@ -1,0 +1,39 @@
+"""Starting the Serve app: the one helper every caller uses (CLI, demo, job, tests, benchmark).
+
+``serve run serve/config.yaml`` and ``serve deploy`` start the same app from its config file;
+everything in Python goes through :func:`start_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ray import serve
+
+from carclf.runtime import ensure_ray
+from serve.app import AppArgs, build_app
+
+
+def app_args(bundles: Sequence[str], api_key: str | None = None) -> AppArgs:
+    """The app's arguments for ``bundles``, with an API key when one is given."""
+    settings = {"api_key": api_key} if api_key else {}
+    return AppArgs(bundles=[str(b) for b in bundles], settings=settings)
+
+
+def start_app(
+    args: AppArgs,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "carclf",
+    route_prefix: str = "/",
+) -> str:
+    """Join (or start) Ray, start Serve's proxy on ``host:port`` and run the app; its URL.
+
+    Returns without waiting for the replicas (:func:`serve.client.wait_ready` does). Serve's
+    controller is detached, so on a cluster the app outlives the process that started it. A
+    proxy already running keeps its address: a second app joins it under ``route_prefix``.
+    """
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
