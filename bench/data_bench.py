@@ -37,8 +37,7 @@ from carclf.config import load_config
 from carclf.data.audit import write_audit
 from carclf.data.manifest import read_manifest
 from carclf.data.synth import write_toy_dataset
-from carclf.data.transforms import preprocess_for
-from carclf.models import create_model
+from carclf.models import create_model, model_preprocess
 from carclf.recipes import build_optimizer, build_step_tools
 from carclf.train import build_loaders, train_one_epoch
 
@@ -156,8 +155,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Run the benchmark; returns the Markdown report's path."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/demo.yaml")
     parser.add_argument(
@@ -169,38 +167,48 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one Ray worker's)")
     parser.add_argument("--ray", action="store_true", help="also time the Ray Data iterator")
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    with tempfile.TemporaryDirectory() as scratch:
-        manifest = read_manifest(_manifest(cfg, args.manifest, Path(scratch)))
-        model = create_model(cfg.model, len(manifest.labels))
-        pre = preprocess_for(model, cfg.model.img_size, cfg.model.crop_pct)
-        loader = {}
-        for workers in (int(w) for w in args.loader_workers.split(",")):
-            wcfg = cfg.model_copy(
-                update={"data": cfg.data.model_copy(update={"num_workers": workers})}
-            )
-            train, _ = build_loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
-            loader[str(workers)] = loader_rate(train, args.batches)
-            print(
-                f"loader, {workers} workers: {loader[str(workers)]:.0f} images/s", file=sys.stderr
-            )
-        cached = cached_loader_rate(cfg, manifest, pre, args.batches)
-        print(f"loader, cached: {cached:.0f} images/s", file=sys.stderr)
-        ray_data = ray_data_rates(cfg, manifest, pre, args.batches) if args.ray else {}
-        for kind, rate in ray_data.items():
-            print(f"Ray Data, {kind}: {rate:.0f} images/s", file=sys.stderr)
-        step = step_rate(cfg, len(manifest.labels), pre.input_size, args.batches, args.device)
-        print(f"training step: {step:.0f} images/s", file=sys.stderr)
-    best = max([*loader.values(), cached, *ray_data.values()])
-    verdict = (
-        f"Data-bound: the fastest loader ({best:.0f}/s) is slower than the step ({step:.0f}/s)."
-        if best < step
-        else f"Not data-bound: the loader ({best:.0f}/s) keeps up with the step ({step:.0f}/s)."
-    )
+    return parser
+
+
+def _loader_rates(cfg, manifest, pre, args: argparse.Namespace) -> dict[str, float]:
+    """Images/s of the training loader for each ``--loader-workers`` value, keyed by it."""
+    loader = {}
+    for workers in (int(w) for w in args.loader_workers.split(",")):
+        wcfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": workers})})
+        train, _ = build_loaders(wcfg, manifest, pre, 0, cfg.scaling.num_workers)
+        loader[str(workers)] = loader_rate(train, args.batches)
+        print(f"loader, {workers} workers: {loader[str(workers)]:.0f} images/s", file=sys.stderr)
+    return loader
+
+
+def _measure(cfg, manifest, pre, args: argparse.Namespace) -> dict:
+    """Every rate of the benchmark: loader, cached loader, Ray Data (with --ray) and step."""
+    loader = _loader_rates(cfg, manifest, pre, args)
+    cached = cached_loader_rate(cfg, manifest, pre, args.batches)
+    print(f"loader, cached: {cached:.0f} images/s", file=sys.stderr)
+    ray_data = ray_data_rates(cfg, manifest, pre, args.batches) if args.ray else {}
+    for kind, rate in ray_data.items():
+        print(f"Ray Data, {kind}: {rate:.0f} images/s", file=sys.stderr)
+    step = step_rate(cfg, len(manifest.labels), pre.input_size, args.batches, args.device)
+    print(f"training step: {step:.0f} images/s", file=sys.stderr)
+    return {"loader": loader, "loader_cached": cached, "ray_data": ray_data, "step": step}
+
+
+def _verdict(rates: dict) -> str:
+    """Whether the fastest way of loading keeps up with the training step."""
+    best = max([*rates["loader"].values(), rates["loader_cached"], *rates["ray_data"].values()])
+    step = rates["step"]
+    if best < step:
+        return (
+            f"Data-bound: the fastest loader ({best:.0f}/s) is slower than the step ({step:.0f}/s)."
+        )
+    return f"Not data-bound: the loader ({best:.0f}/s) keeps up with the step ({step:.0f}/s)."
+
+
+def _result(cfg, manifest, pre, rates: dict, args: argparse.Namespace, argv) -> dict:
+    """The JSON record: the command, the machine, the config's model and batch, and the rates."""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    result = {
+    return {
         "command": " ".join(["python bench/data_bench.py", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {device_name}, "
         f"torch {torch.__version__}, {args.threads} torch thread(s), "
@@ -210,12 +218,21 @@ def main(argv: list[str] | None = None) -> Path:
         "input_size": list(pre.input_size),
         "batch_per_worker": cfg.train.batch_size // cfg.scaling.num_workers,
         "images": len(manifest.split("train")),
-        "loader": loader,
-        "loader_cached": cached,
-        "ray_data": ray_data,
-        "step": step,
-        "verdict": verdict,
+        **rates,
+        "verdict": _verdict(rates),
     }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the benchmark; returns the Markdown report's path."""
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    with tempfile.TemporaryDirectory() as scratch:
+        manifest = read_manifest(_manifest(cfg, args.manifest, Path(scratch)))
+        pre = model_preprocess(cfg.model)
+        rates = _measure(cfg, manifest, pre, args)
+    result = _result(cfg, manifest, pre, rates, args, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_bench.json").write_text(json.dumps(result, indent=2))

@@ -12,7 +12,12 @@ from ray.serve import Application
 
 from carclf.bundle import load_bundle
 from carclf.errors import UserInputError
-from serve.deployments import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, Classifier, Explainer
+from serve.deployments import (
+    BATCH_WAIT_TIMEOUT_S,
+    MAX_BATCH_SIZE,
+    ClassifierDeployment,
+    ExplainerDeployment,
+)
 from serve.ingress import Ingress, ServeSettings
 
 
@@ -49,7 +54,7 @@ def build_app(args: AppArgs) -> Application:
         if name in classifiers:
             raise UserInputError(f"two bundles are named {name!r}; model names must be unique")
         preprocess[name] = info.preprocess.model_dump(mode="json")
-        classifiers[name] = Classifier.options(
+        classifiers[name] = ClassifierDeployment.options(
             name=f"classifier-{name}",
             num_replicas=args.classifier_replicas,
             user_config=batching,
@@ -58,7 +63,7 @@ def build_app(args: AppArgs) -> Application:
                 "num_gpus": 1 if args.use_gpu else 0,
             },
         ).bind(path, use_gpu=args.use_gpu)
-        explainers[name] = Explainer.options(
+        explainers[name] = ExplainerDeployment.options(
             name=f"explainer-{name}", ray_actor_options={"num_cpus": args.explainer_cpus}
         ).bind(path)
     ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})

@@ -19,8 +19,7 @@ from PIL import Image
 from ray import serve
 
 from carclf.bundle import load_bundle
-from carclf.explain import Explainer as CamExplainer
-from carclf.explain import png_bytes
+from carclf.explain import Explainer, png_bytes
 from carclf.inference import OnnxClassifier
 from carclf.metrics import softmax
 
@@ -46,7 +45,7 @@ BATCH_WAIT_TIMEOUT_S = {"cpu": 0.0, "gpu": 0.01}
 
 
 @serve.deployment(max_ongoing_requests=32)
-class Classifier:
+class ClassifierDeployment:
     """onnxruntime inference with dynamic batching (``@serve.batch``).
 
     Args:
@@ -109,14 +108,14 @@ class Classifier:
 
 
 @serve.deployment(max_ongoing_requests=4)
-class Explainer:
+class ExplainerDeployment:
     """Grad-CAM explanations on the bundle's PyTorch weights; a new CAM object per request."""
 
     def __init__(self, bundle_path: str) -> None:
         import torch
 
         torch.set_num_threads(_replica_cpus())
-        self.explainer = CamExplainer.from_bundle(load_bundle(bundle_path))
+        self.explainer = Explainer.from_bundle(load_bundle(bundle_path))
 
     def explain(self, image: Image.Image, method: str = "gradcam", target: Any = None) -> dict:
         """One explanation as JSON-ready fields with base64 PNGs."""

@@ -4,16 +4,17 @@ Decodes and checks every image once, preprocesses it with each model's own eval 
 (:func:`carclf.data.transforms.eval_transform` of the bundle's preprocessing; once per distinct
 preprocessing), then calls the model deployments through the handles it receives in ``__init__``.
 Decoding runs in a worker thread, so the event loop keeps accepting requests meanwhile. Every
-error is JSON ``{"error": …}`` with the status codes of DESIGN.md; bad input never reaches a
-model and never yields a 500.
+error is JSON ``{"error": …}`` with the status codes of docs/ARCHITECTURE.md ("HTTP API"); bad
+input never reaches a model and never yields a 500.
 
 Image policy (what :func:`decode_image` accepts): JPEG, PNG, WebP and GIF — any other format is
 refused with 400 whatever its content type says, which keeps PIL's rarer decoders unreachable.
 Animated GIF, WebP and PNG count as their first frame. Images must have at least
 ``MIN_SIDE`` pixels per side, an aspect ratio of at most ``MAX_ASPECT``:1, at most
-``MAX_PIXELS`` pixels and at most ``MAX_TEXT_BYTES`` of text metadata; anything else is a 400
-that says which limit. Grayscale, palette, CMYK and 16-bit images become RGB, EXIF-rotated
-ones are turned upright (:func:`carclf.data.transforms.load_image`).
+``MAX_PIXELS`` pixels and at most ``MAX_TEXT_BYTES`` of text metadata (the serving limits of
+:mod:`carclf.data.limits`); anything else is a 400 that says which limit. Grayscale, palette,
+CMYK and 16-bit images become RGB, EXIF-rotated ones are turned upright
+(:func:`carclf.data.transforms.load_image`).
 """
 
 import asyncio
@@ -37,17 +38,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from carclf import __version__
+from carclf.data.limits import SERVE_FORMATS
+from carclf.data.limits import SERVE_MAX_ASPECT as MAX_ASPECT
+from carclf.data.limits import SERVE_MAX_PIXELS as MAX_PIXELS
+from carclf.data.limits import SERVE_MAX_TEXT_BYTES as MAX_TEXT_BYTES
+from carclf.data.limits import SERVE_MIN_SIDE as MIN_SIDE
 from carclf.data.transforms import Preprocess, eval_transform, load_image
 from carclf.errors import UserInputError
 from carclf.explain import METHODS
 from serve import v2
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
-MAX_PIXELS = 40_000_000
-MIN_SIDE = 8
-MAX_ASPECT = 20.0
-MAX_TEXT_BYTES = 1 << 20
+FORMATS = SERVE_FORMATS
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 

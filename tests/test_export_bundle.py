@@ -84,3 +84,35 @@ def test_parity_gate_fails_loudly(tmp_path: Path) -> None:
     with pytest.raises(ParityError, match="max \\|logit diff\\|"):
         parity_check(model, tmp_path / "m.onnx", batch, atol=1e-4)
     assert np.isfinite(report["top1_agreement"])
+
+
+def test_bundle_info_holds_the_runs_preprocess(bundle_dir: Path, fake_run: Path) -> None:
+    from carclf.runs import load_run
+
+    info = load_bundle(bundle_dir).info
+    assert info.preprocess == load_run(fake_run).preprocess
+    raw = json.loads((bundle_dir / "bundle.json").read_text())
+    assert "preprocess" not in raw  # bundle.json keeps the five fields flat
+    assert raw["input_size"] == list(info.preprocess.input_size)
+
+
+def test_export_set_overrides_the_runs_export_settings(
+    fake_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from carclf.cli import main
+
+    argv = [
+        "export",
+        str(fake_run),
+        "--out",
+        str(tmp_path / "b"),
+        "--set",
+        "export.parity_images=3",
+    ]
+    assert main(argv) == 0
+    assert load_bundle(tmp_path / "b").info.metrics["parity"]["images"] == 3
+    capsys.readouterr()
+    assert main([*argv[:4], "--set", "train.lr=1"]) == 2
+    assert "only export.* keys" in capsys.readouterr().err
+    assert main([*argv[:4], "--set", "export.parity_images=0"]) == 2
+    assert "export.parity_images" in capsys.readouterr().err

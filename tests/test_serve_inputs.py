@@ -21,7 +21,7 @@ from carclf.bundle import load_bundle
 from carclf.data.transforms import load_image
 from carclf.inference import OnnxClassifier
 from carclf.metrics import softmax
-from serve.deployments import Classifier
+from serve.deployments import ClassifierDeployment
 from serve.ingress import MAX_ASPECT, ApiError, decode_image
 
 from .conftest import SERVE_KEY
@@ -145,8 +145,8 @@ def test_invalid_images_are_a_400_that_says_why(case: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def classifier(served_bundle) -> Classifier:
-    return Classifier.func_or_class(str(served_bundle.path))
+def classifier(served_bundle) -> ClassifierDeployment:
+    return ClassifierDeployment.func_or_class(str(served_bundle.path))
 
 
 def test_classifier_reports_its_provider_and_passes_its_health_check(classifier) -> None:

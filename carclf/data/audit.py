@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from carclf.data.limits import AUDIT_FORMATS, AUDIT_MAX_PIXELS
 from carclf.data.manifest import read_manifest, write_manifest
 from carclf.data.transforms import load_image
 from carclf.errors import UserInputError
@@ -43,8 +44,8 @@ SPLIT_ALIASES: dict[str, str] = {
     "test": "test",
 }
 # MPO is how Pillow names the JPEGs many cameras write (a JPEG with a preview image appended).
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
-MAX_PIXELS = 64_000_000
+ALLOWED_FORMATS = AUDIT_FORMATS
+MAX_PIXELS = AUDIT_MAX_PIXELS  # the default of ``max_pixels`` (carclf.data.limits says why)
 # Hamming distance (of 64 bits) at or below which two dHashes count as a near-duplicate.
 NEAR_DUPLICATE_BITS = 4
 REPORT_LIMIT = 200  # longest list of pairs written into a report
@@ -534,18 +535,10 @@ def _paths(paths: Iterable[str]) -> str:
     return ", ".join(f"`{p}`" for p in paths)
 
 
-def report_markdown(report: dict) -> str:
-    """A person's view of :func:`audit_report`."""
+def _counts_markdown(report: dict) -> list[str]:
+    """The table of images per class and split, and the train imbalance ratio."""
     splits = [s for s in SPLIT_NAMES if s in report["counts"]]
-    lines = [
-        "# Data audit",
-        "",
-        f"{report['images']} usable images, {len(report['labels'])} classes.",
-    ]
-    if report["problems"]:
-        lines += ["", "## Refused: the data set cannot be used as it is", ""]
-        lines += [f"- {p}" for p in report["problems"]]
-    lines += ["", "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    lines = ["", "| class | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for label in report["labels"]:
         cells = [str(report["counts"][s].get(label, 0)) for s in splits]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -554,12 +547,13 @@ def report_markdown(report: dict) -> str:
             "",
             f"Imbalance ratio (largest / smallest class in train): {report['imbalance_ratio']:.2f}",
         ]
-    lines += ["", f"## Excluded files ({len(report['excluded'])})", ""]
-    lines += [f"- `{e['path']}` ({e['kind']}): {e['reason']}" for e in report["excluded"]] or [
-        "None."
-    ]
+    return lines
+
+
+def _duplicates_markdown(report: dict) -> list[str]:
+    """Identical files across and within splits, label conflicts and what --dedupe left out."""
     cross = report["cross_split_duplicates"]
-    lines += ["", f"## Identical files across splits: leakage ({len(cross)} groups)", ""]
+    lines = ["", f"## Identical files across splits: leakage ({len(cross)} groups)", ""]
     lines += [f"- {', '.join(d['splits'])}: {_paths(d['paths'])}" for d in cross] or ["None."]
     within = [d for d in report["duplicates"] if len(d["splits"]) == 1]
     lines += ["", f"## Identical files within a split ({len(within)} groups)", ""]
@@ -580,20 +574,45 @@ def report_markdown(report: dict) -> str:
         "",
     ]
     lines += [f"- {p['bits']} bits: {_paths(p['paths'])}" for p in near["listed"]] or ["None."]
+    return lines
+
+
+def _sizes_markdown(report: dict) -> list[str]:
+    """Width and height percentiles, the short-side histogram and the formats; none if no rows."""
+    size = report["image_size"]
+    if not size:
+        return []
+    lines = ["", "## Image sizes", "", "| | min | p5 | median | p95 | max |", "|---" * 6 + "|"]
+    for axis in ("width", "height"):
+        lines.append(f"| {axis} | " + " | ".join(f"{v:g}" for v in size[axis].values()) + " |")
+    lines += [
+        "",
+        "Short side: " + ", ".join(f"{k}: {n}" for k, n in size["short_side_histogram"].items()),
+    ]
+    lines += ["", "Formats: " + ", ".join(f"{k} {n}" for k, n in report["formats"].items())]
+    return lines
+
+
+def report_markdown(report: dict) -> str:
+    """A person's view of :func:`audit_report`."""
+    lines = [
+        "# Data audit",
+        "",
+        f"{report['images']} usable images, {len(report['labels'])} classes.",
+    ]
+    if report["problems"]:
+        lines += ["", "## Refused: the data set cannot be used as it is", ""]
+        lines += [f"- {p}" for p in report["problems"]]
+    lines += _counts_markdown(report)
+    lines += ["", f"## Excluded files ({len(report['excluded'])})", ""]
+    lines += [f"- `{e['path']}` ({e['kind']}): {e['reason']}" for e in report["excluded"]] or [
+        "None."
+    ]
+    lines += _duplicates_markdown(report)
     if report["ignored"]:
         lines += ["", "## Ignored (outside the expected layout)", ""]
         lines += [f"- `{p}`" for p in report["ignored"]]
-    if report["image_size"]:
-        size = report["image_size"]
-        lines += ["", "## Image sizes", "", "| | min | p5 | median | p95 | max |", "|---" * 6 + "|"]
-        for axis in ("width", "height"):
-            lines.append(f"| {axis} | " + " | ".join(f"{v:g}" for v in size[axis].values()) + " |")
-        lines += [
-            "",
-            "Short side: "
-            + ", ".join(f"{k}: {n}" for k, n in size["short_side_histogram"].items()),
-        ]
-        lines += ["", "Formats: " + ", ".join(f"{k} {n}" for k, n in report["formats"].items())]
+    lines += _sizes_markdown(report)
     return "\n".join(lines) + "\n"
 
 

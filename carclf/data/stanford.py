@@ -244,6 +244,63 @@ def _replace(tmp: Path, out: Path, force: bool) -> None:
     os.replace(tmp, out)
 
 
+def _check_options(out: Path, level: str, margin: float, val_ratio: float, force: bool) -> None:
+    """Refuse bad settings, and an existing ``out`` without force, before reading anything."""
+    if level not in LEVELS:
+        raise UserInputError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if margin < 0:
+        raise UserInputError(f"--margin must be >= 0, got {margin}")
+    if not 0 <= val_ratio < 1:
+        raise UserInputError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    if out.exists() and not force:
+        raise UserInputError(f"{out} exists (--force replaces an earlier import)")
+
+
+def _read_devkit(
+    root: Path,
+) -> tuple[list[str], dict[str, list[Annotation]], dict[str, Path]]:
+    """The class names, the train and test annotations, and the image folder of each split."""
+    meta = _find(root, _MAT_FILES["meta"])
+    names = read_class_names(meta)
+    annos = {split: read_annotations(_find(root, _MAT_FILES[split])) for split in ("train", "test")}
+    _check_classes(annos, names, meta)
+    images = {split: root / f"cars_{split}" for split in annos}
+    for folder in images.values():
+        if not folder.is_dir():
+            raise UserInputError(f"image folder not found: {folder}")
+    return names, annos, images
+
+
+def _write_all(jobs: list[_Job], margin: float, crop: bool) -> list[str | None]:
+    """Run every job; why each one could not be written, or None, in the order of ``jobs``."""
+    # Pillow releases the GIL while decoding and encoding, so threads cut images in parallel.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
+        results = ex.map(lambda j: _write_one(j, margin, crop), jobs)
+        return list(tqdm(results, total=len(jobs), desc="crop", disable=None, file=sys.stderr))
+
+
+def _record(
+    root: Path, labels: list[str], jobs: list[_Job], why: list[str | None], settings: dict
+) -> dict:
+    """The ``import.json`` record: source, settings, images written per split and skipped ones."""
+    skipped = [
+        {"image": str(j.source), "split": j.split, "reason": r}
+        for j, r in zip(jobs, why, strict=True)
+        if r
+    ]
+    return {
+        "source": str(root.resolve()),
+        "level": settings["level"],
+        "classes": len(set(labels)),
+        "margin": settings["margin"],
+        "crop": settings["crop"],
+        "val_ratio": settings["val_ratio"],
+        "seed": settings["seed"],
+        "written": dict(Counter(j.split for j, r in zip(jobs, why, strict=True) if not r)),
+        "skipped": skipped,
+    }
+
+
 def import_stanford_cars(
     root: str | Path,
     out: str | Path,
@@ -270,46 +327,22 @@ def import_stanford_cars(
         The import; its audit's manifest is ``out/manifest.parquet``.
     """
     root, out = Path(root), Path(out)
-    if level not in LEVELS:
-        raise UserInputError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
-    if margin < 0:
-        raise UserInputError(f"--margin must be >= 0, got {margin}")
-    if not 0 <= val_ratio < 1:
-        raise UserInputError(f"--val-ratio must be in [0, 1), got {val_ratio}")
-    if out.exists() and not force:
-        raise UserInputError(f"{out} exists (--force replaces an earlier import)")
-    meta = _find(root, _MAT_FILES["meta"])
-    names = read_class_names(meta)
-    annos = {split: read_annotations(_find(root, _MAT_FILES[split])) for split in ("train", "test")}
-    _check_classes(annos, names, meta)
-    images = {split: root / f"cars_{split}" for split in annos}
-    for folder in images.values():
-        if not folder.is_dir():
-            raise UserInputError(f"image folder not found: {folder}")
+    _check_options(out, level, margin, val_ratio, force)
+    names, annos, images = _read_devkit(root)
+    settings = {
+        "level": level,
+        "margin": margin,
+        "crop": crop,
+        "val_ratio": val_ratio,
+        "seed": seed,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside ``out`` and moved into place whole, so a failed import leaves no half tree.
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         labels = [label_of(n, level) for n in names]
         jobs = _jobs(annos, images, labels, tmp / "images", val_ratio, seed)
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
-            results = ex.map(lambda j: _write_one(j, margin, crop), jobs)
-            why = list(tqdm(results, total=len(jobs), desc="crop", disable=None, file=sys.stderr))
-        skipped = [
-            {"image": str(j.source), "split": j.split, "reason": r}
-            for j, r in zip(jobs, why, strict=True)
-            if r
-        ]
-        record = {
-            "source": str(root.resolve()),
-            "level": level,
-            "classes": len(set(labels)),
-            "margin": margin,
-            "crop": crop,
-            "val_ratio": val_ratio,
-            "seed": seed,
-            "written": dict(Counter(j.split for j, r in zip(jobs, why, strict=True) if not r)),
-            "skipped": skipped,
-        }
+        record = _record(root, labels, jobs, _write_all(jobs, margin, crop), settings)
         (tmp / MARKER).write_text(json.dumps(record, indent=2))
         _replace(tmp, out, force)
     finally:
