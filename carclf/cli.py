@@ -1,5 +1,8 @@
 """The ``carclf`` command: parses arguments, validates input, calls the library.
 
+The entry layer (docs/ARCHITECTURE.md): the only carclf module that imports ``serve``, to start
+the Serve app (``serve/launch.py``) for ``carclf serve``, ``carclf demo`` and
+``carclf pipeline --deploy``; ``python -m jobs.pipeline`` is this module's ``pipeline`` command.
 Exit codes: 0 success, 2 bad input or configuration (one-line reason on stderr), 1 anything
 else. Each command prints the path of what it wrote as the last line of standard output.
 """
@@ -12,9 +15,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from carclf import __version__
 from carclf.errors import UserInputError
+
+if TYPE_CHECKING:  # the library is imported by each command, where it runs
+    from carclf.pipeline import PipelineResult
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -202,7 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> str:
     return str(base)
 
 
-def _demo_summary(result, image: Path, answer: dict, overlay: Path) -> None:
+def _demo_summary(
+    result: PipelineResult, image: Path, answer: dict[str, Any], overlay: Path
+) -> None:
     """The demo's closing lines on standard output."""
     pred = answer["prediction"]
     print(f"test accuracy: {result.evaluation.metrics['summary']['acc']:.4f}")

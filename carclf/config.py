@@ -294,10 +294,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return validate_config(apply_overrides(raw, overrides or []), source=str(path))
 
 
-def save_config(cfg: Config, directory: str | Path) -> Path:
-    """Write the resolved config as ``config.yaml`` beside an output."""
+def save_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config as ``name`` (``config.yaml``) beside an output.
+
+    An absent ``tune`` section is left out, so a saved train config reads as one.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    out = directory / "config.yaml"
-    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    out = directory / name
+    raw = cfg.model_dump(mode="json", exclude={"tune"} if cfg.tune is None else None)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out

@@ -139,7 +139,7 @@ def run_pipeline(
     )
     trained = run_training(cfg, storage=storage)
     progress("export: ONNX + safetensors, parity check against PyTorch")
-    bundle = export_run(trained.run_dir, base / BUNDLE_DIR, name=bundle_name)
+    bundle = export_run(trained.run_dir, base / BUNDLE_DIR, name=bundle_name, settings=cfg.export)
     progress("evaluate the bundle on the test split")
     evaluation = evaluate(bundle.path, trained.manifest, "test", base / EVAL_DIR)
     if not storage.is_local:

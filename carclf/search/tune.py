@@ -22,11 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from carclf import runs
 from carclf.collapse import CollapseRule, detect_collapse
-from carclf.config import Config
+from carclf.config import Config, save_config
 from carclf.errors import UserInputError
 from carclf.metrics import best_of
 from carclf.runtime import ensure_ray
@@ -279,7 +277,7 @@ def run_tune(cfg: Config) -> Path:
             "data": cfg.data.model_copy(update={"manifest": str(manifest.path)}),
         }
     )
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    save_config(cfg, out)
     ensure_ray()
     import ray
 
@@ -294,8 +292,5 @@ def run_tune(cfg: Config) -> Path:
     write_csv(rows, out / "trials.csv")
     best = write_report(rows, cfg, manifest, out)
     if best is not None:
-        best_cfg = best_train_config(cfg, best)
-        (out / "best_config.yaml").write_text(
-            yaml.safe_dump(best_cfg.model_dump(mode="json", exclude={"tune"}), sort_keys=False)
-        )
+        save_config(best_train_config(cfg, best), out, "best_config.yaml")
     return out

@@ -1,0 +1,79 @@
+"""The layout of docs/ARCHITECTURE.md, checked on the source: import direction, no cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGES = ("carclf", "serve", "jobs")
+ENTRY = {"carclf.cli", "carclf.__main__"}  # the entry layer may import serve
+MAX_FUNCTION_LINES = 60
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources() -> dict[str, ast.Module]:
+    return {
+        _module_name(path): ast.parse(path.read_text(), str(path))
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    """Every module an ``import`` or ``from … import`` names, at any depth (lazy ones too)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _graph() -> dict[str, set[str]]:
+    sources = _sources()
+    return {name: _imports(tree) & set(sources) - {name} for name, tree in sources.items()}
+
+
+def test_the_library_imports_neither_serve_nor_jobs() -> None:
+    for name, imported in _graph().items():
+        if name.startswith("carclf") and name not in ENTRY:
+            above = sorted(m for m in imported if m.split(".")[0] in ("serve", "jobs"))
+            assert not above, f"{name} imports {above}"
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = _graph()
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            pytest.fail("import cycle: " + " → ".join([*path[path.index(name) :], name]))
+        if name in done:
+            return
+        for child in sorted(graph.get(name, ())):
+            if not (child.startswith(name + ".") or name.startswith(child + ".")):
+                visit(child, [*path, name])  # a package and its own modules are not a cycle
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_no_function_is_longer_than_the_style_allows() -> None:
+    long = [
+        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, tree in _sources().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
