@@ -79,6 +79,17 @@ class ModelConfig(_Strict):
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra model arguments")
 
+    @model_validator(mode="after")
+    def _file_means_pretrained(self) -> ModelConfig:
+        # Otherwise a file the user named would be silently ignored and the model train from
+        # random init.
+        if self.pretrained_file and not self.pretrained:
+            raise ValueError(
+                "model.pretrained_file is set but model.pretrained is false: set "
+                "model.pretrained: true to load it, or model.pretrained_file: null"
+            )
+        return self
+
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
@@ -94,6 +105,16 @@ class TrainConfig(_Strict):
     mixup: float = Field(0.0, ge=0.0, description="mixup alpha; 0 is off")
     cutmix: float = Field(0.0, ge=0.0, description="cutmix alpha; 0 is off")
     freeze_epochs: int = Field(0, ge=0, description="epochs with only the head trainable")
+    freeze_bn_stats: bool = Field(
+        False,
+        description="BatchNorm keeps its pretrained statistics (eval mode) the whole run; its "
+        "weights still train. For small data sets and small per-worker batches",
+    )
+    head_init: Literal["random", "linear_probe"] = Field(
+        "random",
+        description="linear_probe: before epoch 0, solve the head by logistic regression on the "
+        "frozen backbone's features (LP-FT; carclf/probe.py)",
+    )
     unfreeze_blocks: int | None = Field(None, ge=1, description="after freezing: last K blocks")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)

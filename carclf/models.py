@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any, ClassVar
 
 import huggingface_hub
@@ -23,6 +22,7 @@ from torch import nn
 from carclf.config import ModelConfig
 from carclf.data.transforms import Preprocess, preprocess_for
 from carclf.errors import UserInputError
+from carclf.weights import WeightsReport, load_backbone
 
 SCRATCH_DATA_CFG: dict[str, Any] = {
     "input_size": (3, 128, 128),
@@ -151,19 +151,10 @@ class GoogLeNet(torchvision.models.GoogLeNet):
         return ordinal
 
 
-def _state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 @register_model
 def tv_googlenet(pretrained: bool = False, **kwargs: Any) -> GoogLeNet:
     """GoogLeNet through torchvision, with its ImageNet weights (download or a local file)."""
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    for key in ("pretrained_cfg", "cache_dir"):
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     num_classes = kwargs.pop("num_classes", 1000)
     # The published weights expect transform_input (they were converted from Caffe's inputs);
@@ -176,12 +167,9 @@ def tv_googlenet(pretrained: bool = False, **kwargs: Any) -> GoogLeNet:
         dropout=kwargs.pop("drop_rate", 0.2),
         **kwargs,
     )
-    if pretrained:
-        if overlay.get("file"):
-            state = _state_dict_file(overlay["file"])
-        else:
-            weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
-            state = weights.get_state_dict(progress=False, check_hash=True)
+    if pretrained:  # a local file is loaded after the build, by carclf.weights
+        weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+        state = weights.get_state_dict(progress=False, check_hash=True)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("aux")})
     model.reset_classifier(num_classes)
     model.pretrained_cfg = dict(GOOGLENET_DATA_CFG, architecture="tv_googlenet")
@@ -248,19 +236,25 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
         num_classes: size of the classifier head.
         pretrained: overrides ``cfg.pretrained`` (export rebuilds without loading weights).
     """
+    return build_model(cfg, num_classes, pretrained)[0]
+
+
+def build_model(
+    cfg: ModelConfig, num_classes: int, pretrained: bool | None = None
+) -> tuple[nn.Module, WeightsReport | None]:
+    """:func:`create_model`, and what was loaded from ``model.pretrained_file`` (None: no file).
+
+    A file is loaded by :func:`carclf.weights.load_backbone` (any naming, every backbone tensor
+    or an error), never by timm's lenient loader, which skips what does not match.
+    """
     check_model_name(cfg.name)
     pretrained = cfg.pretrained if pretrained is None else pretrained
-    overlay = None
-    if pretrained and cfg.pretrained_file:
-        if not Path(cfg.pretrained_file).is_file():
-            raise UserInputError(f"model.pretrained_file: not found: {cfg.pretrained_file}")
-        overlay = {"file": str(Path(cfg.pretrained_file).resolve())}
-    elif pretrained:
-        overlay = _hub_source(cfg.name)
+    from_file = bool(pretrained and cfg.pretrained_file)
+    overlay = _hub_source(cfg.name) if pretrained and not from_file else None
     try:
         model = timm.create_model(
             cfg.name,
-            pretrained=pretrained,
+            pretrained=pretrained and not from_file,
             num_classes=num_classes,
             drop_rate=cfg.drop_rate,
             pretrained_cfg_overlay=overlay,
@@ -269,15 +263,16 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
     except TypeError as exc:
         raise UserInputError(f"model.kwargs: not accepted by {cfg.name}: {exc}") from None
     except (OSError, RuntimeError) as exc:
-        if not pretrained or cfg.pretrained_file:
+        if not pretrained or from_file:
             raise
         raise RuntimeError(
             f"could not download pretrained weights for {cfg.name} ({exc.__class__.__name__}); "
             "set model.pretrained_file to a local weights file, or model.pretrained=false"
         ) from exc
+    report = load_backbone(model, cfg.pretrained_file, cfg.name) if from_file else None
     if cfg.head_hidden:
         mlp_head(model, cfg.head_hidden, cfg.drop_rate, num_classes)
-    return model
+    return model, report
 
 
 def model_preprocess(cfg: ModelConfig) -> Preprocess:
@@ -312,15 +307,18 @@ def mlp_head(model: nn.Module, hidden: int, drop_rate: float, num_classes: int) 
     return model
 
 
-def preflight_pretrained(cfg: ModelConfig) -> None:
-    """Fetch (or find cached) hub weights on the driver, so a failure comes before any worker.
+def preflight_pretrained(cfg: ModelConfig, num_classes: int = 2) -> WeightsReport | None:
+    """Load the pretrained weights once on the driver, so a failure comes before any worker.
 
-    Workers on the same node then read the weights from the local cache.
+    Hub weights are fetched (or found cached), and workers on the same node then read them from
+    the local cache; a ``pretrained_file`` is loaded fully or refused here.
+
+    Returns:
+        What was loaded from ``model.pretrained_file``; None for hub weights or none.
     """
-    if cfg.pretrained and not cfg.pretrained_file:
-        create_model(cfg, num_classes=2)
-    elif cfg.pretrained_file and not Path(cfg.pretrained_file).is_file():
-        raise UserInputError(f"model.pretrained_file: not found: {cfg.pretrained_file}")
+    if cfg.pretrained:
+        return build_model(cfg, num_classes)[1]
+    return None
 
 
 def cam_target_layer(model: nn.Module) -> str:

@@ -135,6 +135,22 @@ def trainable_names(model: nn.Module, cfg: Config, epoch: int) -> set[str]:
     return head | {name for group in blocks[len(blocks) - k :] for name in group}
 
 
+def freeze_norm_statistics(model: nn.Module, every: bool = False) -> None:
+    """Put BatchNorm layers in eval mode (call after ``train()``): frozen ones, or ``every`` one.
+
+    A frozen layer keeps its pretrained statistics too: otherwise the frozen backbone's features
+    drift with every batch (small ones above all) while the head learns to read them, and the
+    head is then scored on features it was not trained on. ``every`` (``train.freeze_bn_stats``)
+    keeps them after unfreezing as well: batch statistics of a few images per worker differ
+    from ImageNet's, and a head fitted on the pretrained features would see other ones.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters())
+            if every or (params and not any(p.requires_grad for p in params)):
+                module.eval()
+
+
 def set_trainable(model: nn.Module, names: set[str]) -> bool:
     """Set ``requires_grad``; returns whether anything changed (DDP must then be rebuilt)."""
     changed = False
@@ -160,6 +176,7 @@ class StepTools:
     grad_clip: float | None = None
     ema: ModelEmaV3 | None = None
     device_type: str = "cpu"
+    freeze_bn_stats: bool = False
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -215,6 +232,7 @@ def build_step_tools(
         grad_clip=t.grad_clip,
         ema=ema,
         device_type=device.type,
+        freeze_bn_stats=t.freeze_bn_stats,
     )
 
 

@@ -37,6 +37,7 @@ from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
 from carclf.metrics import Mode, best_of
 from carclf.models import create_model
+from carclf.weights import WeightsReport
 
 CHECKPOINT_WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -74,15 +75,24 @@ def resolve_manifest(cfg: Config) -> Path:
 
 
 def checkpoint_meta(
-    cfg: Config, manifest: Manifest, pre: Preprocess, metrics: dict[str, Any]
+    cfg: Config,
+    manifest: Manifest,
+    pre: Preprocess,
+    metrics: dict[str, Any],
+    weights: WeightsReport | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint carries beside its weights: config, label order, preprocessing."""
+    """What a checkpoint carries beside its weights: config, label order, preprocessing.
+
+    ``pretrained_weights`` records where the initial weights came from when they were a file
+    (path, sha256, how names were mapped), so a run can be traced to the exact file.
+    """
     return {
         "config": cfg.model_dump(mode="json"),
         "labels": manifest.labels,
         "preprocess": pre.model_dump(mode="json"),
         "metrics": metrics,
         "manifest": str(manifest.path),
+        "pretrained_weights": weights.as_dict() if weights is not None else None,
     }
 
 

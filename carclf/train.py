@@ -28,12 +28,14 @@ from carclf.data.sampling import BalancedDistributedSampler
 from carclf.data.transforms import Preprocess, cache_resize, eval_transform, train_transform
 from carclf.errors import UserInputError
 from carclf.metrics import best_of, core_metrics, metric_mode, softmax
-from carclf.models import check_model_name, create_model, model_preprocess, preflight_pretrained
+from carclf.models import build_model, check_model_name, model_preprocess, preflight_pretrained
+from carclf.probe import backbone_features, fit_probe, load_probe_into_head
 from carclf.recipes import (
     EarlyStopping,
     StepTools,
     build_optimizer,
     build_step_tools,
+    freeze_norm_statistics,
     set_trainable,
     trainable_names,
 )
@@ -57,6 +59,7 @@ def train_one_epoch(
     """
     model.train()
     bare = getattr(model, "module", model)
+    freeze_norm_statistics(bare, tools.freeze_bn_stats)
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -206,7 +209,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     manifest = read_manifest(config["manifest"])
-    bare = create_model(cfg.model, len(manifest.labels)).to(device)
+    bare, weights = build_model(cfg.model, len(manifest.labels))
+    bare = bare.to(device)
+    if cfg.train.head_init == "linear_probe" and ray.train.get_checkpoint() is None:
+        _probe_head(bare, cfg, manifest, pre, ctx)  # before the optimizer and EMA copy it
     train_loader, val_loader = _worker_loaders(cfg, manifest, pre, ctx)
     optimizer = build_optimizer(bare, cfg)  # every parameter, before any freezing
     tools = build_step_tools(bare, optimizer, cfg, len(manifest.labels), len(train_loader), device)
@@ -236,10 +242,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "schedule": tools.schedule.state_dict(),
             "stopper": vars(stopper),
         }
-        meta = runs.checkpoint_meta(cfg, manifest, pre, metrics)
+        meta = runs.checkpoint_meta(cfg, manifest, pre, metrics, weights)
         _report(metrics, bare, tools, state, meta, is_chief=ctx.get_world_rank() == 0)
         if stop:
             break
+
+
+def _probe_head(
+    model: nn.Module, cfg: Config, manifest: Manifest, pre: Preprocess, ctx: Any
+) -> None:
+    """Solve the head on the frozen backbone's features (``train.head_init: linear_probe``).
+
+    Each worker extracts the features of its share of train and val, all of them gather the
+    whole, and each fits the same probe; DDP would broadcast rank 0's head anyway.
+    """
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    start = time.perf_counter()
+    parts = {}
+    for split in ("train", "val"):
+        records = manifest.split(split)[rank::world]
+        x = backbone_features(model, [p for p, _ in records], pre)
+        parts[split] = (x, np.array([y for _, y in records]))
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, parts)
+        parts = {
+            s: tuple(np.concatenate([g[s][i] for g in gathered]) for i in (0, 1)) for s in parts
+        }
+    probe = fit_probe(*parts["train"], *parts["val"], seed=cfg.seed)
+    load_probe_into_head(model, probe, len(manifest.labels))
+    if rank == 0:
+        print(
+            f"[carclf] head_init: linear probe on {len(parts['train'][1])} frozen features, "
+            f"C={probe.c}, val acc {probe.val_acc_by_c[probe.c]:.3f} "
+            f"({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+        )
 
 
 def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
@@ -366,15 +404,19 @@ def check_training_input(cfg: Config, manifest: Manifest) -> None:
         )
     if cfg.train.batch_size < cfg.scaling.num_workers:
         raise UserInputError("train.batch_size: smaller than scaling.num_workers")
+    if cfg.train.head_init == "linear_probe" and cfg.model.head_hidden:
+        raise UserInputError("train.head_init: linear_probe needs model.head_hidden: 0")
 
 
 def prepare_run(cfg: Config) -> PreparedRun:
     """Validate everything a run needs before any worker starts, and resolve it once."""
     check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
-    preflight_pretrained(cfg.model)
     run_dir = Path(cfg.output_dir).resolve()
     manifest = read_manifest(runs.resolve_manifest(cfg))
     check_training_input(cfg, manifest)
+    weights = preflight_pretrained(cfg.model, len(manifest.labels))
+    if weights is not None:
+        print(f"[carclf] {weights.line()}", file=sys.stderr)
     save_config(cfg, run_dir)
     return PreparedRun(run_dir, manifest, model_preprocess(cfg.model))
 
@@ -478,10 +520,10 @@ def init_run(cfg: Config) -> Path:
     For what needs a bundle but no training: serving benchmarks, smoke tests of a new backbone.
     """
     run = prepare_run(cfg)
-    model = create_model(cfg.model, len(run.manifest.labels))
+    model, weights = build_model(cfg.model, len(run.manifest.labels))
     ckpt = run.run_dir / runs.INIT_CHECKPOINT
     ckpt.mkdir(parents=True, exist_ok=True)
-    meta = runs.checkpoint_meta(cfg, run.manifest, run.preprocess, {})
+    meta = runs.checkpoint_meta(cfg, run.manifest, run.preprocess, {}, weights)
     runs.save_checkpoint(ckpt, model, {"epoch": -1}, meta)
     runs.write_run_file(run.run_dir, ckpt, {})
     return run.run_dir

@@ -21,7 +21,18 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from carclf.cli import main
-from carclf.data.audit import audit_tree, near_duplicates, run_audit, write_audit
+from carclf.data.audit import (
+    assign_group_splits,
+    assign_splits,
+    audit_report,
+    audit_tree,
+    near_duplicate_groups,
+    near_duplicates,
+    report_markdown,
+    run_audit,
+    summary_lines,
+    write_audit,
+)
 from carclf.data.dataset import ManifestDataset
 from carclf.data.manifest import read_manifest, write_manifest
 from carclf.data.transforms import eval_transform, load_image, preprocess_for
@@ -494,9 +505,193 @@ def test_cli_flat_root_with_ratios_and_seed(tmp_path: Path, capsys) -> None:
         "max_pixels": 64_000_000,
         "ratios": [0.5, 0.25, 0.25],
         "seed": 7,
+        "group_near_duplicates": True,
     }
     assert main([*args, "--ratios", "0.5,0.25,0.25", "--seed", "8"]) == 2
     assert "seed=7, not 8" in capsys.readouterr().err
+
+
+# --- flat roots: near-duplicate clusters stay within one split --------------------------------
+
+RATIOS = (0.6, 0.2, 0.2)
+# Clusters of near-duplicates per class: (seed of the photo, shots of it).
+CLUSTERS = {"cab": ((7000, 6), (7001, 4), (7002, 3)), "limo": ((7003, 2),)}
+
+
+def _shot(seed: int, k: int) -> Image.Image:
+    """Shot ``k`` of one photo: a little brighter each time and one pixel changed (k > 0)."""
+    arr = np.clip(np.asarray(_blocks(seed), dtype=np.int16) + 3 * k, 0, 255).astype(np.uint8)
+    if k:
+        arr[k, 7 * k] = (255, 0, 0)
+    return Image.fromarray(arr)
+
+
+def _cluster_tree(root: Path, singles: int = 12) -> dict[str, set[str]]:
+    """A flat tree of distinct photos plus :data:`CLUSTERS`; one shot also has an identical copy.
+
+    Returns:
+        The relative paths of each cluster, by ``"<class>/<seed>"``.
+    """
+    clusters = {}
+    for c, label in enumerate(("cab", "limo", "taxi")):
+        (root / label).mkdir(parents=True)
+        for i in range(singles):
+            _blocks(1000 * c + i).save(root / label / f"{label}_{i:02d}.png")
+        for seed, shots in CLUSTERS.get(label, ()):
+            names = {f"{label}/{seed}_{k}.png" for k in range(shots)}
+            for k in range(shots):
+                _shot(seed, k).save(root / f"{label}/{seed}_{k}.png")
+            clusters[f"{label}/{seed}"] = names
+    shutil.copyfile(root / "cab/7000_1.png", root / "cab/7000_copy.png")
+    clusters["cab/7000"].add("cab/7000_copy.png")
+    return clusters
+
+
+def _cluster_splits(splits: dict[str, str], clusters: dict[str, set[str]]) -> list[set[str]]:
+    return [{splits[p] for p in paths} for paths in clusters.values()]
+
+
+def test_near_duplicate_clusters_stay_within_one_split(tmp_path: Path) -> None:
+    root = tmp_path / "ads"
+    clusters = _cluster_tree(root)
+    for seed in range(4):
+        result = audit_tree(root, RATIOS, seed=seed)
+        splits = _splits(result, root)
+        assert all(len(s) == 1 for s in _cluster_splits(splits, clusters)), seed
+        assert near_duplicates(result.rows) == [] and not result.problems
+        for label in ("cab", "limo", "taxi"):  # ratios hold by images, clusters counted whole
+            per_class = [s for p, s in splits.items() if p.startswith(label)]
+            for split, ratio in zip(("train", "val", "test"), RATIOS, strict=True):
+                assert abs(per_class.count(split) - ratio * len(per_class)) < 1, (seed, label)
+    report = audit_report(result)
+    assert report["near_duplicate_clusters"]["clusters"] == 4
+    assert report["near_duplicate_clusters"]["images"] == 6 + 1 + 4 + 3 + 2
+    assert "kept 4 near-duplicate cluster(s) (16 images) within one split" in summary_lines(report)
+    text = report_markdown(report)
+    assert "## Near-duplicate clusters kept within one split (4 clusters, 16 images)" in text
+
+
+def test_without_grouping_near_duplicates_may_cross_splits(tmp_path: Path) -> None:
+    root = tmp_path / "ads"
+    clusters = _cluster_tree(root)
+    crossed = 0
+    for seed in range(4):
+        result = audit_tree(root, RATIOS, seed=seed, group_near_duplicates=False)
+        splits = _splits(result, root)
+        assert splits["cab/7000_1.png"] == splits["cab/7000_copy.png"]  # identical: still together
+        crossed += sum(len(s) > 1 for s in _cluster_splits(splits, clusters))
+        report = audit_report(result)
+        assert report["near_duplicate_clusters"] is None
+        assert not any(line.startswith("kept") for line in summary_lines(report))
+    assert crossed and near_duplicates(result.rows)  # the tree is one that leaks without grouping
+
+
+def test_a_tree_without_duplicates_splits_as_before(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    _flat_tree(root, per_class=13)
+    (root / "cab" / "cab_dup.jpg").unlink()
+    for seed in (0, 42):
+        grouped = _splits(audit_tree(root, (0.7, 0.15, 0.15), seed=seed), root)
+        assert grouped == _splits(
+            audit_tree(root, (0.7, 0.15, 0.15), seed=seed, group_near_duplicates=False), root
+        )
+        for label in ("cab", "limo", "taxi"):  # the split of the code before grouping
+            paths = sorted(p for p in grouped if p.startswith(f"{label}/"))
+            expected = assign_splits(len(paths), (0.7, 0.15, 0.15), seed, label)
+            assert [grouped[p] for p in paths] == expected
+
+
+def test_cluster_split_is_deterministic_wherever_the_tree_lies(tmp_path: Path) -> None:
+    _cluster_tree(tmp_path / "a" / "ads")
+    shutil.copytree(tmp_path / "a" / "ads", tmp_path / "b" / "moved")
+    first = _splits(audit_tree(tmp_path / "a" / "ads", RATIOS, seed=5), tmp_path / "a" / "ads")
+    moved = tmp_path / "b" / "moved"
+    assert _splits(audit_tree(moved, RATIOS, seed=5, workers=1), moved) == first
+
+
+def test_grouping_is_a_setting_that_re_audits(tmp_path: Path, messy) -> None:
+    root = tmp_path / "ads"
+    _cluster_tree(root)
+    manifest = tmp_path / "m.parquet"
+    assert read_manifest(write_audit(root, manifest)).settings["group_near_duplicates"] is True
+    with pytest.raises(UserInputError, match="group_near_duplicates=True, not False"):
+        run_audit(root, manifest, group_near_duplicates=False)
+    run = run_audit(root, manifest, group_near_duplicates=False, force=True)
+    assert read_manifest(run.manifest).settings["group_near_duplicates"] is False
+    presplit = run_audit(messy[0], tmp_path / "presplit.parquet")  # pre-split: nothing new
+    assert "group_near_duplicates" not in read_manifest(presplit.manifest).settings
+    assert presplit.report["near_duplicate_clusters"] is None
+    assert any("near-duplicate pair" in line for line in summary_lines(presplit.report))
+
+
+def test_a_class_that_is_one_cluster_is_too_small_to_split(tmp_path: Path) -> None:
+    root = tmp_path / "ads"
+    _cluster_tree(root)
+    (root / "solo").mkdir()
+    for k in range(3):
+        _shot(8000, k).save(root / "solo" / f"{k}.png")
+    result = audit_tree(root, RATIOS)
+    assert result.problems == [
+        "class 'solo' has 3 distinct usable image(s) in 1 near-duplicate group(s), "
+        "too few to split with ratios 0.6,0.2,0.2"
+    ]
+
+
+@pytest.mark.parametrize(
+    "ratios", [(0.7, 0.15, 0.15), (0.6, 0.2, 0.2), (0.8, 0.2, 0.0), (0, 0.5, 0.5)]
+)
+def test_group_splits_of_single_images_are_assign_splits(ratios) -> None:
+    for n in range(40):
+        for seed, label in ((0, "cab"), (42, "limo"), (7, "Aston Martin DB9")):
+            assert assign_group_splits([1] * n, ratios, seed, label) == assign_splits(
+                n, ratios, seed, label
+            )
+
+
+def test_group_splits_count_images_not_groups() -> None:
+    sizes = [6, 1, 1, 1, 1, 1, 4, 1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 2]
+    for seed in range(20):
+        splits = assign_group_splits(sizes, (0.7, 0.15, 0.15), seed, "cab")
+        images = {s: sum(n for n, t in zip(sizes, splits, strict=True) if t == s) for s in splits}
+        assert images == {"train": 22, "val": 5, "test": 5}, seed  # 32 images: 22.4, 4.8, 4.8
+    # Too few groups for three splits; big groups still leave each split one.
+    assert assign_group_splits([10, 10], (0.7, 0.15, 0.15), 0, "x") is None
+    assert sorted(assign_group_splits([10, 1, 1], (0.7, 0.15, 0.15), 0, "x")) == [
+        "test",
+        "train",
+        "val",
+    ]
+    assert set(assign_group_splits([9, 8, 7, 6, 5], (0.6, 0.2, 0.2), 3, "x")) == {
+        "train",
+        "val",
+        "test",
+    }
+
+
+def test_near_duplicate_groups_join_chains_like_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**63, 30, dtype=np.uint64)
+    hashes = [
+        int(base[i % 30]) ^ sum(1 << int(b) for b in set(rng.integers(0, 64, rng.integers(0, 5))))
+        for i in range(3000)  # several blocks
+    ]
+    hashes += [0b0, 0b1111, 0b11111111, 0b111111111111]  # a chain: each 4 bits from the next
+    groups = near_duplicate_groups(hashes)
+    parent = list(range(len(hashes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    h = np.array(hashes, dtype=np.uint64)
+    for i in range(len(hashes)):
+        for j in np.flatnonzero(np.bitwise_count(h[i] ^ h[i + 1 :]) <= 4) + i + 1:
+            parent[find(i)] = find(int(j))
+    roots = np.array([find(i) for i in range(len(hashes))])
+    assert (groups[:, None] == groups[None, :]).sum() == (roots[:, None] == roots[None, :]).sum()
+    assert all(len({roots[i] for i in np.flatnonzero(groups == g)}) == 1 for g in set(groups))
+    assert len(set(groups[-4:].tolist())) == 1
 
 
 # --- manifest readers say which column is wrong ---------------------------------------------------

@@ -1,7 +1,8 @@
 """Audit an image tree: scan, check every file, split, and write the manifest and a report.
 
 Accepts a pre-split root (``train|val|test/<class>/…``) or a flat root (``<class>/…``) that is split
-stratified and deterministically. Every file is read once: its sha256, its header (format and the
+stratified and deterministically, each cluster of identical or near-duplicate files within one
+split. Every file is read once: its sha256, its header (format and the
 pixel limit) and a full decode through :func:`carclf.data.transforms.load_image`, the loader that
 training and serving use, so a file that is kept is a file that loads. Files that cannot be used
 are excluded with a reason; hidden files and folders are ignored; problems that make the data set
@@ -20,7 +21,7 @@ import sys
 import warnings
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from carclf.data.limits import AUDIT_FORMATS, AUDIT_MAX_PIXELS
@@ -107,6 +110,9 @@ class AuditResult:
     near_duplicates: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # ``{"split", "paths"}`` per near-duplicate cluster kept within one split; None where the audit
+    # did not group them (a pre-split root, or grouping turned off).
+    clusters: list[dict] | None = None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
@@ -293,34 +299,203 @@ def assign_splits(
     return out
 
 
-def stratified_split(
-    rows: list[dict], root: Path, ratios: tuple[float, float, float], seed: int
-) -> list[str]:
-    """Give each row of a flat root a split, per class (:func:`assign_splits`); return problems.
+def _gap(sizes: np.ndarray, split: np.ndarray, target: np.ndarray) -> int:
+    """How many images the splits are off their targets, summed; 0 when each holds its share."""
+    counts = np.bincount(split, weights=sizes, minlength=len(SPLIT_NAMES)).astype(np.int64)
+    return int(np.abs(counts - target).sum())
 
-    Identical files (same sha256) stay together so a split cannot leak them; groups are ordered by
-    their relative paths, so the split does not depend on where the tree lies.
+
+def _first_fit(
+    sizes: np.ndarray, order: np.ndarray, target: np.ndarray, wanted: list[bool]
+) -> np.ndarray:
+    """Each group, in ``order``, into the first split with room for it, else the one with most room.
+
+    Only splits with a target are used (rounding can give one to a split of ratio 0, as in
+    :func:`assign_splits`), and the last groups go to splits of ratio > 0 that have none yet, so
+    each of them gets at least one.
     """
-    problems = []
-    by_class: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    split = np.zeros(len(sizes), dtype=np.int64)
+    room = target.copy()
+    used = [False] * len(SPLIT_NAMES)
+    usable = [s for s, w in enumerate(wanted) if w or target[s] > 0]
+    for left, g in zip(range(len(order), 0, -1), order, strict=True):
+        empty = [s for s in usable if wanted[s] and not used[s]]
+        options = empty if left <= len(empty) else usable
+        fits = [s for s in options if room[s] >= sizes[g]]
+        s = fits[0] if fits else options[int(np.argmax(room[options]))]
+        split[g], used[s] = s, True
+        room[s] -= sizes[g]
+    return split
+
+
+def _changes(
+    sizes: np.ndarray, split: np.ndarray, wanted: list[bool], usable: list[bool]
+) -> Iterable[tuple]:
+    """Single moves and pairwise swaps of groups: ``(from, to, images moved, [(group, split)])``.
+
+    Groups of one size in one split are interchangeable here, so only the first of each is tried:
+    at most 6·D moves and 3·D² swaps for D distinct sizes. Groups go only to ``usable`` splits,
+    and a move never empties a split with a ratio > 0.
+    """
+    firsts = []
+    for s in range(len(SPLIT_NAMES)):
+        members = np.flatnonzero(split == s)
+        kinds, first = np.unique(sizes[members], return_index=True)
+        firsts.append(list(zip(kinds.tolist(), members[first].tolist(), strict=True)))
+    for s, t in ((s, t) for s in range(3) for t in range(3) if s != t and usable[t]):
+        if len(np.flatnonzero(split == s)) > 1 or not wanted[s]:
+            yield from ((s, t, a, [(g, t)]) for a, g in firsts[s])
+        if s < t:
+            for (a, g), (b, h) in ((x, y) for x in firsts[s] for y in firsts[t] if x[0] != y[0]):
+                yield s, t, a - b, [(g, t), (h, s)]
+
+
+def _rebalance(
+    sizes: np.ndarray, split: np.ndarray, target: np.ndarray, wanted: list[bool]
+) -> None:
+    """Move or swap groups while that brings the image counts nearer ``target``; in place.
+
+    Each round takes the change that shrinks the total gap most (the first of equals, so the answer
+    is fixed), and the gap is a whole number that only shrinks, so it ends.
+    """
+    usable = [w or n > 0 for w, n in zip(wanted, target.tolist(), strict=True)]
+    while _gap(sizes, split, target):
+        counts = np.bincount(split, weights=sizes, minlength=len(SPLIT_NAMES)).astype(np.int64)
+        best, best_gain = None, 0
+        for s, t, moved, change in _changes(sizes, split, wanted, usable):
+            before = abs(counts[s] - target[s]) + abs(counts[t] - target[t])
+            after = abs(counts[s] - moved - target[s]) + abs(counts[t] + moved - target[t])
+            if before - after > best_gain:
+                best, best_gain = change, before - after
+        if best is None:
+            return
+        for g, s in best:
+            split[g] = s
+
+
+def assign_group_splits(
+    sizes: Sequence[int], ratios: tuple[float, float, float], seed: int, label: str
+) -> list[str] | None:
+    """Splits for groups of ``sizes`` images (one class, a fixed order); None if too few groups.
+
+    Each split gets as near its ratio of the class's images as whole groups allow: groups are taken
+    in :func:`assign_splits`'s seeded order, each into the first split (train, val, test) with room
+    for it, then moves and swaps between splits close what is left of the gap. If a gap remains,
+    the same is tried with the largest groups first, and the nearer answer kept (the first if
+    equal). With every size 1 the first pass fills each split exactly as :func:`assign_splits`
+    does, so its answer is the same.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    wanted = [r > 0 for r in ratios]
+    if len(sizes) < sum(wanted):
+        return None
+    target = np.array(_split_counts(int(sizes.sum()), ratios), dtype=np.int64)
+    order = np.random.default_rng([seed, zlib.crc32(label.encode())]).permutation(len(sizes))
+    best = None
+    # The seeded order mixes large and small groups into every split; largest first packs better.
+    for attempt in (order, order[np.argsort(-sizes[order], kind="stable")]):
+        split = _first_fit(sizes, attempt, target, wanted)
+        _rebalance(sizes, split, target, wanted)
+        if best is None or _gap(sizes, split, target) < _gap(sizes, best, target):
+            best = split
+        if not _gap(sizes, best, target):
+            break
+    return [SPLIT_NAMES[s] for s in best]
+
+
+def near_duplicate_groups(hashes: Sequence[int], max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
+    """A group number per dHash: connected components of "differ in ``max_bits`` or less".
+
+    Chains join (a~b and b~c put a and c together however far apart they are). Pairs are compared
+    in blocks as in :func:`near_duplicates`, and each block's pairs are folded into the groups at
+    once, so memory stays bounded however many pairs are close.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    groups = np.arange(n)
+    step = max(1, min(1024, 4_000_000 // max(n, 1)))
+    for start in range(0, n, step):
+        rows_i = np.arange(start, min(start + step, n))[:, None]
+        cols = np.arange(start, n)[None, :]  # only j >= start: each pair once
+        close = (np.bitwise_count(hashes[rows_i] ^ hashes[cols]) <= max_bits) & (cols > rows_i)
+        a, b = np.nonzero(close)
+        ends_a, ends_b = groups[start + a], groups[start + b]
+        joins = ends_a != ends_b  # pairs already in one group add nothing
+        if joins.any():  # a graph on group numbers: at most n nodes, whatever the block
+            ends = (ends_a[joins], ends_b[joins])
+            graph = coo_matrix((np.ones(int(joins.sum()), dtype=np.int8), ends), shape=(n, n))
+            groups = connected_components(graph, directed=False)[1][groups]
+    return groups
+
+
+def _class_groups(rows: list[dict], root: Path, near: bool) -> list[list[dict]]:
+    """One class's rows grouped by sha256 (and, if ``near``, joined by near-duplicate dHash).
+
+    Ordered by their smallest relative path, so the order does not depend on where the tree lies.
+    """
+    by_hash: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        by_class[row["label"]][row["sha256"]].append(row)
-    for label, groups in sorted(by_class.items()):
-        ordered = sorted(
-            groups.values(),
-            key=lambda g: min(Path(r["path"]).relative_to(root).as_posix() for r in g),
-        )
-        splits = assign_splits(len(ordered), ratios, seed, label)
+        by_hash[row["sha256"]].append(row)
+    files = list(by_hash.values())
+    if near:  # identical files have one dHash, so one per file is enough
+        numbers = near_duplicate_groups([f[0]["dhash"] for f in files])
+    else:
+        numbers = np.arange(len(files))
+    joined: dict[int, list[dict]] = defaultdict(list)
+    for file_rows, number in zip(files, numbers.tolist(), strict=True):
+        joined[number] += file_rows
+    return sorted(
+        joined.values(),
+        key=lambda g: min(Path(r["path"]).relative_to(root).as_posix() for r in g),
+    )
+
+
+def _too_few(label: str, files: int, groups: int, ratios: tuple[float, float, float]) -> str:
+    within = "" if files == groups else f" in {groups} near-duplicate group(s)"
+    return (
+        f"class {label!r} has {files} distinct usable image(s){within}, "
+        f"too few to split with ratios {','.join(map(str, ratios))}"
+    )
+
+
+def stratified_split(
+    rows: list[dict],
+    root: Path,
+    ratios: tuple[float, float, float],
+    seed: int,
+    group_near_duplicates: bool = True,
+) -> tuple[list[str], list[list[str]]]:
+    """Give each row of a flat root a split, per class; rows of a class too small keep ``""``.
+
+    Identical files (same sha256) and, with ``group_near_duplicates``, near-duplicates (dHash
+    within :data:`NEAR_DUPLICATE_BITS`, chains joined) of one class form a group that goes to one
+    split whole (:func:`assign_group_splits`, by image counts), so a split cannot leak them. Off,
+    each group of identical files counts as one item (:func:`assign_splits`), as before grouping.
+    A near-duplicate across classes is a labelling question: it is reported, not grouped.
+
+    Returns:
+        The problems, and the paths of each group of two or more distinct files kept together.
+    """
+    problems, clusters = [], []
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_class[row["label"]].append(row)
+    for label, class_rows in sorted(by_class.items()):
+        groups = _class_groups(class_rows, root, group_near_duplicates)
+        if group_near_duplicates:
+            splits = assign_group_splits([len(g) for g in groups], ratios, seed, label)
+        else:
+            splits = assign_splits(len(groups), ratios, seed, label)
         if splits is None:
-            problems.append(
-                f"class {label!r} has {len(ordered)} distinct usable image(s), "
-                f"too few to split with ratios {','.join(map(str, ratios))}"
-            )
+            files = len({r["sha256"] for r in class_rows})
+            problems.append(_too_few(label, files, len(groups), ratios))
             continue
-        for group, split in zip(ordered, splits, strict=True):
+        for group, split in zip(groups, splits, strict=True):
             for row in group:
                 row["split"] = split
-    return problems
+            if len({r["sha256"] for r in group}) > 1:
+                clusters.append(sorted(r["path"] for r in group))
+    return problems, clusters
 
 
 def find_duplicates(rows: list[dict]) -> list[dict]:
@@ -431,6 +606,26 @@ def _check_all(
         return list(tqdm(results, total=len(files), desc="audit", disable=None, file=sys.stderr))
 
 
+def _check_rows(layout: _Layout, result: AuditResult, max_pixels: int, workers: int | None) -> None:
+    """Check every candidate file: a row for each usable one, an exclusion for each other."""
+    for cand, (facts, why) in zip(
+        layout.files, _check_all(layout.files, max_pixels, workers), strict=True
+    ):
+        if why:
+            result.excluded.append(Excluded(str(cand.path), cand.split, cand.label, *why))
+        else:
+            result.rows.append(
+                {"path": str(cand.path), "label": cand.label, "split": cand.split, **facts}
+            )
+
+
+def _kept_clusters(clusters: list[list[str]], rows: list[dict]) -> list[dict]:
+    """Each cluster's split and the paths still in ``rows`` (--dedupe leaves copies out)."""
+    split_of = {r["path"]: r["split"] for r in rows}
+    kept = ([p for p in paths if p in split_of] for paths in clusters)
+    return [{"split": split_of[paths[0]], "paths": paths} for paths in kept if paths]
+
+
 def audit_tree(
     root: str | Path,
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -438,6 +633,7 @@ def audit_tree(
     dedupe_files: bool = False,
     max_pixels: int = MAX_PIXELS,
     workers: int | None = None,
+    group_near_duplicates: bool = True,
 ) -> AuditResult:
     """Scan and check every file under ``root``; unusable data sets come back with ``problems``.
 
@@ -448,6 +644,8 @@ def audit_tree(
         dedupe_files: Keep one copy of identical files (see :func:`dedupe`).
         max_pixels: Images with more pixels are excluded as decompression bombs.
         workers: Threads that read and decode files (default: the CPU count, at most 8).
+        group_near_duplicates: In a flat root, keep near-duplicates of a class (dHash within
+            :data:`NEAR_DUPLICATE_BITS`) in one split, as identical files always are.
     """
     root = Path(root).resolve()
     layout = scan_tree(root)
@@ -456,18 +654,14 @@ def audit_tree(
     if not layout.presplit and abs(sum(ratios) - 1.0) > 1e-6:
         raise UserInputError(f"--ratios must add up to 1, got {ratios}")
     result = AuditResult(rows=[], labels=[], excluded=list(layout.excluded), ignored=layout.ignored)
-    for cand, (facts, why) in zip(
-        layout.files, _check_all(layout.files, max_pixels, workers), strict=True
-    ):
-        if why:
-            result.excluded.append(Excluded(str(cand.path), cand.split, cand.label, *why))
-        else:
-            result.rows.append(
-                {"path": str(cand.path), "label": cand.label, "split": cand.split, **facts}
-            )
+    _check_rows(layout, result, max_pixels, workers)
+    clusters: list[list[str]] = []
     if not layout.presplit:
         result.problems += class_problems(layout, result)
-        result.problems += stratified_split(result.rows, root, ratios, seed)
+        problems, clusters = stratified_split(
+            result.rows, root, ratios, seed, group_near_duplicates
+        )
+        result.problems += problems
         result.rows = [r for r in result.rows if r["split"]]  # classes too small to split
     result.duplicates = find_duplicates(result.rows)
     if dedupe_files:
@@ -475,6 +669,8 @@ def audit_tree(
     if layout.presplit:  # after --dedupe, which can empty a class in val or test
         result.problems += class_problems(layout, result)
     result.near_duplicates = near_duplicates(result.rows)
+    if not layout.presplit and group_near_duplicates:
+        result.clusters = _kept_clusters(clusters, result.rows)
     result.labels = sorted({c for classes in layout.classes.values() for c in classes})
     index = {name: i for i, name in enumerate(result.labels)}
     for row in result.rows:
@@ -516,6 +712,13 @@ def audit_report(result: AuditResult) -> dict:
             "max_bits": NEAR_DUPLICATE_BITS,
             "pairs": len(result.near_duplicates),
             "listed": result.near_duplicates[:REPORT_LIMIT],
+        },
+        "near_duplicate_clusters": None
+        if result.clusters is None
+        else {
+            "clusters": len(result.clusters),
+            "images": sum(len(c["paths"]) for c in result.clusters),
+            "listed": result.clusters[:REPORT_LIMIT],
         },
         "formats": dict(sorted(Counter(r["format"] for r in result.rows).items())),
         "image_size": None
@@ -574,7 +777,21 @@ def _duplicates_markdown(report: dict) -> list[str]:
         "",
     ]
     lines += [f"- {p['bits']} bits: {_paths(p['paths'])}" for p in near["listed"]] or ["None."]
-    return lines
+    return lines + _clusters_markdown(report)
+
+
+def _clusters_markdown(report: dict) -> list[str]:
+    """The near-duplicate clusters a flat root's split kept together; none if it did not group."""
+    kept = report.get("near_duplicate_clusters")  # a report written before grouping has none
+    if kept is None:
+        return []
+    lines = [
+        "",
+        f"## Near-duplicate clusters kept within one split ({kept['clusters']} clusters, "
+        f"{kept['images']} images)",
+        "",
+    ]
+    return lines + ([f"- {c['split']}: {_paths(c['paths'])}" for c in kept["listed"]] or ["None."])
 
 
 def _sizes_markdown(report: dict) -> list[str]:
@@ -632,6 +849,12 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"warning: {n} group(s) of identical files across splits (--dedupe)")
     if report["deduplicated"]:
         lines.append(f"--dedupe left out {len(report['deduplicated'])} identical copies")
+    kept = report.get("near_duplicate_clusters")  # a report written before grouping has none
+    if kept and kept["clusters"]:
+        lines.append(
+            f"kept {kept['clusters']} near-duplicate cluster(s) ({kept['images']} images) "
+            "within one split"
+        )
     if report["near_duplicates"]["pairs"]:
         lines.append(f"warning: {report['near_duplicates']['pairs']} near-duplicate pair(s)")
     return lines
@@ -681,23 +904,31 @@ def run_audit(
     force: bool = False,
     dedupe_files: bool = False,
     max_pixels: int = MAX_PIXELS,
+    group_near_duplicates: bool = True,
 ) -> AuditRun:
     """Audit ``root``; write the manifest and ``<manifest stem>.audit.{json,md}`` beside it.
 
     An existing manifest is reused (after checking it was built from the same tree with the same
     settings) unless ``force`` is set. A data set with problems gets its report written, and then
-    ``UserInputError`` naming the first problem; no manifest is written for it.
+    ``UserInputError`` naming the first problem; no manifest is written for it. The other options
+    are :func:`audit_tree`'s.
     """
     manifest, root = Path(manifest), Path(root).resolve()
     paths = report_paths(manifest)
     settings = {"dedupe": dedupe_files, "max_pixels": max_pixels}
     if root.is_dir() and not split_folders(root):  # a flat root's split depends on them
-        settings |= {"ratios": list(ratios), "seed": seed}
+        settings |= {
+            "ratios": list(ratios),
+            "seed": seed,
+            "group_near_duplicates": group_near_duplicates,
+        }
     if manifest.exists() and not force:
         _reuse(manifest, root, settings)
         report = json.loads(paths[0].read_text()) if paths[0].is_file() else None
         return AuditRun(manifest, report, paths, reused=True)
-    result = audit_tree(root, ratios, seed, dedupe_files, max_pixels)
+    result = audit_tree(
+        root, ratios, seed, dedupe_files, max_pixels, group_near_duplicates=group_near_duplicates
+    )
     report = audit_report(result)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(json.dumps(report, indent=2))
