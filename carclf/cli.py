@@ -48,7 +48,13 @@ def cmd_audit(args: argparse.Namespace) -> str:
     from carclf.data.audit import run_audit, summary_lines
 
     run = run_audit(
-        args.root, args.manifest, args.ratios, args.seed, force=args.force, dedupe_files=args.dedupe
+        args.root,
+        args.manifest,
+        args.ratios,
+        args.seed,
+        force=args.force,
+        dedupe_files=args.dedupe,
+        group_near_duplicates=args.group_near_duplicates,
     )
     if run.reused:
         print(f"reusing the existing {run.manifest} (--force rebuilds it)", file=sys.stderr)
@@ -265,6 +271,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="rebuild an existing manifest")
     p.add_argument(
         "--dedupe", action="store_true", help="keep one copy of identical files (in train)"
+    )
+    p.add_argument(
+        "--no-group-near-duplicates",
+        dest="group_near_duplicates",
+        action="store_false",
+        help="flat root: let near-duplicates fall into different splits (only reported)",
     )
     p.set_defaults(func=cmd_audit)
     p = data.add_parser(
