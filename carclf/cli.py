@@ -120,6 +120,15 @@ def cmd_compare(args: argparse.Namespace) -> str:
     return str(table)
 
 
+def cmd_baseline(args: argparse.Namespace) -> str:
+    from carclf.baseline import run_baseline
+    from carclf.config import load_config
+
+    result = run_baseline(load_config(args.config, args.set), split=args.split, out=args.out)
+    print(result.summary_line(), file=sys.stderr)
+    return str(result.out_dir)
+
+
 def cmd_export(args: argparse.Namespace) -> str:
     from carclf.export import export_run, export_settings
 
@@ -324,7 +333,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    """The commands that take a run or a bundle: evaluate, compare, export."""
+    """The commands that take a run or a bundle (evaluate, compare, export), and baseline."""
     p = sub.add_parser("evaluate", help="metrics, plots and a report for a run or bundle")
     p.add_argument("source", help="run directory or bundle directory")
     p.add_argument("--manifest", required=True)
@@ -333,11 +342,20 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gallery", type=int, default=12, help="Grad-CAM overlays per gallery")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("compare", help="evaluate several runs or bundles; one comparison table")
-    p.add_argument("sources", nargs="+", help="run directories or bundle directories")
+    p.add_argument(
+        "sources", nargs="+", help="run, bundle or baseline directories (baselines as written)"
+    )
     p.add_argument("--manifest", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser(
+        "baseline", help="linear probe on the config's frozen backbone: the figure to beat"
+    )
+    _config_args(p)
+    p.add_argument("--split", default="test", help="split to score (C is chosen on val)")
+    p.add_argument("--out", help="output directory (default: baseline/ beside output_dir)")
+    p.set_defaults(func=cmd_baseline)
     p = sub.add_parser("export", help="ONNX + safetensors bundle with the parity check")
     p.add_argument("run")
     p.add_argument("--out", required=True)

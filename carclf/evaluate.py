@@ -4,7 +4,9 @@
 predicted label, probabilities), then computes every figure of ``metrics.json`` from that file
 alone (:func:`carclf.metrics.full_metrics`), so anyone can recompute them from it. Plots,
 Grad-CAM galleries of correct and wrong predictions and one self-contained ``report.html``
-go beside them. ``compare`` evaluates several models on the same split and tabulates them.
+go beside them. ``compare`` evaluates several models on the same split and tabulates them,
+beside already-evaluated directories of ``carclf baseline`` (``metrics.json`` + ``baseline.json``)
+made on that split.
 """
 
 from __future__ import annotations
@@ -322,22 +324,60 @@ COMPARE_COLUMNS = (
 )
 
 
+BASELINE_FILE = "baseline.json"  # written last by ``carclf baseline`` (carclf/baseline.py)
+
+
+def is_evaluated(source: str | Path) -> bool:
+    """Whether ``source`` is a finished baseline: ``metrics.json`` beside ``baseline.json``."""
+    return (Path(source) / METRICS_FILE).is_file() and (Path(source) / BASELINE_FILE).is_file()
+
+
+def _row(model: str, metrics: dict) -> dict:
+    """One line of the comparison table."""
+    return {"model": model, "n": metrics["n"]} | {k: metrics["summary"][k] for k in COMPARE_COLUMNS}
+
+
+def evaluated_row(source: str | Path, manifest: str | Path, split: str) -> dict:
+    """The comparison row of a baseline directory, made on the same manifest and split only.
+
+    Raises:
+        UserInputError: it was made on another manifest or split (both named), or is unreadable.
+    """
+    source = Path(source)
+    try:
+        record = json.loads((source / BASELINE_FILE).read_text())
+        made_on = (Path(record["manifest"]).resolve(), record["split"])
+        metrics = json.loads((source / METRICS_FILE).read_text())
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserInputError(f"{source}: not a readable baseline ({exc!r})") from None
+    wanted = (Path(manifest).resolve(), split)
+    if made_on != wanted:
+        raise UserInputError(
+            f"{source}: made on split {made_on[1]!r} of {made_on[0]}, but this comparison is "
+            f"on split {wanted[1]!r} of {wanted[0]}"
+        )
+    return _row(f"{record.get('kind', 'linear probe')}: {source}", metrics)
+
+
 def compare(sources: list[str | Path], manifest: str | Path, split: str, out: str | Path) -> Path:
     """Evaluate each run or bundle on the same split; write ``comparison.csv`` and ``.md``.
 
-    Each model's full evaluation goes to ``out/<index>_<name>/``.
+    Each model's full evaluation goes to ``out/<index>_<name>/``. A baseline directory
+    (:func:`is_evaluated`) is not evaluated again: its row is read from its ``metrics.json``.
 
     Returns:
         The Markdown table's path.
     """
     out = Path(out)
+    # Baselines first, so a mismatched one is refused before the others are evaluated.
+    ready = {i: evaluated_row(s, manifest, split) for i, s in enumerate(sources) if is_evaluated(s)}
     rows = []
     for i, source in enumerate(sources):
+        if i in ready:
+            rows.append(ready[i])
+            continue
         result = evaluate(source, manifest, split, out / f"{i}_{Path(source).name}", gallery_size=0)
-        rows.append(
-            {"model": str(source), "n": result.metrics["n"]}
-            | {k: result.metrics["summary"][k] for k in COMPARE_COLUMNS}
-        )
+        rows.append(_row(str(source), result.metrics))
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "comparison.csv")
     lines = markdown_table(rows, number_cell(digits=4, missing="n/a"))
