@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from carclf import weights
 from carclf.data.transforms import Preprocess, eval_transform
 from carclf.errors import UserInputError
 from carclf.scoring import BATCH, load_batch
@@ -42,8 +43,8 @@ class Probe:
 
 def classifier_head(model: nn.Module) -> nn.Module:
     """The model's classifier head (``get_classifier()``), whatever it is."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Module):
+    head = weights.classifier_head(model)
+    if head is None:
         raise UserInputError(f"{type(model).__name__} has no classifier head to probe")
     return head
 

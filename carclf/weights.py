@@ -136,9 +136,15 @@ def _skip(name: str) -> bool:
     return name.endswith("num_batches_tracked")
 
 
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    """The model's classifier head (``get_classifier()``), or None when it has none."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head if isinstance(head, nn.Module) else None
+
+
 def classifier_names(model: nn.Module) -> set[str]:
     """State-dict names of the model's classifier head (``get_classifier()``)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = classifier_head(model)
     prefix = next((n for n, m in model.named_modules() if m is head), None)
     if not prefix:
         return set()
@@ -265,6 +271,6 @@ def load_backbone(model: nn.Module, spec: str, arch: str) -> WeightsReport:
 
 
 def _num_outputs(model: nn.Module) -> int:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = classifier_head(model)
     last = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
     return last[-1].out_features if last else 0
