@@ -149,7 +149,9 @@ def _bundle_info(
         preprocess=trained.preprocess,
         cam_target_layer=target_layer_for(trained.model),
         temperature=temperature,
-        model_spec=cfg.model.model_dump(mode="json") | {"pretrained": False},
+        # The architecture only: the bundle's own weights replace whatever the run started from.
+        model_spec=cfg.model.model_dump(mode="json")
+        | {"pretrained": False, "pretrained_file": None},
         metrics=metrics,
         manifest_sha256=file_sha256(manifest),
     )
