@@ -121,3 +121,36 @@ def test_comparison_names_the_searched_model_and_rounds_scores(
     assert _study_model(cfg, "s", None) == "scratch_cnn | scratch_cnn_bn"
     row = {"study": "s", "best_val_acc": 0.8107142857, "best_trial": "_trial_f13c7d4a_1_lr=0.1"}
     assert comparison_markdown([row])[-1] == "| s | 0.811 | _trial_f13c7d4a |"
+
+
+def test_trials_table_gives_each_trial_its_outcome_and_marks_pretrained_studies(
+    tmp_path: Path, toy_manifest: Path
+) -> None:
+    from carclf.search.report import trials_table
+
+    raw = tiny_config(tmp_path / "exp", toy_manifest).model_dump(mode="json")
+    names = {"type": "choice", "values": ["scratch_cnn", "scratch_cnn_bn"]}
+    lr = {"type": "loguniform", "low": 1e-4, "high": 1e-2}
+    transfer = {"model.name": "resnet18", "model.pretrained": True}
+    raw["tune"] = {
+        "studies": {
+            "scratch": {"space": {"model.name": names}},
+            "transfer": {"overrides": transfer, "space": {"train.lr": lr}},
+        }
+    }
+    cfg = validate_config(raw)
+    base = {"best_val_acc": 0.5, "epochs": 3, "collapsed": False, "stopped_early": False}
+    rows = [
+        {**base, "study": "scratch", "trial": "a", "param:model.name": "scratch_cnn",
+         "collapsed": True, "collapse_reason": "validation accuracy 0.143 at chance (1/7)"},
+        {**base, "study": "scratch", "trial": "b", "param:model.name": "scratch_cnn_bn",
+         "stopped_early": True},
+        {**base, "study": "transfer", "trial": "c", "param:train.lr": 1e-3},
+    ]  # fmt: skip
+    table = trials_table(rows, cfg)
+    assert [t["outcome"] for t in table] == [
+        "collapsed: validation accuracy 0.143 at chance (1/7)",
+        "stopped early (ASHA)",
+        "ran every epoch",
+    ]
+    assert [t["model"] for t in table] == ["scratch_cnn", "scratch_cnn_bn", "resnet18 (pretrained)"]

@@ -117,13 +117,17 @@ def best_trial(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any
 
 
 def _study_model(cfg: Config, study: str, best: dict[str, Any] | None) -> str:
-    """The study's model: the best trial's where the model is searched over."""
+    """The study's model (the best trial's where the model is searched over), marked
+    "(pretrained)" where the study starts from pretrained weights."""
     spec = cfg.tune.studies[study]
-    if "model.name" in spec.space:
-        if best is not None and best.get("param:model.name"):
-            return str(best["param:model.name"])
-        return " | ".join(map(str, spec.space["model.name"].values or []))
-    return str(spec.overrides.get("model.name", cfg.model.name))
+    if "model.name" not in spec.space:
+        name = str(spec.overrides.get("model.name", cfg.model.name))
+    elif best is not None and best.get("param:model.name"):
+        name = str(best["param:model.name"])
+    else:
+        name = " | ".join(map(str, spec.space["model.name"].values or []))
+    pretrained = spec.overrides.get("model.pretrained", cfg.model.pretrained)
+    return f"{name} (pretrained)" if pretrained else name
 
 
 def comparison_table(
@@ -169,6 +173,36 @@ def comparison_markdown(table: list[dict[str, Any]]) -> list[str]:
     return markdown_table(table, _cell)
 
 
+def _outcome(row: dict[str, Any]) -> str:
+    if row["collapsed"]:
+        return f"collapsed: {row['collapse_reason']}"
+    return "stopped early (ASHA)" if row["stopped_early"] else "ran every epoch"
+
+
+def trials_table(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """One row per trial for people: study, model, best score, epochs and what became of it
+    (the collapse label with its reasons, an early stop, or all epochs)."""
+    key = f"best_{cfg.tune.metric}"
+    return [
+        {
+            "study": r["study"],
+            "trial": r["trial"],
+            "model": _study_model(cfg, r["study"], r),
+            "lr": r.get("param:train.lr"),
+            key: r[key],
+            "epochs": r["epochs"],
+            "outcome": _outcome(r),
+        }
+        for r in rows
+    ]
+
+
+def _trial_cell(key: str, value: Any) -> str:
+    if key == "lr" and isinstance(value, float):
+        return f"{value:.2g}"
+    return _cell("best_trial" if key == "trial" else key, value)
+
+
 def write_report(
     rows: list[dict[str, Any]], cfg: Config, manifest: Manifest, out: Path
 ) -> dict[str, Any] | None:
@@ -187,6 +221,7 @@ def write_report(
     write_csv(table, out / "comparison.csv")
     missing = sorted(set(importances) - set(found))
     lines = ["# Search comparison", "", *comparison_markdown(table), ""]
+    lines += ["## Trials", "", *markdown_table(trials_table(rows, cfg), _trial_cell), ""]
     lines += [f"![{cfg.tune.metric} per trial]({TRIALS_PLOT})", ""]
     if found:
         lines += [f"![parameter importances]({IMPORTANCE_PLOT})", ""]
