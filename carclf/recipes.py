@@ -21,6 +21,7 @@ from torch import nn
 
 from carclf.config import Config
 from carclf.metrics import Mode, better_sign, metric_mode
+from carclf.weights import classifier_head
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -116,8 +117,8 @@ def parameter_groups(model: nn.Module) -> list[list[str]]:
 
 def head_parameter_names(model: nn.Module) -> set[str]:
     """Names of the classifier head's parameters (``get_classifier()``), trained from epoch 0."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Module) or not list(head.parameters()):
+    head = classifier_head(model)
+    if head is None or not list(head.parameters()):
         return set(parameter_groups(model)[-1])
     ids = {id(p) for p in head.parameters()}
     return {name for name, p in model.named_parameters() if id(p) in ids}
