@@ -243,6 +243,18 @@ class TuneSection(_Strict):
         return self
 
 
+class TrackingConfig(_Strict):
+    """MLflow tracking of training runs, trials and the exported winner (``carclf/tracking.py``)."""
+
+    mlflow: bool = Field(False, description="log runs, trials and the bundle to MLflow")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default sqlite:///<experiment dir>/mlflow.db (the "
+        "run's parent directory, the search's output_dir, the pipeline's base)",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; default the task")
+
+
 class Config(_Strict):
     """A carclf run: every command reads the keys it needs from this one model."""
 
@@ -255,6 +267,7 @@ class Config(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tune: TuneSection | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -27,6 +27,7 @@ from pyarrow import fs as pafs
 from carclf.config import Config, load_config, save_config
 from carclf.errors import UserInputError
 from carclf.storage import Storage, open_storage
+from carclf.tracking import log_bundle, with_store
 
 # The stages import torch, timm and Ray (half a minute on a busy 2-core node): they are imported
 # where they run, so that a job with a missing data set fails before that.
@@ -130,9 +131,8 @@ def run_pipeline(
     storage = open_storage(cfg.output_dir, filesystem)
     run_dir = _local_run_dir(storage, staging)
     base = run_dir.parent
-    cfg, experiment = _search(
-        _audit(cfg.model_copy(update={"output_dir": str(run_dir)})), base, run_dir
-    )
+    cfg = with_store(cfg.model_copy(update={"output_dir": str(run_dir)}), base)
+    cfg, experiment = _search(_audit(cfg), base, run_dir)
     progress(
         f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
         f"{cfg.train.epochs} epochs → {run_dir}"
@@ -142,6 +142,8 @@ def run_pipeline(
     bundle = export_run(trained.run_dir, base / BUNDLE_DIR, name=bundle_name, settings=cfg.export)
     progress("evaluate the bundle on the test split")
     evaluation = evaluate(bundle.path, trained.manifest, "test", base / EVAL_DIR)
+    if trained.mlflow_run_id:
+        log_bundle(cfg, trained.mlflow_run_id, bundle.path, base / EVAL_DIR)
     if not storage.is_local:
         progress(f"copy the outputs up to {storage.parent().uri}")
         storage.parent().upload(base)

@@ -45,6 +45,7 @@ META_FILE = "meta.json"
 RUN_FILE = "run.json"
 EPOCHS_FILE = "epochs.csv"
 TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_FILE = "mlflow_run.json"  # the run's MLflow store and run id (tracking.mlflow)
 MANIFEST_FILE = "manifest.parquet"
 CHECKPOINT_GLOB = "checkpoint_*"
 INIT_CHECKPOINT = "checkpoint_init"  # the one checkpoint of a run written without training

@@ -346,6 +346,7 @@ class TrainResult:
     metrics: dict[str, Any]
     labels: list[str]
     manifest: Path
+    mlflow_run_id: str | None = None  # with tracking.mlflow
 
 
 @dataclass
@@ -449,12 +450,29 @@ def fit_run(
     """Run Ray Train for a prepared run; extra ``callbacks`` see every report (Tune's, say).
 
     Checkpoints go to ``storage`` (a directory named like the run directory, on any pyarrow
-    filesystem), by default the run directory itself.
+    filesystem), by default the run directory itself. With ``tracking.mlflow`` the run is an
+    MLflow run too (``carclf/tracking.py``).
     """
+    storage = storage or open_storage(str(run.run_dir))
+    if not cfg.tracking.mlflow:
+        return _fit(cfg, run, callbacks, storage)
+    from carclf import tracking
+
+    run_id = tracking.start_run(cfg, run.run_dir)
+    try:
+        result = _fit(cfg, run, [*callbacks, tracking.epoch_callback(cfg, run_id)], storage)
+    except BaseException:
+        tracking.finish_run(cfg, run_id, None)
+        raise
+    tracking.finish_run(cfg, run_id, result.metrics)
+    result.mlflow_run_id = run_id
+    return result
+
+
+def _fit(cfg: Config, run: PreparedRun, callbacks: Sequence[Any], storage: Storage) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage = storage or open_storage(str(run.run_dir))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -509,6 +527,9 @@ def run_training(cfg: Config, storage: Storage | None = None) -> TrainResult:
     Rerunning with the same ``output_dir`` resumes from the last checkpoint there. ``storage``
     puts the checkpoints elsewhere (see :meth:`fit_run`).
     """
+    from carclf.tracking import with_store
+
+    cfg = with_store(cfg, Path(cfg.output_dir).resolve().parent)
     run = prepare_run(cfg)
     ensure_ray()
     return fit_run(cfg, run, storage=storage)

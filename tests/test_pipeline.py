@@ -37,6 +37,7 @@ def trained(ray_session, toy_manifest: Path, tmp_path_factory: pytest.TempPathFa
         model={"name": "scratch_cnn_bn", "kwargs": {"filters": [8, 16]}},
         train={"epochs": 2, "batch_size": 16},
         scaling={"num_workers": 2},
+        tracking={"mlflow": True},
     )
     return run_training(cfg), out
 
@@ -61,6 +62,19 @@ def test_training_reports_each_epoch_and_keeps_the_best(trained) -> None:
     assert (result.best_checkpoint / "model.safetensors").is_file()
     assert json.loads((result.run_dir / "run.json").read_text())["best_checkpoint"]
     assert {"val_acc", "val_f1_macro", "train_loss", "lr", "images_per_s"} <= set(result.metrics)
+
+
+def test_training_run_is_an_mlflow_run_with_each_epoch(trained) -> None:
+    from mlflow.tracking import MlflowClient
+
+    result, out = trained
+    mlflow = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")  # the default store: the run's parent
+    run = mlflow.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "scratch_cnn_bn"
+    history = mlflow.get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [0, 1]  # logged by the controller as epochs came in
+    assert run.data.metrics["best_val_acc"] == pytest.approx(result.metrics["val_acc"])
 
 
 def test_evaluate_writes_metrics_plot_and_report(

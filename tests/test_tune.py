@@ -99,7 +99,12 @@ def test_two_studies_with_a_collapsing_scratch_cnn(
         grace_period=3,
         collapse=rule,
     )
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 4})})
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"epochs": 4}),
+            "tracking": cfg.tracking.model_copy(update={"mlflow": True}),
+        }
+    )
     out = run_tune(cfg)
     with (out / "trials.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -107,6 +112,7 @@ def test_two_studies_with_a_collapsing_scratch_cnn(
     scratch = [r for r in rows if r["study"] == "scratch"]
     assert all(r["collapsed"] == "True" and r["stopped_early"] == "True" for r in scratch), rows
     assert "| scratch | scratch_cnn | 1 | 1 |" in (out / "comparison.md").read_text()
+    _mlflow_has_a_parent_per_study_and_a_child_per_trial(out)
     # Whether the tiny transfer runs leave chance in 4 epochs is up to the data; when one does,
     # it is the winner, and best_config.yaml is a plain train config.
     healthy = [r for r in rows if r["collapsed"] == "False"]
@@ -117,6 +123,27 @@ def test_two_studies_with_a_collapsing_scratch_cnn(
         assert best.model.name == "scratch_cnn_bn"
     else:
         assert not (out / "best_config.yaml").exists()
+
+
+def _mlflow_has_a_parent_per_study_and_a_child_per_trial(out: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name("body_type").experiment_id
+    for study in ("scratch", "transfer"):
+        parents = mlflow.search_runs([exp], f"tags.`carclf.study` = '{study}' and "
+                                     "attributes.run_name = '" + study + "'")  # fmt: skip
+        assert len(parents) == 1
+        children = mlflow.search_runs(
+            [exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
+        )
+        assert len(children) == 1
+        assert mlflow.get_metric_history(children[0].info.run_id, "val_acc")
+    # The scratch trial collapses by design (the transfer one may too, on this tiny set).
+    scratch = mlflow.search_runs(
+        [exp], "tags.`carclf.study` = 'scratch' and tags.`carclf.collapsed` = 'true'"
+    )
+    assert len(scratch) == 1 and scratch[0].data.tags["carclf.collapse_reason"]
 
 
 def _start(tmp_path: Path, toy_manifest: Path, *points: dict, num_samples: int = 2):

@@ -37,6 +37,7 @@ from carclf.search.space import (
     tune_domain,
 )
 from carclf.tables import write_csv
+from carclf.tracking import log_study, with_store
 from carclf.train import fit_run, prepare_run
 
 
@@ -67,6 +68,10 @@ def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
     trial_dir = Path(cfg.output_dir) / study / tune.get_context().get_trial_name()
     spec = cfg.tune.studies[study]
     trial_cfg = study_config(cfg, spec, decode_params(spec, params), trial_dir)
+    # The search's driver logs every trial to MLflow once its study ends (one writer).
+    trial_cfg = trial_cfg.model_copy(
+        update={"tracking": trial_cfg.tracking.model_copy(update={"mlflow": False})}
+    )
     done = replay_epochs(trial_dir)
     if done >= trial_cfg.train.epochs or runs.is_finished(trial_dir):
         return
@@ -250,6 +255,12 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
     ]
 
 
+def _with_histories(rows: list[dict[str, Any]], grid: Any) -> list[tuple[dict, list[dict]]]:
+    """Each trial's row beside its reports per epoch (matched by the trial's directory name)."""
+    history = {Path(r.path).name: trial_history(r) for r in grid if r.path}
+    return [(row, history.get(row["trial"], [])) for row in rows]
+
+
 def best_train_config(cfg: Config, row: dict[str, Any]) -> Config:
     """The winning trial as a plain train config (no ``tune`` section), into ``best_run``."""
     params = {k.removeprefix("param:"): v for k, v in row.items() if k.startswith("param:")}
@@ -277,6 +288,7 @@ def run_tune(cfg: Config) -> Path:
             "data": cfg.data.model_copy(update={"manifest": str(manifest.path)}),
         }
     )
+    cfg = with_store(cfg, out)
     save_config(cfg, out)
     ensure_ray()
     import ray
@@ -288,7 +300,10 @@ def run_tune(cfg: Config) -> Path:
     rows: list[dict[str, Any]] = []
     for study in cfg.tune.studies:
         grid = run_study(cfg, study, len(manifest.labels))
-        rows += trial_rows(study, grid, cfg, len(manifest.labels))
+        mine = trial_rows(study, grid, cfg, len(manifest.labels))
+        if cfg.tracking.mlflow:
+            log_study(cfg, study, _with_histories(mine, grid))
+        rows += mine
     write_csv(rows, out / "trials.csv")
     best = write_report(rows, cfg, manifest, out)
     if best is not None:
