@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,13 @@ from carclf.recipes import (
     trainable_names,
 )
 from carclf.runtime import ensure_ray
+from carclf.session import (
+    KEEP_CHECKPOINTS,
+    EpochWriter,
+    LocalSession,
+    RayTrainSession,
+    Session,
+)
 from carclf.storage import Storage, open_storage
 
 # --- plain PyTorch: one epoch of training, predictions over a loader -------------------------
@@ -174,20 +181,15 @@ def build_loaders(
 
 
 def _worker_loaders(
-    cfg: Config, manifest: Manifest, pre: Preprocess, ctx: Any
+    cfg: Config, manifest: Manifest, pre: Preprocess, session: Session
 ) -> tuple[Iterable, Iterable]:
-    """This worker's batches: its Ray Data shards, or DataLoaders prepared by Ray Train."""
-    import ray.train.torch
-
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    """This worker's batches: its Ray Data shards, or DataLoaders prepared by the session."""
     if cfg.data.loader == "ray":
         from carclf.data.raydata import shard_loaders
 
-        return shard_loaders(cfg, len(manifest.split("train")), world)
-    train_loader, val_loader = build_loaders(cfg, manifest, pre, rank, world)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
-    return train_loader, val_loader
+        return shard_loaders(cfg, len(manifest.split("train")), session.world)
+    train_loader, val_loader = build_loaders(cfg, manifest, pre, session.rank, session.world)
+    return session.prepare_loader(train_loader), session.prepare_loader(val_loader)
 
 
 def _set_epoch(loader: Iterable, epoch: int) -> None:
@@ -198,32 +200,34 @@ def _set_epoch(loader: Iterable, epoch: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: re-validate the config, train, report each epoch, checkpoint."""
-    import ray.train
-    import ray.train.torch
+    """The Ray Train worker: :func:`run_loop` in Ray Train's session."""
+    run_loop(config, RayTrainSession())
 
+
+def run_loop(config: dict[str, Any], session: Session) -> None:
+    """Re-validate the config, train, report each epoch with its checkpoint to ``session``."""
     cfg = Config.model_validate(config["cfg"])
     pre = Preprocess.model_validate(config["preprocess"])  # resolved once, on the driver
     torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))
     seed_everything(cfg.seed)
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
+    device = session.device
     manifest = read_manifest(config["manifest"])
     bare, weights = build_model(cfg.model, len(manifest.labels))
     bare = bare.to(device)
-    if cfg.train.head_init == "linear_probe" and ray.train.get_checkpoint() is None:
-        _probe_head(bare, cfg, manifest, pre, ctx)  # before the optimizer and EMA copy it
-    train_loader, val_loader = _worker_loaders(cfg, manifest, pre, ctx)
+    if cfg.train.head_init == "linear_probe" and session.checkpoint is None:
+        _probe_head(bare, cfg, manifest, pre, session)  # before the optimizer and EMA copy it
+    train_loader, val_loader = _worker_loaders(cfg, manifest, pre, session)
     optimizer = build_optimizer(bare, cfg)  # every parameter, before any freezing
     tools = build_step_tools(bare, optimizer, cfg, len(manifest.labels), len(train_loader), device)
     stopper = EarlyStopping(cfg.train.early_stopping_patience, metric_mode(cfg.train.monitor))
-    start_epoch = _resume(ray.train.get_checkpoint(), bare, optimizer, tools, stopper)
+    start_epoch = _resume(session.checkpoint, bare, optimizer, tools, stopper)
     model = None
     for epoch in range(start_epoch, cfg.train.epochs):
         # (Re)wrap in DDP whenever the set of trainable parameters changes (unfreezing).
         if set_trainable(bare, trainable_names(bare, cfg, epoch)) or model is None:
-            model = ray.train.torch.prepare_model(bare)
+            model = session.prepare_model(bare)
         _set_epoch(train_loader, epoch)
+        started = time.perf_counter()
         stats = train_one_epoch(model, train_loader, optimizer, tools, device)
         scored = tools.ema.module if tools.ema is not None else model
         metrics = {
@@ -231,8 +235,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **stats,
             **validate(scored, val_loader, device),
             "lr": max(g["lr"] for g in optimizer.param_groups),
-            "images_per_s": stats["images_per_s"] * ctx.get_world_size(),
+            "images_per_s": stats["images_per_s"] * session.world,
             "trainable_params": sum(p.numel() for p in bare.parameters() if p.requires_grad),
+            "epoch_s": time.perf_counter() - started,
         }
         tools.schedule.step_epoch(metrics, cfg.train.monitor)
         stop = stopper.update(metrics[cfg.train.monitor])
@@ -243,20 +248,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "stopper": vars(stopper),
         }
         meta = runs.checkpoint_meta(cfg, manifest, pre, metrics, weights)
-        _report(metrics, bare, tools, state, meta, is_chief=ctx.get_world_rank() == 0)
+        _report(metrics, bare, tools, state, meta, session)
         if stop:
             break
 
 
 def _probe_head(
-    model: nn.Module, cfg: Config, manifest: Manifest, pre: Preprocess, ctx: Any
+    model: nn.Module, cfg: Config, manifest: Manifest, pre: Preprocess, session: Session
 ) -> None:
     """Solve the head on the frozen backbone's features (``train.head_init: linear_probe``).
 
     Each worker extracts the features of its share of train and val, all of them gather the
     whole, and each fits the same probe; DDP would broadcast rank 0's head anyway.
     """
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     start = time.perf_counter()
     parts = {}
     for split in ("train", "val"):
@@ -318,20 +323,18 @@ def _resume(
 
 
 def _report(
-    metrics: dict, bare: nn.Module, tools: StepTools, state: dict, meta: dict, is_chief: bool
+    metrics: dict, bare: nn.Module, tools: StepTools, state: dict, meta: dict, session: Session
 ) -> None:
-    """Report the epoch on every worker; the chief also writes the checkpoint."""
-    import ray.train
-
+    """Report the epoch on every worker; the chief (rank 0) also writes the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
-        if is_chief:
+        if session.rank == 0:
             weights = bare
             if tools.ema is not None:  # export the EMA weights, resume from both
                 weights, state = tools.ema.module, {**state, "raw_model": bare.state_dict()}
             runs.save_checkpoint(Path(tmp), weights, state, meta)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+            ckpt = Path(tmp)
+        session.report(metrics, ckpt)
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -358,15 +361,6 @@ class PreparedRun:
     preprocess: Preprocess
 
 
-def _epoch_line(row: dict[str, Any]) -> str:
-    return (
-        f"[carclf] epoch {row['epoch']}: train_loss {row['train_loss']:.3f} "
-        f"val_loss {row['val_loss']:.3f} val_acc {row['val_acc']:.3f} "
-        f"val_f1 {row['val_f1_macro']:.3f} lr {row['lr']:.2e} "
-        f"{row['images_per_s']:.0f} img/s"
-    )
-
-
 def _epoch_logger() -> Any:
     import ray.train
 
@@ -374,21 +368,10 @@ def _epoch_logger() -> Any:
         """On the controller: ``epochs.csv``, TensorBoard scalars and one line per epoch."""
 
         def __init__(self, run_dir: Path) -> None:
-            self.run_dir = run_dir
-            self.writer = None
+            self.log = EpochWriter(run_dir)
 
         def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-            row = metrics[0]
-            runs.append_epoch(self.run_dir, row)
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / runs.TENSORBOARD_DIR))
-            for key, value in row.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, row["epoch"])
-            self.writer.flush()
-            print(_epoch_line(row), file=sys.stderr, flush=True)
+            self.log.write(metrics[0])
 
     return EpochLog
 
@@ -433,7 +416,7 @@ def _run_config(cfg: Config, storage: Storage, callbacks: Sequence[Any]) -> Any:
         **storage.ray_storage(),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=2,
+            num_to_keep=KEEP_CHECKPOINTS,
             checkpoint_score_attribute=cfg.train.monitor,
             checkpoint_score_order=metric_mode(cfg.train.monitor),
         ),
@@ -475,11 +458,7 @@ def _fit(cfg: Config, run: PreparedRun, callbacks: Sequence[Any], storage: Stora
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
-            "manifest": str(run.manifest.path),
-            "preprocess": run.preprocess.model_dump(mode="json"),
-        },
+        train_loop_config=_loop_config(cfg, run),
         **_ray_datasets(cfg, run),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -498,6 +477,43 @@ def _fit(cfg: Config, run: PreparedRun, callbacks: Sequence[Any], storage: Stora
     best_dir = Path(best_ckpt.path)
     if not storage.is_local:  # export and evaluation read the checkpoint from local disk
         best_dir = Path(best_ckpt.to_directory(str(run.run_dir / runs.BEST_CHECKPOINT_DIR)))
+    runs.write_run_file(run.run_dir, best_dir, best_metrics)
+    return TrainResult(run.run_dir, best_dir, best_metrics, run.manifest.labels, run.manifest.path)
+
+
+def _loop_config(cfg: Config, run: PreparedRun) -> dict[str, Any]:
+    """What every worker is given: plain data (it crosses into Ray's processes)."""
+    return {
+        "cfg": cfg.model_dump(mode="json"),
+        "manifest": str(run.manifest.path),
+        "preprocess": run.preprocess.model_dump(mode="json"),
+    }
+
+
+def runs_in_process(cfg: Config) -> bool:
+    """Whether a search trial trains inside its own Tune trial (:func:`fit_local`) rather than
+    through a ``TorchTrainer``: one CPU worker, the torch loader, no worker restarts."""
+    s = cfg.scaling
+    return (
+        s.num_workers == 1
+        and not s.use_gpu
+        and cfg.data.loader == "torch"
+        and cfg.train.max_failures == 0
+    )
+
+
+def fit_local(
+    cfg: Config, run: PreparedRun, on_epoch: Callable[[dict[str, Any]], None]
+) -> TrainResult:
+    """Train one worker in this process, writing the run directory as :func:`fit_run` does.
+
+    A rerun resumes from the run directory's latest checkpoint. ``on_epoch`` sees every
+    epoch's metrics (``tune.report`` inside a trial).
+    """
+    _ray_datasets(cfg, run)  # nothing for the torch loader but the cache's size line
+    session = LocalSession(run.run_dir, cfg.train.monitor, metric_mode(cfg.train.monitor), on_epoch)
+    run_loop(_loop_config(cfg, run), session)
+    best_dir, best_metrics = session.best()
     runs.write_run_file(run.run_dir, best_dir, best_metrics)
     return TrainResult(run.run_dir, best_dir, best_metrics, run.manifest.labels, run.manifest.path)
 

@@ -85,7 +85,9 @@ def test_two_studies_with_a_collapsing_scratch_cnn(
             "space": {"model.kwargs.filters": {"type": "choice", "values": [[8, 16], [8, 8]]}},
         },
         "transfer": {
-            "overrides": {"model.name": "scratch_cnn_bn"},
+            # Two workers: this study's trials go through a TorchTrainer, the scratch study's
+            # one-worker trials train inside their Tune trials (carclf/session.py).
+            "overrides": {"model.name": "scratch_cnn_bn", "scaling.num_workers": 2},
             "space": {"train.lr": {"type": "loguniform", "low": 0.003, "high": 0.01}},
         },
     }
@@ -113,6 +115,7 @@ def test_two_studies_with_a_collapsing_scratch_cnn(
     assert all(r["collapsed"] == "True" and r["stopped_early"] == "True" for r in scratch), rows
     assert "| scratch | scratch_cnn | 1 | 1 |" in (out / "comparison.md").read_text()
     _mlflow_has_a_parent_per_study_and_a_child_per_trial(out)
+    assert all(float(r["startup_s"]) >= 0 and float(r["first_report_s"]) > 0 for r in rows)
     # Whether the tiny transfer runs leave chance in 4 epochs is up to the data; when one does,
     # it is the winner, and best_config.yaml is a plain train config.
     healthy = [r for r in rows if r["collapsed"] == "False"]

@@ -38,7 +38,7 @@ from carclf.search.space import (
 )
 from carclf.tables import write_csv
 from carclf.tracking import log_study, with_store
-from carclf.train import fit_run, prepare_run
+from carclf.train import fit_local, fit_run, prepare_run, runs_in_process
 
 
 def replay_epochs(run_dir: Path) -> int:
@@ -75,8 +75,12 @@ def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
     done = replay_epochs(trial_dir)
     if done >= trial_cfg.train.epochs or runs.is_finished(trial_dir):
         return
-    # Ray Train resumes from the run directory's last checkpoint, after the replayed epochs.
-    fit_run(trial_cfg, prepare_run(trial_cfg), callbacks=[TuneReportCallback()])
+    # Either way the run resumes from the run directory's last checkpoint, after the
+    # replayed epochs.
+    if runs_in_process(trial_cfg):
+        fit_local(trial_cfg, prepare_run(trial_cfg), on_epoch=tune.report)
+    else:
+        fit_run(trial_cfg, prepare_run(trial_cfg), callbacks=[TuneReportCallback()])
 
 
 def _collapse_stopper(rule: CollapseRule, num_classes: int) -> Any:
@@ -96,6 +100,16 @@ def _collapse_stopper(rule: CollapseRule, num_classes: int) -> Any:
             return False
 
     return CollapseStopper()
+
+
+def trial_cpus(trial: Config, sliver: float) -> float:
+    """The CPUs a trial's own actor holds: its worker's too when it trains in process
+    (``train.runs_in_process``), else ``sliver`` (``tune.trial_cpus``) beside the
+    ``TorchTrainer`` workers it starts.
+
+    Either way a trial accounts for ``trial_cpus + num_workers × cpus_per_worker`` in all.
+    """
+    return sliver + trial.scaling.cpus_per_worker if runs_in_process(trial) else sliver
 
 
 def fit_concurrency(cfg: Config, cluster_cpus: float) -> int:
@@ -161,7 +175,7 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
     out = Path(cfg.output_dir).resolve()
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), study=study),
-        {"CPU": t.trial_cpus},
+        {"CPU": trial_cpus(study_config(cfg, t.studies[study], {}, out), t.trial_cpus)},
     )
     path = out / "tune" / study
     if tune.Tuner.can_restore(path):
@@ -215,6 +229,17 @@ def _run_dir(out: Path, study: str, result: Any) -> str:
     return str(found[0]) if found else ""
 
 
+def _startup(history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """When the trial's first epoch was reported (seconds after the trial started) and how
+    much of that was not the epoch itself (start-up: processes, model, data, linear probe)."""
+    first = history[0] if history else {}
+    total, epoch = first.get("time_total_s"), first.get("epoch_s")
+    return {
+        "first_report_s": total,
+        "startup_s": None if total is None or epoch is None else max(total - epoch, 0.0),
+    }
+
+
 def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dict[str, Any]]:
     """One row per trial, in the order trials started: parameters, best metric, the metric per
     epoch (``curve``), epochs, state and the collapse label."""
@@ -244,6 +269,7 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
                 "collapsed": bool(reason),
                 "collapse_reason": reason or "",
                 "curve": curve,
+                **_startup(history),
                 "started": history[0].get("timestamp", math.inf) if history else math.inf,
                 "run_dir": _run_dir(out, study, result),
             }
