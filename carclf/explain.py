@@ -1,7 +1,12 @@
 """Explanations over pytorch-grad-cam: class-activation maps on the bundle's PyTorch weights.
 
 A CAM object keeps per-call state (hooks, activations, gradients), so :class:`Explainer` builds
-a fresh one for every call and releases it afterwards: concurrent requests never share one.
+a fresh one for every call and releases it afterwards. A fresh CAM is not enough under
+concurrency: every CAM hooks the same module of the same model, and ``backward`` writes the
+model's shared ``.grad`` tensors, so two calls at once mix their activations and gradients (a
+heatmap that belongs to another request, or a crash inside torch). :meth:`Explainer.explain`
+therefore runs one call at a time per :class:`Explainer` (a lock around the forward and backward
+passes); threads that share an explainer get exactly the heatmaps they would get one by one.
 
 The hooked layer is found per model (:func:`target_layer_for`) and can be overridden by name;
 token-shaped activations of ViT-style models and channels-last ones (Swin) are turned into
@@ -11,6 +16,9 @@ token-shaped activations of ViT-style models and channels-last ones (Swin) are t
 from __future__ import annotations
 
 import io
+import re
+import reprlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,52 @@ METHODS = {
 
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+
+# A class index as clients write it: ASCII digits only, since str.isdigit() also accepts "²" or
+# "٣", which int() then refuses; at most 18 digits, as no model has more classes than that and
+# int() of a longer string costs time (and fails past 4,300 digits).
+_INDEX = re.compile(r"-?[0-9]+")
+_MAX_INDEX_DIGITS = 18
+
+
+def _shown(value: object) -> str:
+    """A client's value in an error message: its repr, cut short and at most 3 levels deep, so
+    a 900-deep list neither floods the message nor recurses."""
+    short = reprlib.Repr()  # Python 3.10 and 3.11 take no keyword arguments here
+    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 40, 40, 40
+    try:
+        return short.repr(value)
+    except ValueError:  # an int past Python's 4,300-digit limit for conversion to text
+        return "a number of more than 4300 digits"
+
+
+def class_index(target: object, labels: list[str]) -> int | None:
+    """The class index a client asks for: an index, a class name, or None (the predicted class).
+
+    Args:
+        target: an int, a class name, a string of ASCII digits, or None / "" for the prediction.
+        labels: class names in index order.
+
+    Raises:
+        UserInputError: anything else, or a class the model does not have.
+    """
+    if target is None or target == "":
+        return None
+    if isinstance(target, bool) or not isinstance(target, (int, str)):
+        raise UserInputError(f"target: a class name or index is needed, got {_shown(target)}")
+    if isinstance(target, str) and not _INDEX.fullmatch(target):
+        if target not in labels:
+            raise UserInputError(f"target: unknown class {_shown(target)}")
+        return labels.index(target)
+    if isinstance(target, str):
+        index = int(target) if len(target.lstrip("-")) <= _MAX_INDEX_DIGITS else len(labels)
+    else:
+        index = target
+    if not 0 <= index < len(labels):
+        raise UserInputError(
+            f"target: class index {_shown(target)} is outside 0..{len(labels) - 1}"
+        )
+    return index
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -141,6 +195,8 @@ class Explainer:
         self.target_layer = modules[self.target_layer_name]
         self.reshape_transform = reshape_transform or reshape_transform_for(model)
         self.temperature = temperature
+        # One forward/backward pass at a time on this model (see the module docstring).
+        self._lock = threading.Lock()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, target_layer: str | None = None) -> Explainer:
@@ -157,42 +213,40 @@ class Explainer:
         return cls(model, info.preprocess, info.labels, layer, temperature=info.temperature)
 
     def resolve_target(self, target: int | str | None, default: int) -> int:
-        """A class index from an index, a class name or None (the predicted class)."""
-        if target is None or target == "":
-            return default
-        if isinstance(target, str) and not target.lstrip("-").isdigit():
-            if target not in self.labels:
-                raise UserInputError(f"target: unknown class {target!r}")
-            return self.labels.index(target)
-        index = int(target)
-        if not 0 <= index < len(self.labels):
-            raise UserInputError(
-                f"target: class index {index} is outside 0..{len(self.labels) - 1}"
-            )
-        return index
+        """A class index from an index, a class name or None (``default``, the predicted class).
+
+        Raises:
+            UserInputError: a target the model does not have (:func:`class_index`).
+        """
+        index = class_index(target, self.labels)
+        return default if index is None else index
 
     def explain(
         self, images: list[Image.Image], method: str = "gradcam", target: int | str | None = None
     ) -> list[Explanation]:
         """Explain a batch of decoded RGB images.
 
+        Safe to call from several threads: the passes through the model run one call at a time.
+
         Args:
             images: the images.
             method: a key of :data:`METHODS`.
             target: class to explain (name or index); None explains each predicted class.
         """
-        if method not in METHODS:
-            raise UserInputError(f"method: unknown {method!r}; one of {', '.join(METHODS)}")
+        if not isinstance(method, str) or method not in METHODS:
+            raise UserInputError(f"method: unknown {_shown(method)}; one of {', '.join(METHODS)}")
+        index = class_index(target, self.labels)  # refused before any work
         batch = torch.stack([self.transform(img) for img in images])
-        with torch.no_grad():
-            probs = torch.softmax(self.model(batch) / self.temperature, dim=1).numpy()
-        targets = [self.resolve_target(target, int(p.argmax())) for p in probs]
-        with METHODS[method](
-            model=self.model,
-            target_layers=[self.target_layer],
-            reshape_transform=self.reshape_transform,
-        ) as cam:
-            maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in targets])
+        with self._lock:
+            with torch.no_grad():
+                probs = torch.softmax(self.model(batch) / self.temperature, dim=1).numpy()
+            targets = [int(p.argmax()) if index is None else index for p in probs]
+            with METHODS[method](
+                model=self.model,
+                target_layers=[self.target_layer],
+                reshape_transform=self.reshape_transform,
+            ) as cam:
+                maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in targets])
         out = []
         for img, heat, t, p in zip(images, maps, targets, probs, strict=True):
             heat = np.nan_to_num(heat.astype(np.float32)).clip(0.0, 1.0)

@@ -73,16 +73,29 @@ class OnnxClassifier:
         """The ONNX model's own logits for a preprocessed batch."""
         return self.session.run(["logits"], {"input": batch.astype(np.float32, copy=False)})[0]
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated logits: the model's divided by the bundle's ``temperature``.
+    @property
+    def temperature(self) -> float:
+        """The bundle's softmax temperature (calibration)."""
+        return float(self.bundle.info.temperature)
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        """Calibrated logits: the model's own ``raw`` logits divided by the ``temperature``.
 
         The one place the temperature is applied, so every probability served is calibrated.
         """
-        return self.raw_logits(batch) / np.float32(self.bundle.info.temperature)
+        return raw / np.float32(self.temperature)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated logits of a preprocessed batch (:meth:`calibrate` of :meth:`raw_logits`)."""
+        return self.calibrate(self.raw_logits(batch))
+
+    def probabilities_of(self, raw: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities from the model's own logits, shape ``[N, K]``."""
+        return softmax(self.calibrate(raw))
 
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Class probabilities for decoded images, shape ``[N, K]``."""
-        return softmax(self.logits(self.preprocess(images)))
+        return self.probabilities_of(self.raw_logits(self.preprocess(images)))
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict]:
         """Each row of ``probs`` as ``{"label", "score", "top_k": [{"label", "score"}]}``."""

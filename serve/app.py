@@ -14,6 +14,8 @@ from carclf.bundle import load_bundle
 from carclf.errors import UserInputError
 from serve.deployments import (
     BATCH_WAIT_TIMEOUT_S,
+    EXPLAINER_MAX_ONGOING,
+    EXPLAINER_MAX_QUEUED,
     MAX_BATCH_SIZE,
     ClassifierDeployment,
     ExplainerDeployment,
@@ -31,6 +33,11 @@ class AppArgs(BaseModel):
         None, ge=0.0, description="how long a batch waits to fill; default 0 on CPU, 10 ms on GPU"
     )
     classifier_replicas: int = Field(1, ge=1)
+    # The explainer is its own bounded pool (serve/deployments.py): past its replicas' slots
+    # and each caller's queue, an explain is a fast 503, and predictions never wait behind it.
+    explainer_replicas: int = Field(1, ge=1)
+    explainer_max_ongoing_requests: int = Field(EXPLAINER_MAX_ONGOING, ge=1)
+    explainer_max_queued_requests: int = Field(EXPLAINER_MAX_QUEUED, ge=1)
     # Logical CPUs reserved per replica. Small defaults let several models share a laptop;
     # onnxruntime and torch use max(1, int(cpus)) threads, never more than reserved.
     classifier_cpus: float = Field(0.5, gt=0.0)
@@ -64,7 +71,11 @@ def build_app(args: AppArgs) -> Application:
             },
         ).bind(path, use_gpu=args.use_gpu)
         explainers[name] = ExplainerDeployment.options(
-            name=f"explainer-{name}", ray_actor_options={"num_cpus": args.explainer_cpus}
+            name=f"explainer-{name}",
+            num_replicas=args.explainer_replicas,
+            max_ongoing_requests=args.explainer_max_ongoing_requests,
+            max_queued_requests=args.explainer_max_queued_requests,
+            ray_actor_options={"num_cpus": args.explainer_cpus},
         ).bind(path)
     ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})
     return ingress.bind(classifiers, explainers, preprocess, args.settings.model_dump())

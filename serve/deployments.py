@@ -4,6 +4,12 @@ Both load the same bundle (verified hashes). The ingress decodes each image once
 gets it already preprocessed (the bundle's own eval transform, applied in the ingress, so decoding
 and resizing run beside onnxruntime instead of before it), the explainer gets the decoded RGB image
 it draws its overlay on.
+
+The explainer is its own bounded pool: Grad-CAM's forward and backward passes on one torch model
+run one at a time per replica (:class:`carclf.explain.Explainer` holds the lock), a replica takes
+at most ``EXPLAINER_MAX_ONGOING`` requests and each caller queues at most
+``EXPLAINER_MAX_QUEUED`` more; past that the handle raises ``BackPressureError`` at once (the
+ingress answers 503), so a flood of explanations never holds the ingress or the classifiers.
 """
 
 from __future__ import annotations
@@ -19,18 +25,20 @@ from PIL import Image
 from ray import serve
 
 from carclf.bundle import load_bundle
-from carclf.explain import Explainer, png_bytes
+from carclf.explain import Explainer, Explanation, png_bytes
 from carclf.inference import OnnxClassifier
-from carclf.metrics import softmax
 
 log = logging.getLogger("ray.serve")
 
 
 def _replica_cpus() -> int:
     """CPUs this replica was given: onnxruntime and torch get that many threads, no more."""
+    # Outside a replica (unit tests) there is no Ray to ask, and asking would start one.
+    if not ray.is_initialized():
+        return 1
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    except Exception:  # outside a replica (unit tests)
+    except Exception:  # a driver, not a replica
         cpus = 1
     return max(int(cpus), 1)
 
@@ -42,6 +50,15 @@ def _replica_cpus() -> int:
 # image, so there it waits a little for company.
 MAX_BATCH_SIZE = 8
 BATCH_WAIT_TIMEOUT_S = {"cpu": 0.0, "gpu": 0.01}
+# The explainer's pool (the app's arguments start from these). Passes run one at a time per
+# replica anyway; a second ongoing request waits on the lock, so the next one starts without a
+# round trip. The queue is short because an explanation takes ~10x a prediction: a client
+# waiting behind 8 of them is better told 503 and Retry-After.
+EXPLAINER_MAX_ONGOING = 2
+EXPLAINER_MAX_QUEUED = 8
+# Images explained in one pass: a request's images (at most the ingress's per-request cap) go
+# in chunks of this many, so one request's activations and gradients stay small.
+EXPLAIN_CHUNK = 8
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -68,18 +85,20 @@ class ClassifierDeployment:
         self._batched.set_batch_wait_timeout_s(float(wait))
 
     def metadata(self) -> dict[str, Any]:
-        """Name, labels, input shape and the active execution provider."""
+        """Name, labels, input shape, the active execution provider and the temperature."""
         return {
             "name": self.info.name,
             "labels": self.info.labels,
             "input_size": list(self.info.input_size),
             "arch": self.info.arch,
             "provider": self.clf.provider,
+            "temperature": self.clf.temperature,
         }
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S["cpu"])
     async def _batched(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.clf.logits(np.stack(inputs)))
+        # The model's own logits; each caller calibrates what it serves as probabilities.
+        return list(self.clf.raw_logits(np.stack(inputs)))
 
     def batching(self) -> dict[str, Any]:
         """The batch size and wait in force (they follow ``user_config``)."""
@@ -92,24 +111,32 @@ class ClassifierDeployment:
     async def predict(self, x: np.ndarray, top_k: int = 5) -> dict:
         """Top-k prediction for one preprocessed ``[C, H, W]`` image (batched with others)."""
         logits = await self._batched(x)
-        return self.clf.top_k(softmax(logits[None]), top_k)[0]
+        return self.clf.top_k(self.clf.probabilities_of(logits[None]), top_k)[0]
 
     async def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Logits and probabilities for a preprocessed ``[N, C, H, W]`` batch (KServe V2).
 
-        Each image joins the dynamic batch, so V2 clients share batches with V1 ones.
+        ``logits`` are the model's own, exactly what ``model.onnx`` computes (what Triton would
+        return); ``probabilities`` are calibrated, the ones every endpoint serves. Each image
+        joins the dynamic batch, so V2 clients share batches with V1 ones.
         """
         logits = np.stack(await asyncio.gather(*(self._batched(x) for x in batch)))
-        return {"logits": logits, "probabilities": softmax(logits)}
+        return {"logits": logits, "probabilities": self.clf.probabilities_of(logits)}
 
     def check_health(self) -> None:
         """A real inference on a blank image: a replica that cannot infer is unhealthy."""
         self.clf.probabilities([Image.new("RGB", tuple(self.info.input_size[1:]))])
 
 
-@serve.deployment(max_ongoing_requests=4)
+@serve.deployment(
+    max_ongoing_requests=EXPLAINER_MAX_ONGOING, max_queued_requests=EXPLAINER_MAX_QUEUED
+)
 class ExplainerDeployment:
-    """Grad-CAM explanations on the bundle's PyTorch weights; a new CAM object per request."""
+    """Grad-CAM explanations on the bundle's PyTorch weights, one pass at a time per replica.
+
+    Args:
+        bundle_path: the bundle directory.
+    """
 
     def __init__(self, bundle_path: str) -> None:
         import torch
@@ -117,14 +144,30 @@ class ExplainerDeployment:
         torch.set_num_threads(_replica_cpus())
         self.explainer = Explainer.from_bundle(load_bundle(bundle_path))
 
-    def explain(self, image: Image.Image, method: str = "gradcam", target: Any = None) -> dict:
-        """One explanation as JSON-ready fields with base64 PNGs."""
-        exp = self.explainer.explain([image], method=method, target=target)[0]
-        return {
-            "label": exp.label,
-            "score": exp.score,
-            "target": exp.target,
-            "method": exp.method,
-            "heatmap_png_b64": base64.b64encode(png_bytes(exp.heatmap_image())).decode(),
-            "overlay_png_b64": base64.b64encode(png_bytes(exp.overlay)).decode(),
-        }
+    async def explain(
+        self, images: list[Image.Image], method: str = "gradcam", target: Any = None
+    ) -> list[dict]:
+        """Explanations of one request's images as JSON-ready fields with base64 PNGs.
+
+        Runs in a worker thread, so the replica's event loop keeps answering health checks
+        while torch works; the explainer's lock keeps the passes one at a time.
+        """
+        return await asyncio.to_thread(self._explain, images, method, target)
+
+    def _explain(self, images: list[Image.Image], method: str, target: Any) -> list[dict]:
+        out = []
+        for start in range(0, len(images), EXPLAIN_CHUNK):
+            chunk = images[start : start + EXPLAIN_CHUNK]
+            out += [_as_json(e) for e in self.explainer.explain(chunk, method, target)]
+        return out
+
+
+def _as_json(exp: Explanation) -> dict[str, Any]:
+    return {
+        "label": exp.label,
+        "score": exp.score,
+        "target": exp.target,
+        "method": exp.method,
+        "heatmap_png_b64": base64.b64encode(png_bytes(exp.heatmap_image())).decode(),
+        "overlay_png_b64": base64.b64encode(png_bytes(exp.overlay)).decode(),
+    }

@@ -15,6 +15,16 @@ Animated GIF, WebP and PNG count as their first frame. Images must have at least
 :mod:`carclf.data.limits`); anything else is a 400 that says which limit. Grayscale, palette,
 CMYK and 16-bit images become RGB, EXIF-rotated ones are turned upright
 (:func:`carclf.data.transforms.load_image`).
+
+Request policy, checked before a body is read: the ``Host`` header must name this server (its
+own address, or one of ``settings.allowed_hosts``; 421 otherwise, so a web page cannot reach a
+loopback server by DNS rebinding); with ``settings.api_key`` every endpoint but health and the
+page, the API docs included, needs exactly one matching ``x-api-key`` header; a declared
+``Content-Length`` over ``settings.max_body_bytes`` is a 413 that closes the connection; at most
+``settings.max_images`` images per request (413). JSON is parsed strictly
+(:func:`serve.v2.parse_json`). Errors from the model deployments come back in the client's
+terms: a bad target is a 422 with the library's own message (never Ray's text), a full
+explainer queue or a restarting replica a 503 with ``Retry-After``.
 """
 
 import asyncio
@@ -22,18 +32,24 @@ import base64
 import binascii
 import hmac
 import io
-import json
+import logging
+import re
 import warnings
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -45,29 +61,80 @@ from carclf.data.limits import SERVE_MAX_TEXT_BYTES as MAX_TEXT_BYTES
 from carclf.data.limits import SERVE_MIN_SIDE as MIN_SIDE
 from carclf.data.transforms import Preprocess, eval_transform, load_image
 from carclf.errors import UserInputError
-from carclf.explain import METHODS
+from carclf.explain import METHODS, class_index
 from serve import v2
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 FORMATS = SERVE_FORMATS
 PAGE = Path(__file__).parent / "static" / "index.html"
+MAX_TOP_K = 1000  # top_k beyond the classes is clamped; this only keeps the number small
+RETRY_AFTER_S = "1"
+T = TypeVar("T")
+log = logging.getLogger("ray.serve")
 
 
 class ServeSettings(BaseModel):
-    """Ingress settings, part of the app builder's arguments."""
+    """Ingress settings, part of the app builder's arguments (``AppArgs.settings``)."""
 
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     api_key: str | None = None
-    default_top_k: int = 5
+    default_top_k: int = Field(5, ge=1)
+    max_images: int = Field(32, ge=1, description="images in one request (V1 instances, V2 N)")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"],
+        description="Host header names served besides the server's own address; '*' allows "
+        "any, '*.example.com' its subdomains",
+    )
 
 
 class ApiError(Exception):
-    """An error response: HTTP status and a one-line message for the client."""
+    """An error response: HTTP status, a one-line message for the client and extra headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+
+
+# Terminal colour codes and other control characters never belong in a client's message.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def clean_message(text: str, limit: int = 300) -> str:
+    """A message fit for a client: its first line, without control characters, cut short."""
+    lines = _ANSI.sub("", text).strip().splitlines()
+    line = _CONTROL.sub(" ", lines[0] if lines else "").strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _hostname(value: str) -> str | None:
+    """The name in a ``Host`` header (no port, no IPv6 brackets, lower case), or None."""
+    try:
+        return urlsplit("//" + value).hostname
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 literal
+        return None
+
+
+def host_allowed(host: str | None, server: str | None, allowed: list[str]) -> bool:
+    """Whether a request's ``Host`` header names this server.
+
+    Args:
+        host: the ``Host`` header, None when absent or repeated.
+        server: the address the request arrived on (the proxy's own), always allowed.
+        allowed: names from ``settings.allowed_hosts``: exact, ``*`` or ``*.domain``.
+    """
+    name = _hostname(host) if host else None
+    if not name:
+        return False
+    for pattern in [*allowed, *([server] if server else [])]:
+        pattern = pattern.strip().strip("[]").lower()
+        if pattern == "*" or name == pattern:
+            return True
+        if pattern.startswith("*.") and name.endswith(pattern[1:]):
+            return True
+    return False
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -113,28 +180,47 @@ def _replay(request: Request, body: bytes) -> Request:
     return Request(request.scope, receive)
 
 
-app = FastAPI(title="carclf", description="Car classification with explanations")
+# The docs pages are routes of the ingress below, behind the same checks as the API.
+app = FastAPI(
+    title="carclf",
+    description="Car classification with explanations",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return JSONResponse(
+        {"error": clean_message(exc.message)}, status_code=exc.status, headers=exc.headers
+    )
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    return JSONResponse(
+        {"error": clean_message(str(exc.detail))},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 @app.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    # A bug on our side: say so without a stack trace; the replica log has the details.
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug on our side: say so without a stack trace; the replica log gets the details.
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"error": "internal error"}, status_code=500)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": "malformed request"}, status_code=422)
+
+
+def _openapi_url(request: Request) -> str:
+    # Defined above the class: Serve captures the ingress's routes when the class is decorated.
+    return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -168,29 +254,61 @@ class Ingress:
         self.settings = ServeSettings.model_validate(settings or {})
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
+        self._retry = {"retry-after": RETRY_AFTER_S}
 
     # --- request plumbing ---------------------------------------------------------------
 
-    def _authorise(self, request: Request) -> None:
+    def _authorise(self, request: Request, key_needed: bool = True) -> None:
+        """The request policy that needs no body: the Host allow-list, then the API key."""
+        hosts = request.headers.getlist("host")
+        server = request.scope.get("server")
+        if not host_allowed(
+            hosts[0] if len(hosts) == 1 else None,
+            server[0] if server else None,
+            self.settings.allowed_hosts,
+        ):
+            raise ApiError(421, "this server does not answer for that Host header")
         key = self.settings.api_key
-        if not key:
+        if not key or not key_needed:
             return
+        # Exactly one header: with two ("right, wrong"), which one a proxy checks is a guess.
+        sent = request.headers.getlist("x-api-key")
         # Bytes, not str: compare_digest refuses non-ASCII str, and headers arrive as latin-1.
-        sent = request.headers.get("x-api-key", "").encode("latin-1")
-        if not hmac.compare_digest(sent, key.encode()):
-            raise ApiError(401, "missing or wrong API key (header x-api-key)")
+        if len(sent) != 1 or not hmac.compare_digest(sent[0].encode("latin-1"), key.encode()):
+            raise ApiError(401, "missing, repeated or wrong API key (send one x-api-key header)")
 
     async def _body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body over {limit} bytes")
+        # Closing the connection stops the client's upload: otherwise the server would read
+        # (and drop) the rest of the body to keep the connection alive for the next request.
+        too_large = ApiError(413, f"request body over {limit} bytes", {"connection": "close"})
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise too_large  # refused on the header, before a byte of the body is read
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise ApiError(413, f"request body over {limit} bytes")
+                raise too_large
         return bytes(body)
+
+    async def _remote(self, call: Awaitable[T], what: str) -> T:
+        """Await a deployment call; its failures as errors in the client's terms.
+
+        Ray wraps an exception raised in a replica in a ``RayTaskError`` whose text carries the
+        replica's actor name, a traceback and terminal colours: only the cause's own message
+        (a :class:`UserInputError`'s) goes back to the client.
+        """
+        try:
+            return await call
+        except BackPressureError:
+            raise ApiError(503, f"{what} is busy; retry shortly", self._retry) from None
+        except (RayActorError, DeploymentUnavailableError):
+            raise ApiError(503, f"{what} is restarting; retry shortly", self._retry) from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, UserInputError):
+                raise ApiError(422, str(exc.cause)) from None
+            raise
 
     async def _images(self, request: Request) -> tuple[list[Image.Image], dict[str, Any]]:
         """Decoded images and options from JSON (base64), multipart (``file``) or raw bytes."""
@@ -217,15 +335,15 @@ class Ingress:
             "or image/jpeg|png|webp|gif",
         )
 
-    @staticmethod
-    def _json_images(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+    def _json_images(self, body: bytes) -> tuple[list[bytes], dict[str, Any]]:
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(422, "malformed JSON") from None
+            payload = v2.parse_json(body)
+        except v2.ProtocolError as exc:
+            raise ApiError(422, str(exc)) from None
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not instances:
             raise ApiError(422, "JSON body needs a non-empty 'instances' list")
+        self._check_count(len(instances))
         encoded = []
         for item in instances:
             b64 = item.get("image_b64") if isinstance(item, dict) else None
@@ -253,19 +371,27 @@ class Ingress:
 
         return await asyncio.to_thread(run)
 
+    def _check_count(self, n: int) -> None:
+        limit = self.settings.max_images
+        if n > limit:
+            raise ApiError(413, f"{n} images in one request; at most {limit}")
+
     def _model(self, name: str) -> DeploymentHandle:
         if name not in self.classifiers:
             raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists them")
         return self.classifiers[name]
 
     def _top_k(self, options: dict[str, Any]) -> int:
-        try:
-            k = int(options.get("top_k", self.settings.default_top_k))
-        except (TypeError, ValueError):
-            raise ApiError(422, "top_k must be an integer") from None
+        k = options.get("top_k", self.settings.default_top_k)
+        # "5" from multipart or a query string, 5.0 from JSON; not "²", inf or 1e999.
+        digits = isinstance(k, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", k)
+        if digits or (isinstance(k, float) and k.is_integer()):
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ApiError(422, "top_k must be an integer")
         if k < 1:
             raise ApiError(422, "top_k must be at least 1")
-        return k
+        return min(k, MAX_TOP_K)
 
     # --- KServe V1 ----------------------------------------------------------------------
 
@@ -281,24 +407,25 @@ class Ingress:
         images, options = await self._images(request)
         k = self._top_k(options)
         batch = (await self._inputs([name], images))[name]
-        preds = await asyncio.gather(*(handle.predict.remote(x, k) for x in batch))
+        calls = asyncio.gather(*(handle.predict.remote(x, k) for x in batch))
+        preds = await self._remote(calls, f"model {name!r}")
         return {"predictions": list(preds)}
 
     @app.post("/v1/models/{name}:explain")
     async def explain(self, name: str, request: Request) -> dict:
         self._authorise(request)
-        self._model(name)
+        labels = (await self._model_info(name))["labels"]
         images, options = await self._images(request)
-        method = str(options.get("method", "gradcam"))
-        if method not in METHODS:
-            raise ApiError(422, f"unknown method {method!r}; one of {', '.join(METHODS)}")
-        target = options.get("target")
-        calls = [self.explainers[name].explain.remote(img, method, target) for img in images]
-        try:
-            explanations = await asyncio.gather(*calls)
-        except UserInputError as exc:  # a target the model does not have
+        method = options.get("method", "gradcam")
+        if not isinstance(method, str) or method not in METHODS:
+            raise ApiError(422, f"unknown method {v2.shown(method)}; one of {', '.join(METHODS)}")
+        try:  # checked here, so a bad target costs no explainer slot
+            target = class_index(options.get("target"), labels)
+        except UserInputError as exc:
             raise ApiError(422, str(exc)) from None
-        return {"explanations": list(explanations)}
+        # One call per request, not per image: the explainer's queue counts requests.
+        call = self.explainers[name].explain.remote(images, method, target)
+        return {"explanations": await self._remote(call, f"the explainer of {name!r}")}
 
     @app.post("/v1/analyze")
     async def analyze(self, request: Request) -> dict:
@@ -309,19 +436,22 @@ class Ingress:
         k = self._top_k(options)
         names = sorted(self.classifiers)
         inputs = await self._inputs(names, images)
-        preds = await asyncio.gather(
+        calls = asyncio.gather(
             *(self.classifiers[n].predict.remote(inputs[n][0], k) for n in names)
         )
+        preds = await self._remote(calls, "a model")
         return {"models": dict(zip(names, preds, strict=True))}
 
     # --- Open Inference Protocol (V2) ---------------------------------------------------
 
     @app.get("/v2/health/live")
-    async def live(self) -> dict:
+    async def live(self, request: Request) -> dict:
+        self._authorise(request, key_needed=False)
         return {"live": True}
 
     @app.get("/v2/health/ready")
-    async def ready(self) -> dict:
+    async def ready(self, request: Request) -> dict:
+        self._authorise(request, key_needed=False)
         try:
             await asyncio.gather(*(h.metadata.remote() for h in self.classifiers.values()))
         except Exception:
@@ -337,7 +467,8 @@ class Ingress:
     async def model_metadata(self, name: str, request: Request) -> dict:
         self._authorise(request)
         meta = await self._model_info(name)
-        return v2.model_metadata(name, meta["input_size"], len(meta["labels"]))
+        facts = {"execution_provider": meta["provider"], "temperature": meta["temperature"]}
+        return v2.model_metadata(name, meta["input_size"], len(meta["labels"]), facts)
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str, request: Request) -> dict:
@@ -354,10 +485,13 @@ class Ingress:
         self._authorise(request)
         handle = self._model(name)
         body = await self._body(request)
+        limit = self.settings.max_images
         try:
-            req = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH))
+            req = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH), limit)
             results = await self._infer(name, handle, req)
             payload, header_length = v2.encode_response(name, req, results)
+        except v2.TooManyError as exc:
+            raise ApiError(413, str(exc)) from None
         except v2.ProtocolError as exc:
             raise ApiError(422, str(exc)) from None
         if header_length is None:
@@ -372,7 +506,8 @@ class Ingress:
         """The classifier's metadata, asked once per model."""
         handle = self._model(name)
         if name not in self._metadata:
-            self._metadata[name] = await handle.metadata.remote()
+            meta = await self._remote(handle.metadata.remote(), f"model {name!r}")
+            self._metadata[name] = meta
         return self._metadata[name]
 
     async def _infer(
@@ -390,18 +525,43 @@ class Ingress:
             if tensor.ndim != 1:
                 raise v2.ProtocolError(f"BYTES input must have shape [N], got {list(tensor.shape)}")
             images = await asyncio.to_thread(lambda: [decode_image(item) for item in tensor])
-            return await handle.infer.remote((await self._inputs([name], images))[name])
-        size = list((await self._model_info(name))["input_size"])
-        if datatype != "FP32" or tensor.ndim != 4 or list(tensor.shape[1:]) != size:
-            raise v2.ProtocolError(
-                f"input 'input' must be FP32 [N, {', '.join(map(str, size))}] or BYTES [N]; "
-                f"got {datatype} {list(tensor.shape)}"
-            )
-        return await handle.infer.remote(tensor)
+            tensor = (await self._inputs([name], images))[name]
+        else:
+            size = list((await self._model_info(name))["input_size"])
+            if datatype != "FP32" or tensor.ndim != 4 or list(tensor.shape[1:]) != size:
+                raise v2.ProtocolError(
+                    f"input 'input' must be FP32 [N, {', '.join(map(str, size))}] or BYTES [N]; "
+                    f"got {datatype} {list(tensor.shape)}"
+                )
+            if not np.isfinite(tensor).all():
+                raise v2.ProtocolError("input 'input' holds NaN or infinite values")
+        results = await self._remote(handle.infer.remote(tensor), f"model {name!r}")
+        if not all(np.isfinite(out).all() for out in results.values()):
+            # Finite but extreme inputs can overflow the model; JSON has no NaN to say so.
+            raise v2.ProtocolError("the input's values drive the model's outputs to NaN or inf")
+        return results
 
     # --- the web page --------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse)
-    async def page(self) -> HTMLResponse:
+    async def page(self, request: Request) -> HTMLResponse:
         # Static and data-free, so it needs no key; the page sends the key it is given.
+        self._authorise(request, key_needed=False)
         return HTMLResponse(self.page)
+
+    # --- the API docs, behind the key like the API they describe ------------------------
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorise(request)
+        return JSONResponse(request.app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._authorise(request)
+        return get_swagger_ui_html(openapi_url=_openapi_url(request), title="carclf API")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        self._authorise(request)
+        return get_redoc_html(openapi_url=_openapi_url(request), title="carclf API")

@@ -8,6 +8,11 @@ request parameter ``binary_data_output``) travel as raw bytes after the JSON hea
 
 BYTES tensors in binary form are Triton's: each element a 4-byte little-endian length and its
 bytes. JSON cannot carry raw bytes, so BYTES elements inside JSON are base64 strings.
+
+Every malformed body is a :class:`ProtocolError` with a message in the client's terms, never
+another exception: JSON is parsed strictly (:func:`parse_json`: no ``NaN``, no numbers out of
+range, no nesting beyond Python's recursion limit), shapes are checked with exact integers
+before any array is built, and a response never carries ``NaN`` (JSON has no such literal).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +38,54 @@ NUMPY_TYPES = {
     "FP32": np.float32,
     "FP64": np.float64,
 }
+# Enough for any image model's tensors; numpy refuses more than 64 and the shape is the client's.
+MAX_DIMS = 8
 
 
 class ProtocolError(ValueError):
     """The request does not follow the protocol; the message says where."""
+
+
+class TooManyError(ProtocolError):
+    """A request holds more items (images) than the server takes in one (HTTP 413)."""
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Parse a request body as strict JSON (RFC 8259), refusing what :mod:`json` lets through.
+
+    Numbers are left to the callers, which check the ones they use: a float hook would slow
+    every JSON tensor down, and an out-of-range float arrives as ``inf``, refused where used.
+
+    Raises:
+        ProtocolError: malformed JSON, ``NaN`` or ``Infinity``, an integer past Python's
+            4,300-digit limit, or nesting deeper than Python's recursion limit.
+    """
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed JSON: not UTF-8 text") from None
+    except ValueError as exc:  # ours, or int()'s refusal of a number with too many digits
+        reason = str(exc) if isinstance(exc, _ConstantError) else "an integer with too many digits"
+        raise ProtocolError(f"malformed JSON: {reason}") from None
+
+
+class _ConstantError(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's extensions, not JSON."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _ConstantError(f"{name} is not a JSON number")
+
+
+def shown(value: object) -> str:
+    """A client's value in an error message: its repr, short and at most 3 levels deep."""
+    short = reprlib.Repr()  # Python 3.10 and 3.11 take no keyword arguments here
+    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 40, 40, 40
+    return short.repr(value)
 
 
 @dataclass
@@ -56,27 +107,40 @@ class InferRequest:
     id: str | None = None
 
 
-def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
+def decode_request(
+    body: bytes, header_length: str | None = None, max_batch: int | None = None
+) -> InferRequest:
     """Parse an infer request body.
 
     Args:
         body: the whole HTTP body.
         header_length: the ``Inference-Header-Content-Length`` header, if sent.
+        max_batch: the most items an input's first dimension may declare; checked on the
+            declared shape, before its data is read.
+
+    Raises:
+        TooManyError: an input declares more than ``max_batch`` items.
+        ProtocolError: anything else that does not follow the protocol.
     """
     header, binary = _split(body, header_length)
     try:
-        payload = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed JSON in the inference header ({exc})") from None
+        payload = parse_json(header)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{exc} in the inference header") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         raise ProtocolError("the request needs an 'inputs' list")
     inputs, datatypes, offset = {}, {}, 0
     for spec in payload["inputs"]:
         name, datatype, shape = _tensor_spec(spec)
+        if max_batch is not None and shape and shape[0] > max_batch:
+            raise TooManyError(
+                f"input {shown(name)} declares {shown(shape[0])} items; "
+                f"at most {max_batch} per request"
+            )
         size = _parameters(spec).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise ProtocolError(f"input {name!r}: binary_data_size beyond the body")
+            if not _is_int(size) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(f"input {shown(name)}: binary_data_size beyond the body")
             inputs[name] = _from_binary(name, datatype, shape, binary[offset : offset + size])
             offset += size
         else:
@@ -84,19 +148,12 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
         datatypes[name] = datatype
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
-    outputs = {}
-    for spec in payload.get("outputs") or []:
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise ProtocolError("each requested output needs a 'name'")
-        outputs[spec["name"]] = bool(_parameters(spec).get("binary_data", False))
-    params = _parameters(payload)
-    request_id = payload.get("id")
     return InferRequest(
         inputs=inputs,
         datatypes=datatypes,
-        outputs=outputs,
-        binary_default=bool(params.get("binary_data_output", False)),
-        id=str(request_id) if request_id is not None else None,
+        outputs=_requested_outputs(payload),
+        binary_default=bool(_parameters(payload).get("binary_data_output", False)),
+        id=_request_id(payload),
     )
 
 
@@ -130,19 +187,31 @@ def encode_response(
     response: dict[str, Any] = {"model_name": model_name, "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response).encode()
+    try:
+        header = json.dumps(response, allow_nan=False).encode()
+    except ValueError:  # JSON has no NaN or Infinity; the binary form would carry them silently
+        raise ProtocolError("the outputs are not finite numbers (NaN or infinity)") from None
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
 
 
-def model_metadata(name: str, input_size: list[int], num_classes: int) -> dict[str, Any]:
+def model_metadata(
+    name: str, input_size: list[int], num_classes: int, parameters: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``GET /v2/models/{name}``: the tensors a carclf classifier takes and returns.
 
     ``input`` is FP32 ``[-1, C, H, W]`` preprocessed, or BYTES ``[-1]`` encoded images; the
-    metadata lists the tensor form, as the ONNX model declares it.
+    metadata lists the tensor form, as the ONNX model declares it. ``logits`` are the model's
+    own, ``probabilities`` the calibrated softmax of ``logits / temperature``.
+
+    Args:
+        name: the model's name.
+        input_size: ``[C, H, W]``.
+        num_classes: the number of classes.
+        parameters: extra facts under ``parameters`` (the execution provider, the temperature).
     """
-    return {
+    meta: dict[str, Any] = {
         "name": name,
         "versions": ["1"],
         "platform": "onnxruntime_onnx",
@@ -152,6 +221,9 @@ def model_metadata(name: str, input_size: list[int], num_classes: int) -> dict[s
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]},
         ],
     }
+    if parameters:
+        meta["parameters"] = parameters
+    return meta
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -162,10 +234,18 @@ def datatype_of(array: np.ndarray) -> str:
     raise TypeError(f"no V2 datatype for numpy dtype {array.dtype}")
 
 
-def deserialize_bytes(blob: bytes) -> list[bytes]:
-    """The elements of a BYTES tensor in Triton's binary form."""
+def deserialize_bytes(blob: bytes, max_items: int | None = None) -> list[bytes]:
+    """The elements of a BYTES tensor in Triton's binary form.
+
+    Args:
+        blob: the tensor's bytes.
+        max_items: refuse more elements than this (the declared shape's count), so a blob of
+            millions of empty elements is refused before it becomes millions of objects.
+    """
     items, pos = [], 0
     while pos < len(blob):
+        if max_items is not None and len(items) >= max_items:
+            raise ProtocolError(f"BYTES tensor holds more than the {max_items} declared elements")
         if pos + 4 > len(blob):
             raise ProtocolError("BYTES tensor ends inside an element length")
         (length,) = struct.unpack_from("<I", blob, pos)
@@ -189,6 +269,33 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no integer
+
+
+def _requested_outputs(payload: dict) -> dict[str, bool]:
+    specs = payload.get("outputs")
+    if specs is None:
+        return {}
+    if not isinstance(specs, list):
+        raise ProtocolError("'outputs' must be a list")
+    outputs = {}
+    for spec in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError("each requested output needs a 'name'")
+        outputs[spec["name"]] = bool(_parameters(spec).get("binary_data", False))
+    return outputs
+
+
+def _request_id(payload: dict) -> str | None:
+    request_id = payload.get("id")
+    if request_id is None:
+        return None
+    if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+        raise ProtocolError("'id' must be a string")
+    return str(request_id)
+
+
 def _parameters(obj: dict) -> dict:
     params = obj.get("parameters") or {}
     if not isinstance(params, dict):
@@ -200,20 +307,23 @@ def _tensor_spec(spec: Any) -> tuple[str, str, tuple[int, ...]]:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ProtocolError("each input needs a 'name'")
     name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
-    if datatype != "BYTES" and datatype not in NUMPY_TYPES:
-        raise ProtocolError(f"input {name!r}: unsupported datatype {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in NUMPY_TYPES):
+        raise ProtocolError(f"input {shown(name)}: unsupported datatype {shown(datatype)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(f"input {shown(name)}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise ProtocolError(f"input {shown(name)}: {len(shape)} dimensions; at most {MAX_DIMS}")
     return name, datatype, tuple(shape)
 
 
 def _count(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    # Exact Python integers: numpy's int64 product wraps ([2**63-1, 2**63-1] → 1) or overflows.
+    return math.prod(shape)
 
 
 def _from_binary(name: str, datatype: str, shape: tuple[int, ...], blob: bytes) -> np.ndarray:
     if datatype == "BYTES":
-        items = deserialize_bytes(blob)
+        items = deserialize_bytes(blob, max_items=_count(shape))
         return _object_array(name, items, shape)
     dtype = np.dtype(NUMPY_TYPES[datatype]).newbyteorder("<")
     if len(blob) != _count(shape) * dtype.itemsize:
@@ -235,7 +345,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
         return _object_array(name, items, shape)
     try:
         array = np.asarray(_flatten(data), dtype=NUMPY_TYPES[datatype])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ProtocolError(f"input {name!r}: data is not {datatype}") from None
     if array.size != _count(shape):
         raise ProtocolError(f"input {name!r}: {array.size} values for shape {list(shape)}")

@@ -38,13 +38,16 @@ def test_rayjob_runs_the_pipeline_on_a_committed_config() -> None:
     assert entry.startswith("python -m jobs.pipeline") and (ROOT / config).is_file()
 
 
-def test_rayservice_embeds_serve_config_but_listens_on_the_pod() -> None:
+def test_rayservice_embeds_serve_config_but_listens_on_the_pod_for_its_service() -> None:
     embedded = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())["spec"]["serveConfigV2"]
     on_k8s = yaml.safe_load(embedded)
     local = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     assert local["http_options"]["host"] == "127.0.0.1"  # a laptop binds loopback
     assert on_k8s["http_options"].pop("host") == "0.0.0.0"  # the serve Service reaches the pod
     local["http_options"].pop("host")
+    # Behind the serve Service, clients send its DNS names as Host (a laptop allows loopback only).
+    settings = on_k8s["applications"][0]["args"]["settings"]
+    assert "*.svc.cluster.local" in settings.pop("allowed_hosts")
     assert on_k8s == local
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 from carclf.config import ModelConfig
 from carclf.data.transforms import Preprocess, eval_transform
 from carclf.errors import UserInputError
-from carclf.explain import METHODS, Explainer, target_layer_for
+from carclf.explain import METHODS, Explainer, class_index, target_layer_for
 from carclf.export import export_onnx
 from carclf.inference import onnx_session
 from carclf.models import create_model
@@ -110,3 +111,53 @@ def test_vit_tokens_become_a_2d_map() -> None:
         exp = Explainer(vit, pre, ["a", "b", "c"]).explain([img], method=method)[0]
         assert exp.heatmap.shape == (32, 32) and np.isfinite(exp.heatmap).all()
         assert exp.heatmap.max() > exp.heatmap.min()  # a real 2×2-token map, not a constant
+
+
+def test_concurrent_explanations_equal_the_sequential_ones(trained: nn.Module) -> None:
+    """Threads sharing one explainer (as a Serve replica's thread pool does) get, bit for bit,
+    the heatmaps and scores they would get one by one; unserialised, their hooks and
+    gradients on the shared model would mix."""
+    explainer = Explainer(trained, PRE, LABELS)
+    rng = np.random.default_rng(4)
+    images = [square_image(q % 3, rng)[0] for q in range(3)]
+    jobs = [(method, target) for method in ("gradcam", "gradcam++") for target in (None, "blue")]
+    expected = {job: explainer.explain(images, *job) for job in jobs}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [(job, pool.submit(explainer.explain, images, *job)) for job in jobs * 4]
+        for job, future in futures:
+            got, want = future.result(), expected[job]
+            assert [e.target for e in got] == [e.target for e in want], job
+            assert [e.score for e in got] == [e.score for e in want], job
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g.heatmap, w.heatmap, err_msg=str(job))
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [(None, None), ("", None), (1, 1), ("2", 2), ("02", 2), ("green", 1)],
+)
+def test_class_index_of_what_clients_send(target: object, expected: int | None) -> None:
+    assert class_index(target, LABELS) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("²", "unknown class '²'"),  # str.isdigit() says yes, int() says no
+        ("nope", "unknown class 'nope'"),
+        ([], "a class name or index is needed"),
+        ({}, "a class name or index is needed"),
+        (True, "a class name or index is needed"),
+        (1.0, "a class name or index is needed"),
+        (-1, "outside 0..2"),
+        ("-1", "outside 0..2"),
+        (1_000_000_000, "outside 0..2"),
+        # past int()'s 4,300-digit limit for text, and the test ids' too
+        pytest.param("9" * 5000, "outside 0..2", id="5000-digit string"),
+        pytest.param(10**5000, "outside 0..2", id="5000-digit int"),
+    ],
+)
+def test_class_index_refuses_in_the_clients_terms(target: object, reason: str) -> None:
+    with pytest.raises(UserInputError, match="target: ") as err:
+        class_index(target, LABELS)
+    assert reason in str(err.value) and len(str(err.value)) < 150

@@ -6,23 +6,37 @@ Unit tests need no Ray; the ``integration`` ones share the session's ``served_ap
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import shutil
 import struct
 import zlib
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image, PngImagePlugin
+from ray.exceptions import ActorDiedError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 
 from carclf.bundle import load_bundle
 from carclf.data.transforms import load_image
+from carclf.errors import UserInputError
 from carclf.inference import OnnxClassifier
 from carclf.metrics import softmax
-from serve.deployments import ClassifierDeployment
-from serve.ingress import MAX_ASPECT, ApiError, decode_image
+from serve.deployments import EXPLAIN_CHUNK, ClassifierDeployment, ExplainerDeployment
+from serve.ingress import (
+    MAX_ASPECT,
+    ApiError,
+    Ingress,
+    ServeSettings,
+    clean_message,
+    decode_image,
+    host_allowed,
+)
 
 from .conftest import SERVE_KEY
 
@@ -161,6 +175,86 @@ def test_reconfigure_changes_batch_size_and_wait(classifier) -> None:
     assert classifier.batching() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
 
 
+@pytest.fixture()
+def warm_bundle(served_bundle, tmp_path):
+    """The served bundle with temperature 2, so raw and calibrated logits differ."""
+    path = shutil.copytree(served_bundle.path, tmp_path / "bundle")
+    meta = json.loads((path / "bundle.json").read_text())
+    meta["temperature"] = 2.0
+    (path / "bundle.json").write_text(json.dumps(meta))
+    return load_bundle(path)
+
+
+def test_v2_logits_are_the_models_own_and_probabilities_calibrated(warm_bundle) -> None:
+    deployment = ClassifierDeployment.func_or_class(str(warm_bundle.path))
+    meta = deployment.metadata()
+    assert meta["temperature"] == 2.0 and meta["provider"] == "CPUExecutionProvider"
+    images = [load_image(encode(noise(seed=s), "PNG")) for s in range(3)]
+    batch = OnnxClassifier(warm_bundle).preprocess(images)
+    session = ort.InferenceSession(str(warm_bundle.onnx_path), providers=["CPUExecutionProvider"])
+    (raw,) = session.run(["logits"], {"input": batch})  # model.onnx itself, in process
+
+    async def unbatched(x: np.ndarray) -> np.ndarray:  # @serve.batch needs a replica
+        return deployment.clf.raw_logits(x[None])[0]
+
+    deployment._batched = unbatched
+    out = asyncio.run(deployment.infer(batch))
+    np.testing.assert_allclose(out["logits"], raw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["probabilities"], softmax(raw / 2.0), rtol=1e-5, atol=1e-7)
+    pred = asyncio.run(deployment.predict(batch[0], 3))
+    assert pred["score"] == pytest.approx(float(softmax(raw / 2.0)[0].max()), rel=1e-5)
+
+
+def test_explainer_deployment_serialises_concurrent_requests(served_bundle) -> None:
+    """The deployment's own path (worker threads, chunks) under concurrency, without Ray."""
+    deployment = ExplainerDeployment.func_or_class(str(served_bundle.path))
+    images = [load_image(encode(noise(seed=s), "PNG")) for s in range(EXPLAIN_CHUNK + 2)]
+    jobs = [("gradcam", None), ("gradcam++", 1), ("gradcam", 2)]
+
+    async def explain_all() -> list[list[dict]]:
+        return await asyncio.gather(*(deployment.explain(images, m, t) for m, t in jobs * 4))
+
+    sequential = {job: asyncio.run(deployment.explain(images, *job)) for job in jobs}
+    for job, got in zip(jobs * 4, asyncio.run(explain_all()), strict=True):
+        assert got == sequential[job], job  # the PNGs too, byte for byte
+    assert len(sequential[jobs[0]]) == len(images)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8000", True),
+        ("localhost", True),
+        ("LOCALHOST:8000", True),
+        ("[::1]:8000", True),
+        ("10.0.0.5:8000", True),  # the address the request arrived on
+        ("evil.example", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.", False),
+        ("[::1", False),
+        ("", False),
+        (None, False),  # absent or repeated
+    ],
+)
+def test_host_allow_list(host: str | None, allowed: bool) -> None:
+    defaults = ServeSettings().allowed_hosts
+    assert host_allowed(host, "10.0.0.5", defaults) is allowed
+
+
+def test_host_allow_list_patterns() -> None:
+    assert host_allowed("api.cars.example:443", None, ["*.cars.example"])
+    assert not host_allowed("cars.example.evil", None, ["*.cars.example"])
+    assert host_allowed("anything.example", None, ["*"])
+    assert not host_allowed(None, "127.0.0.1", ["*"])
+
+
+def test_clean_message_strips_colour_and_control_characters() -> None:
+    raw = "\x1b[36mray::ServeReplica:carclf:explainer\x1b[39m boom\r\nTraceback (most recent"
+    assert clean_message(raw) == "ray::ServeReplica:carclf:explainer boom"
+    assert clean_message("a\tb\x00c" + "x" * 400).startswith("a b c")
+    assert len(clean_message("x" * 400)) == 300
+
+
 # --- over HTTP (integration) --------------------------------------------------------------
 
 AUTH = {"x-api-key": SERVE_KEY}
@@ -241,6 +335,7 @@ def test_tritonclient_gets_onnxruntime_probabilities(served_app: str, served_bun
     images = [load_image(data) for data in encoded]
     batch = reference.preprocess(images)
     expected = reference.probabilities(images)
+    own = reference.raw_logits(batch)  # V2 logits are the model's own, not divided by T
     for binary in (True, False):
         fp32 = tc.InferInput("input", list(batch.shape), "FP32")
         fp32.set_data_from_numpy(batch, binary_data=binary)
@@ -260,7 +355,7 @@ def test_tritonclient_gets_onnxruntime_probabilities(served_app: str, served_bun
                 result = client.infer("body", [tensor], outputs=requested, headers=dict(AUTH))
                 probs = result.as_numpy("probabilities")
                 np.testing.assert_allclose(probs, expected, atol=1e-5)
-                np.testing.assert_allclose(softmax(result.as_numpy("logits")), expected, atol=1e-5)
+                np.testing.assert_allclose(result.as_numpy("logits"), own, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.integration
@@ -286,3 +381,27 @@ def test_api_key_guards_every_endpoint_but_health(served_app: str) -> None:
         assert httpx.get(url + path).status_code == 200
     r = httpx.get(f"{url}/v1/models", headers=AUTH)
     assert r.status_code == 200 and r.json() == {"models": ["body"]}
+
+
+def _remote(exc: BaseException) -> ApiError:
+    """What the ingress makes of a deployment call that raised ``exc``."""
+
+    async def failing() -> None:
+        raise exc
+
+    holder = type("Holder", (), {"_retry": {"retry-after": "1"}})()
+    with pytest.raises(ApiError) as err:
+        asyncio.run(Ingress.func_or_class._remote(holder, failing(), "the explainer of 'body'"))
+    return err.value
+
+
+def test_deployment_errors_come_back_in_the_clients_terms() -> None:
+    busy = _remote(BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    assert (busy.status, busy.headers) == (503, {"retry-after": "1"})
+    assert busy.message == "the explainer of 'body' is busy; retry shortly"
+    died = _remote(ActorDiedError())
+    assert died.status == 503 and "restarting" in died.message and died.headers
+    traceback = "\x1b[36mray::ServeReplica:carclf:explainer-body.explain()\x1b[39m\nTraceback"
+    wrapped = RayTaskError("explain", traceback, UserInputError("target: unknown class 'x'"))
+    bad = _remote(wrapped.as_instanceof_cause())
+    assert (bad.status, bad.message) == (422, "target: unknown class 'x'")

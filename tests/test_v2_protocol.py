@@ -178,3 +178,76 @@ def test_model_metadata_describes_the_tensors() -> None:
     meta = v2.model_metadata("body", [3, 32, 32], 7)
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
     assert [o["shape"] for o in meta["outputs"]] == [[-1, 7], [-1, 7]]
+
+
+# --- hostile bodies: each a ProtocolError that says what is wrong, never another exception --
+
+
+def _body(shape: list, datatype: str = "BYTES", data: list | None = None) -> bytes:
+    spec = {"name": "input", "shape": shape, "datatype": datatype, "data": data or ["eA=="]}
+    return json.dumps({"inputs": [spec]}).encode()
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        pytest.param(b'{"inputs": ' + NESTED + b"}", "nested too deeply", id="100k deep"),
+        pytest.param(_body([2**63 - 1, 2**63 - 1]), "1 elements for shape", id="2^63-1 squared"),
+        pytest.param(_body([2**64]), "1 elements for shape", id="2^64"),
+        pytest.param(_body([1] * 100), "100 dimensions; at most 8", id="100 dims"),
+        pytest.param(_body([True]), "non-negative integers", id="[true]"),
+        pytest.param(_body([1.0]), "non-negative integers", id="[1.0]"),
+        pytest.param(_body([1], "FP32", ["NaN"]).replace(b'"NaN"', b"NaN"), "NaN is not a JSON"),
+        pytest.param(_body([1], "FP32", [1]).replace(b"[1]", b"[-Infinity]", 1), "Infinity"),
+        pytest.param(
+            _body([1], "FP32", [1]).replace(b"[1]", b"[" + b"9" * 5000 + b"]", 1), "digits"
+        ),
+        pytest.param(_body([1], "INT32", [2**40]), "data is not INT32", id="int32 overflow"),
+        pytest.param(b'{"inputs": [], "outputs": 5}', "'outputs' must be a list"),
+        pytest.param(b'{"inputs": [], "id": [[[[[1]]]]]}', "'id' must be a string"),
+        pytest.param(b'{"inputs": "\xc3\x28"}', "not UTF-8", id="not utf-8"),
+    ],
+)
+def test_hostile_bodies_are_protocol_errors(body: bytes, match: str) -> None:
+    with pytest.raises(v2.ProtocolError, match=match) as err:
+        v2.decode_request(body)
+    assert len(str(err.value)) < 200
+
+
+def test_declared_batch_over_the_cap_is_refused_before_its_data() -> None:
+    with pytest.raises(v2.TooManyError, match="declares 33 items; at most 32"):
+        v2.decode_request(_body([33], data=[]), max_batch=32)
+    with pytest.raises(v2.TooManyError, match="at most 32"):
+        v2.decode_request(_body([2**64]), max_batch=32)
+    assert v2.decode_request(_body([1]), max_batch=32).inputs["input"].shape == (1,)
+
+
+def test_binary_bytes_tensor_cannot_hold_more_than_its_shape() -> None:
+    blob = b"\x00\x00\x00\x00" * 1000  # a thousand empty elements for a declared [1]
+    spec = {"name": "input", "shape": [1], "datatype": "BYTES"}
+    spec["parameters"] = {"binary_data_size": len(blob)}
+    header = json.dumps({"inputs": [spec]}).encode()
+    with pytest.raises(v2.ProtocolError, match="more than the 1 declared"):
+        v2.decode_request(header + blob, str(len(header)))
+    spec["parameters"]["binary_data_size"] = True  # JSON true is no size
+    header = json.dumps({"inputs": [spec]}).encode()
+    with pytest.raises(v2.ProtocolError, match="binary_data_size"):
+        v2.decode_request(header + blob[:1], str(len(header)))
+
+
+def test_json_response_never_carries_nan() -> None:
+    req = decode([fp32_input(np.zeros((1, 3, 2, 2), np.float32), binary=False)])
+    req.binary_default = False
+    bad = {"logits": np.array([[np.nan, 1.0]], np.float32)}
+    with pytest.raises(v2.ProtocolError, match="not finite"):
+        v2.encode_response("body", req, bad)
+
+
+def test_model_metadata_carries_provider_and_temperature() -> None:
+    facts = {"execution_provider": "CPUExecutionProvider", "temperature": 1.5}
+    meta = v2.model_metadata("body", [3, 32, 32], 7, facts)
+    assert meta["parameters"] == facts
+    assert "parameters" not in v2.model_metadata("body", [3, 32, 32], 7)
