@@ -169,7 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> str:
 
     from serve.launch import app_args, start_app
 
-    url = start_app(app_args(args.bundles, args.api_key), host=args.host, port=args.port)
+    settings = {"allowed_hosts": args.allowed_host, "max_images": args.max_images}
+    url = start_app(
+        app_args(args.bundles, args.api_key, **settings), host=args.host, port=args.port
+    )
     print(f"serving {', '.join(args.bundles)} at {url} (Ctrl-C to stop)", file=sys.stderr)
     try:
         while True:
@@ -390,6 +393,14 @@ def _add_bundles(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require this key in the x-api-key header")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a Host header name to serve besides the bound address (repeatable; '*.example.com'"
+        " for subdomains); replaces the default localhost, 127.0.0.1, [::1]",
+    )
+    p.add_argument("--max-images", type=int, help="images in one request; more is a 413")
     p.set_defaults(func=cmd_serve)
 
 

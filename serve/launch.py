@@ -7,6 +7,7 @@ everything in Python goes through :func:`start_app`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ray import serve
 
@@ -14,10 +15,19 @@ from carclf.runtime import ensure_ray
 from serve.app import AppArgs, build_app
 
 
-def app_args(bundles: Sequence[str], api_key: str | None = None) -> AppArgs:
-    """The app's arguments for ``bundles``, with an API key when one is given."""
-    settings = {"api_key": api_key} if api_key else {}
-    return AppArgs(bundles=[str(b) for b in bundles], settings=settings)
+def app_args(bundles: Sequence[str], api_key: str | None = None, **settings: Any) -> AppArgs:
+    """The app's arguments for ``bundles``, with an API key when one is given.
+
+    Args:
+        bundles: bundle directories, one model each.
+        api_key: the key every endpoint but health and the page then needs.
+        **settings: further ingress settings (``allowed_hosts``, ``max_images``, ...); None
+            values keep the defaults.
+    """
+    given = {k: v for k, v in settings.items() if v is not None}
+    if api_key:
+        given["api_key"] = api_key
+    return AppArgs(bundles=[str(b) for b in bundles], settings=given)
 
 
 def start_app(

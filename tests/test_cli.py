@@ -78,3 +78,19 @@ def test_predict_and_explain_without_serve(
     assert main(["explain", str(bundle), image, "--out", str(tmp_path / "cams")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "cams")
     assert len(list((tmp_path / "cams").glob("*.overlay.png"))) == 1
+
+
+def test_serve_flags_become_the_ingress_settings() -> None:
+    from carclf.cli import build_parser
+    from serve.launch import app_args
+
+    hosts = ["--allowed-host", "cars.example.com", "--allowed-host", "*.lan"]
+    args = build_parser().parse_args(["serve", "b1", *hosts, "--max-images", "8", "--api-key", "k"])
+    settings = {"allowed_hosts": args.allowed_host, "max_images": args.max_images}
+    app = app_args(args.bundles, args.api_key, **settings)
+    assert app.settings.allowed_hosts == ["cars.example.com", "*.lan"]
+    assert (app.settings.max_images, app.settings.api_key) == (8, "k")
+    defaults = app_args(["b1"], None, allowed_hosts=None, max_images=None).settings
+    assert (
+        defaults.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"] and defaults.max_images == 32
+    )
