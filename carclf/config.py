@@ -223,6 +223,9 @@ class TuneSection(_Strict):
     num_samples: int = Field(8, ge=1, description="trials per study")
     max_concurrent: int = Field(1, ge=1)
     searcher: Literal["optuna", "random"] = "optuna"
+    startup_trials: int = Field(
+        10, ge=1, description="Optuna TPE: trials drawn at random before TPE models the space"
+    )
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial may be cut")
     reduction_factor: float = Field(2.0, gt=1.0)

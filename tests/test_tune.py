@@ -192,3 +192,12 @@ def test_unknown_model_among_the_choices_is_refused(tmp_path: Path, toy_manifest
     cfg = _with_tune(tmp_path, toy_manifest, {"s": {"space": {"model.name": names}}})
     with pytest.raises(UserInputError, match=r"space\.model\.name: model\.name: unknown model"):
         check_studies(cfg)
+
+
+def test_tpe_start_up_trials_reach_the_sampler(tmp_path: Path, toy_manifest: Path) -> None:
+    from carclf.search.tune import _search_alg
+
+    cfg = _start(tmp_path, toy_manifest, num_samples=4)
+    cfg.tune.startup_trials = 3
+    searcher = _search_alg(cfg, "s").searcher  # behind the ConcurrencyLimiter
+    assert searcher._sampler._n_startup_trials == 3

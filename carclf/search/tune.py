@@ -159,7 +159,7 @@ def _search_alg(cfg: Config, study: str) -> Any:
         metric=t.metric,
         mode=t.mode,
         points_to_evaluate=start or None,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=t.startup_trials),
         study_name=study,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
