@@ -27,6 +27,7 @@ from ray import serve
 from carclf.bundle import load_bundle
 from carclf.explain import Explainer, Explanation, png_bytes
 from carclf.inference import OnnxClassifier
+from serve.metrics import ModelMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -65,6 +66,9 @@ EXPLAIN_CHUNK = 8
 class ClassifierDeployment:
     """onnxruntime inference with dynamic batching (``@serve.batch``).
 
+    Records the size of every batch and the top-1 probability of every image it classifies
+    (:class:`serve.metrics.ModelMetrics`).
+
     Args:
         bundle_path: the bundle directory.
         use_gpu: use the CUDA provider when the replica has a GPU.
@@ -74,6 +78,7 @@ class ClassifierDeployment:
         bundle = load_bundle(bundle_path)
         self.clf = OnnxClassifier(bundle, threads=_replica_cpus(), use_gpu=use_gpu)
         self.info = bundle.info
+        self.metrics = ModelMetrics(self.info.name)  # once per replica: batch sizes, top-1
         log.info("classifier %s on %s", self.info.name, self.clf.provider)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -97,6 +102,7 @@ class ClassifierDeployment:
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S["cpu"])
     async def _batched(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        self.metrics.batch(len(inputs))
         # The model's own logits; each caller calibrates what it serves as probabilities.
         return list(self.clf.raw_logits(np.stack(inputs)))
 
@@ -111,7 +117,9 @@ class ClassifierDeployment:
     async def predict(self, x: np.ndarray, top_k: int = 5) -> dict:
         """Top-k prediction for one preprocessed ``[C, H, W]`` image (batched with others)."""
         logits = await self._batched(x)
-        return self.clf.top_k(self.clf.probabilities_of(logits[None]), top_k)[0]
+        probs = self.clf.probabilities_of(logits[None])
+        self.metrics.top1(probs)
+        return self.clf.top_k(probs, top_k)[0]
 
     async def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Logits and probabilities for a preprocessed ``[N, C, H, W]`` batch (KServe V2).
@@ -121,7 +129,9 @@ class ClassifierDeployment:
         joins the dynamic batch, so V2 clients share batches with V1 ones.
         """
         logits = np.stack(await asyncio.gather(*(self._batched(x) for x in batch)))
-        return {"logits": logits, "probabilities": self.clf.probabilities_of(logits)}
+        probs = self.clf.probabilities_of(logits)
+        self.metrics.top1(probs)
+        return {"logits": logits, "probabilities": probs}
 
     def check_health(self) -> None:
         """A real inference on a blank image: a replica that cannot infer is unhealthy."""

@@ -25,17 +25,22 @@ page, the API docs included, needs exactly one matching ``x-api-key`` header; a 
 (:func:`serve.v2.parse_json`). Errors from the model deployments come back in the client's
 terms: a bad target is a 422 with the library's own message (never Ray's text), a full
 explainer queue or a restarting replica a 503 with ``Retry-After``.
+
+Each inference request is counted and timed by model, endpoint and status, and each refused
+image or body by kind (:mod:`serve.metrics`, exported through Ray's metrics agent).
 """
 
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import logging
 import re
+import time
 import warnings
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -63,6 +68,7 @@ from carclf.data.transforms import Preprocess, eval_transform, load_image
 from carclf.errors import UserInputError
 from carclf.explain import METHODS, class_index
 from serve import v2
+from serve.metrics import ALL_MODELS, CLIENT_GONE, UNKNOWN_MODEL, IngressMetrics
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 FORMATS = SERVE_FORMATS
@@ -88,13 +94,24 @@ class ServeSettings(BaseModel):
 
 
 class ApiError(Exception):
-    """An error response: HTTP status, a one-line message for the client and extra headers."""
+    """An error response: HTTP status, a one-line message for the client and extra headers.
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    ``kind`` marks a refused image or body (one of :data:`serve.metrics.DECODE_ERROR_KINDS`),
+    counted in ``carclf_decode_errors``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        kind: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
+        self.kind = kind
 
 
 # Terminal colour codes and other control characters never belong in a client's message.
@@ -140,7 +157,7 @@ def host_allowed(host: str | None, server: str | None, allowed: list[str]) -> bo
 def decode_image(data: bytes) -> Image.Image:
     """Decode uploaded bytes into an upright RGB image, or raise a 400 that says why."""
     if not data:
-        raise ApiError(400, "empty image")
+        raise ApiError(400, "empty image", kind="empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -150,25 +167,31 @@ def decode_image(data: bytes) -> Image.Image:
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(400, "image too large (decompression bomb)") from None
+        raise ApiError(400, "image too large (decompression bomb)", kind="too_large") from None
     except UnidentifiedImageError:
-        raise ApiError(400, "not a JPEG, PNG, WebP or GIF image") from None
+        raise ApiError(400, "not a JPEG, PNG, WebP or GIF image", kind="undecodable") from None
     except Exception as exc:  # PIL raises many types for bad bytes: all are the client's fault
         reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
-        raise ApiError(400, f"invalid image: {reason}") from None
+        raise ApiError(400, f"invalid image: {reason}", kind="invalid") from None
 
 
 def _check_limits(img: Image.Image) -> None:
     w, h = img.size
     if w * h > MAX_PIXELS:
-        raise ApiError(400, f"image too large ({w}x{h} pixels, at most {MAX_PIXELS})")
+        raise ApiError(
+            400, f"image too large ({w}x{h} pixels, at most {MAX_PIXELS})", kind="too_large"
+        )
     if min(w, h) < MIN_SIDE:
-        raise ApiError(400, f"image too small ({w}x{h}); each side needs {MIN_SIDE} px or more")
+        raise ApiError(
+            400,
+            f"image too small ({w}x{h}); each side needs {MIN_SIDE} px or more",
+            kind="too_small",
+        )
     if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise ApiError(400, f"aspect ratio of {w}x{h} is over {MAX_ASPECT:.0f}:1")
+        raise ApiError(400, f"aspect ratio of {w}x{h} is over {MAX_ASPECT:.0f}:1", kind="aspect")
     text = sum(len(v) for v in img.info.values() if isinstance(v, (str, bytes)))
     if text > MAX_TEXT_BYTES:
-        raise ApiError(400, f"image metadata too large ({text} bytes of text)")
+        raise ApiError(400, f"image metadata too large ({text} bytes of text)", kind="metadata")
 
 
 def _replay(request: Request, body: bytes) -> Request:
@@ -255,6 +278,7 @@ class Ingress:
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
         self._retry = {"retry-after": RETRY_AFTER_S}
+        self.metrics = IngressMetrics()  # once per replica: Ray keeps one series set per process
 
     # --- request plumbing ---------------------------------------------------------------
 
@@ -277,11 +301,42 @@ class Ingress:
         if len(sent) != 1 or not hmac.compare_digest(sent[0].encode("latin-1"), key.encode()):
             raise ApiError(401, "missing, repeated or wrong API key (send one x-api-key header)")
 
+    @contextlib.asynccontextmanager
+    async def _observed(self, endpoint: str, name: str | None = None) -> AsyncIterator[None]:
+        """Count the request its block answers, time it, and count a refused image or body.
+
+        Args:
+            endpoint: the ``endpoint`` tag (:data:`serve.metrics.ENDPOINTS`).
+            name: the model named in the path; None for every model (``/v1/analyze``).
+        """
+        # Only served names become tag values, so random names cannot grow the series.
+        known = name in self.classifiers
+        model = ALL_MODELS if name is None else name if known else UNKNOWN_MODEL
+        start, status = time.perf_counter(), 500
+        try:
+            yield
+            status = 200
+        except ApiError as exc:
+            status = exc.status
+            if exc.kind:
+                self.metrics.decode_error(endpoint, exc.kind)
+            raise
+        except HTTPException as exc:  # e.g. Starlette's 400 for a broken multipart body
+            status = exc.status_code
+            raise
+        except asyncio.CancelledError:  # the client went away; no answer is sent
+            status = CLIENT_GONE
+            raise
+        finally:
+            self.metrics.request(model, endpoint, status, time.perf_counter() - start)
+
     async def _body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
         # Closing the connection stops the client's upload: otherwise the server would read
         # (and drop) the rest of the body to keep the connection alive for the next request.
-        too_large = ApiError(413, f"request body over {limit} bytes", {"connection": "close"})
+        too_large = ApiError(
+            413, f"request body over {limit} bytes", {"connection": "close"}, "body_too_large"
+        )
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise too_large  # refused on the header, before a byte of the body is read
@@ -333,6 +388,7 @@ class Ingress:
             415,
             f"unsupported media type {kind or '(none)'}; send JSON, multipart "
             "or image/jpeg|png|webp|gif",
+            kind="unsupported_type",
         )
 
     def _json_images(self, body: bytes) -> tuple[list[bytes], dict[str, Any]]:
@@ -352,7 +408,7 @@ class Ingress:
             try:
                 data = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError):
-                raise ApiError(422, "image_b64 is not valid base64") from None
+                raise ApiError(422, "image_b64 is not valid base64", kind="bad_base64") from None
             encoded.append(data)
         options = {k: v for k, v in payload.items() if k != "instances"}
         return encoded, options
@@ -374,7 +430,9 @@ class Ingress:
     def _check_count(self, n: int) -> None:
         limit = self.settings.max_images
         if n > limit:
-            raise ApiError(413, f"{n} images in one request; at most {limit}")
+            raise ApiError(
+                413, f"{n} images in one request; at most {limit}", kind="too_many_images"
+            )
 
     def _model(self, name: str) -> DeploymentHandle:
         if name not in self.classifiers:
@@ -402,45 +460,49 @@ class Ingress:
 
     @app.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> dict:
-        self._authorise(request)  # before anything, so unknown names reveal nothing
-        handle = self._model(name)
-        images, options = await self._images(request)
-        k = self._top_k(options)
-        batch = (await self._inputs([name], images))[name]
-        calls = asyncio.gather(*(handle.predict.remote(x, k) for x in batch))
-        preds = await self._remote(calls, f"model {name!r}")
-        return {"predictions": list(preds)}
+        async with self._observed("v1_predict", name):
+            self._authorise(request)  # before anything, so unknown names reveal nothing
+            handle = self._model(name)
+            images, options = await self._images(request)
+            k = self._top_k(options)
+            batch = (await self._inputs([name], images))[name]
+            calls = asyncio.gather(*(handle.predict.remote(x, k) for x in batch))
+            preds = await self._remote(calls, f"model {name!r}")
+            return {"predictions": list(preds)}
 
     @app.post("/v1/models/{name}:explain")
     async def explain(self, name: str, request: Request) -> dict:
-        self._authorise(request)
-        labels = (await self._model_info(name))["labels"]
-        images, options = await self._images(request)
-        method = options.get("method", "gradcam")
-        if not isinstance(method, str) or method not in METHODS:
-            raise ApiError(422, f"unknown method {v2.shown(method)}; one of {', '.join(METHODS)}")
-        try:  # checked here, so a bad target costs no explainer slot
-            target = class_index(options.get("target"), labels)
-        except UserInputError as exc:
-            raise ApiError(422, str(exc)) from None
-        # One call per request, not per image: the explainer's queue counts requests.
-        call = self.explainers[name].explain.remote(images, method, target)
-        return {"explanations": await self._remote(call, f"the explainer of {name!r}")}
+        async with self._observed("v1_explain", name):
+            self._authorise(request)
+            labels = (await self._model_info(name))["labels"]
+            images, options = await self._images(request)
+            method = options.get("method", "gradcam")
+            if not isinstance(method, str) or method not in METHODS:
+                shown = v2.shown(method)
+                raise ApiError(422, f"unknown method {shown}; one of {', '.join(METHODS)}")
+            try:  # checked here, so a bad target costs no explainer slot
+                target = class_index(options.get("target"), labels)
+            except UserInputError as exc:
+                raise ApiError(422, str(exc)) from None
+            # One call per request, not per image: the explainer's queue counts requests.
+            call = self.explainers[name].explain.remote(images, method, target)
+            return {"explanations": await self._remote(call, f"the explainer of {name!r}")}
 
     @app.post("/v1/analyze")
     async def analyze(self, request: Request) -> dict:
-        self._authorise(request)
-        images, options = await self._images(request)
-        if len(images) != 1:
-            raise ApiError(422, "analyze takes exactly one image")
-        k = self._top_k(options)
-        names = sorted(self.classifiers)
-        inputs = await self._inputs(names, images)
-        calls = asyncio.gather(
-            *(self.classifiers[n].predict.remote(inputs[n][0], k) for n in names)
-        )
-        preds = await self._remote(calls, "a model")
-        return {"models": dict(zip(names, preds, strict=True))}
+        async with self._observed("analyze"):
+            self._authorise(request)
+            images, options = await self._images(request)
+            if len(images) != 1:
+                raise ApiError(422, "analyze takes exactly one image")
+            k = self._top_k(options)
+            names = sorted(self.classifiers)
+            inputs = await self._inputs(names, images)
+            calls = asyncio.gather(
+                *(self.classifiers[n].predict.remote(inputs[n][0], k) for n in names)
+            )
+            preds = await self._remote(calls, "a model")
+            return {"models": dict(zip(names, preds, strict=True))}
 
     # --- Open Inference Protocol (V2) ---------------------------------------------------
 
@@ -482,18 +544,8 @@ class Ingress:
 
     @app.post("/v2/models/{name}/infer")
     async def infer(self, name: str, request: Request) -> Response:
-        self._authorise(request)
-        handle = self._model(name)
-        body = await self._body(request)
-        limit = self.settings.max_images
-        try:
-            req = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH), limit)
-            results = await self._infer(name, handle, req)
-            payload, header_length = v2.encode_response(name, req, results)
-        except v2.TooManyError as exc:
-            raise ApiError(413, str(exc)) from None
-        except v2.ProtocolError as exc:
-            raise ApiError(422, str(exc)) from None
+        async with self._observed("v2_infer", name):
+            payload, header_length = await self._infer_payload(name, request)
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -501,6 +553,21 @@ class Ingress:
             media_type="application/octet-stream",
             headers={v2.HEADER_LENGTH: str(header_length)},
         )
+
+    async def _infer_payload(self, name: str, request: Request) -> tuple[bytes, int | None]:
+        """The encoded V2 response and its binary header length (None for plain JSON)."""
+        self._authorise(request)
+        handle = self._model(name)
+        body = await self._body(request)
+        limit = self.settings.max_images
+        try:
+            req = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH), limit)
+            results = await self._infer(name, handle, req)
+            return v2.encode_response(name, req, results)
+        except v2.TooManyError as exc:
+            raise ApiError(413, str(exc), kind="too_many_images") from None
+        except v2.ProtocolError as exc:
+            raise ApiError(422, str(exc)) from None
 
     async def _model_info(self, name: str) -> dict[str, Any]:
         """The classifier's metadata, asked once per model."""
