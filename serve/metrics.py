@@ -120,6 +120,11 @@ class ModelMetrics:
         self.batch_size.observe(float(size), tags={})
 
     def top1(self, probabilities: np.ndarray) -> None:
-        """The top-1 probability of each row of ``[N, K]`` calibrated probabilities."""
+        """The top-1 probability of each row of ``[N, K]`` calibrated probabilities.
+
+        A row that is not finite (an input that overflows the model: the ingress answers 422)
+        is left out; Ray's histogram would count a NaN in its lowest bucket.
+        """
         for p in np.asarray(probabilities).max(axis=-1).ravel():
-            self.confidence.observe(float(p), tags={})
+            if np.isfinite(p):
+                self.confidence.observe(float(p), tags={})
