@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from carclf import runs
-from carclf.metrics import Mode, best_of
+from carclf.metrics import Mode, better_sign
 
 KEEP_CHECKPOINTS = 2  # by train.monitor; a local run also keeps its latest, to resume from
 
@@ -96,6 +96,10 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _latest(found: list[tuple[Path, dict[str, Any]]]) -> Path | None:
+    return max(found, key=lambda c: c[1]["epoch"])[0] if found else None
+
+
 class _DirCheckpoint:
     """A checkpoint directory with ``as_directory()``, as Ray's ``Checkpoint`` has."""
 
@@ -131,8 +135,7 @@ class LocalSession:
 
     def latest(self) -> Path | None:
         """The checkpoint of the last epoch reported, or None."""
-        found = list(runs.checkpoints(self.run_dir))
-        return max(found, key=lambda c: c[1]["epoch"])[0] if found else None
+        return _latest(list(runs.checkpoints(self.run_dir)))
 
     def prepare_loader(self, loader: Any) -> Any:
         return loader
@@ -155,11 +158,9 @@ class LocalSession:
     def prune(self) -> None:
         """Keep the best ``KEEP_CHECKPOINTS`` by ``monitor``, and the latest."""
         found = list(runs.checkpoints(self.run_dir))
-        keep = {self.latest()}
-        for _ in range(KEEP_CHECKPOINTS):
-            rest = [c for c in found if c[0] not in keep]
-            if rest:
-                keep.add(best_of(rest, lambda c: c[1][self.monitor], self.mode)[0])
+        sign = better_sign(self.mode)
+        ranked = sorted(found, key=lambda c: -sign * c[1][self.monitor])
+        keep = {_latest(found), *(path for path, _ in ranked[:KEEP_CHECKPOINTS])}
         for path, _ in found:
             if path not in keep:
                 shutil.rmtree(path)

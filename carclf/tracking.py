@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,6 @@ def log_rows(
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
