@@ -77,7 +77,8 @@ def ray_session():
 
 # --- serving: one app for every module that talks HTTP to it (test_serve_inputs, test_web_page)
 
-SERVE_PORT = 8766
+# Overridable so that two checkouts (or two people) can run the serving tests at once.
+SERVE_PORT = int(os.environ.get("CARCLF_TEST_SERVE_PORT", "8766"))
 SERVE_KEY = "s3cret-test-key"
 
 
