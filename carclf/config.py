@@ -232,7 +232,15 @@ class TuneSection(_Strict):
     # A trial only drives its Ray Train run; the workers hold the real CPUs. Tune needs a
     # non-empty request, so the driver takes a sliver of a CPU.
     trial_cpus: float = Field(0.01, gt=0.0, description="CPUs of each trial's driver actor")
+    # 1 makes every trial train inside its own Tune trial (no Ray Train start-up); the winner's
+    # final run (`carclf pipeline`, best_config.yaml) keeps scaling.num_workers.
+    trial_workers: int | None = Field(
+        None, ge=1, description="workers per trial; default scaling.num_workers"
+    )
     collapse: CollapseRule = Field(default_factory=CollapseRule)
+    # Off, a collapsed trial still gets its label in trials.csv but trains to its last epoch:
+    # a plain search without early stopping (the baseline arm of bench/tune_bench.py).
+    stop_collapsed: bool = Field(True, description="end a trial as soon as it shows collapse")
     studies: dict[str, Study] = Field(min_length=1)
 
     @model_validator(mode="after")

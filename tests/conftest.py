@@ -60,14 +60,11 @@ def ray_session():
     """One local Ray for every test that needs it; shut down at the end of the session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            # The dashboard serves the state API, which Ray Train's placement-group cleaner
-            # needs to release the workers of a trial that Tune stopped early.
-            include_dashboard=True,
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-        )
+    from carclf.runtime import ensure_ray
+
+    # carclf's own start-up: the dashboard (the state API that Ray Train's placement-group
+    # cleaner needs) on a pinned loopback port.
+    ensure_ray(num_cpus=2)
     yield ray
     from ray import serve
 

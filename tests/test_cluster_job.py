@@ -120,7 +120,7 @@ def test_pipeline_job_trains_on_both_nodes(cluster: Cluster, toy_root: Path) -> 
     out = cluster.state / "runs" / "toy" / "train"
     # The search stage (tune.studies) is left out here: three Ray Train runs instead of one do
     # not fit the suite's time budget on 2 shared cores; tests/test_tune.py covers the search.
-    settings = [f"data.root={toy_root}", f"output_dir=file://{out}", "tune=null"]
+    settings = [f"data.root={toy_root}", f"output_dir=file://{out}", "tune=null", "train.epochs=1"]
     # A bound against a hang, not a speed goal: the job took 160-200 s on a busy 2-core machine.
     job = _submit(cluster, *[a for s in settings for a in ("--set", s)], timeout=360)
     print(job.stdout[-4000:])

@@ -46,32 +46,40 @@ def test_two_workers_end_with_the_same_weights_as_one(
     assert moved > 0
 
 
-def _kill_a_worker_after_first_epoch(epochs_csv: Path, killed: list[int]) -> None:
-    deadline = time.monotonic() + 240
+def _kill_a_worker_after_a_pruning(run_dir: Path, killed: list[int], seen: list[int]) -> None:
+    """Kill one Train worker once four epochs are reported: with ``num_to_keep=2`` Ray Train's
+    checkpoint manager has deleted at least one of the four checkpoints by then (the worst two
+    go, less the latest); issue 15's failure came after such a pruning."""
+    deadline = time.monotonic() + 600  # a bound, on a busy machine the run starts slowly
+    epochs_csv = run_dir / "epochs.csv"
     while time.monotonic() < deadline:
-        if epochs_csv.exists() and len(epochs_csv.read_text().splitlines()) >= 2:
+        if epochs_csv.exists() and len(epochs_csv.read_text().splitlines()) >= 5:
+            seen.append(len(list(run_dir.glob("checkpoint_*"))))
             for proc in psutil.process_iter(["cmdline"]):
                 if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                     proc.kill()
                     killed.append(proc.pid)
                     return
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
-def test_killed_worker_is_replaced_and_the_run_resumes(
+def test_killed_worker_after_pruning_is_replaced_and_the_run_resumes(
     ray_session, toy_manifest: Path, tmp_path: Path
 ) -> None:
-    cfg = _cfg(tmp_path / "run", toy_manifest, 2, epochs=6, max_failures=2)
+    run_dir = tmp_path / "run"
+    cfg = _cfg(run_dir, toy_manifest, 2, epochs=6, max_failures=2)
     killed: list[int] = []
-    watcher = threading.Thread(
-        target=_kill_a_worker_after_first_epoch, args=(tmp_path / "run" / "epochs.csv", killed)
-    )
+    seen: list[int] = []
+    watcher = threading.Thread(target=_kill_a_worker_after_a_pruning, args=(run_dir, killed, seen))
     watcher.start()
     result = run_training(cfg)
     watcher.join()
     assert killed, "no worker was killed"
-    with (tmp_path / "run" / "epochs.csv").open() as fh:
+    # Four checkpoints were written before the kill: three or fewer on disk means a pruning.
+    assert seen and seen[0] <= 3, seen
+    with (run_dir / "epochs.csv").open() as fh:
         epochs = [int(row["epoch"]) for row in csv.DictReader(fh)]
     assert epochs[-1] == 5 and result.metrics["epoch"] <= 5
     # Resumed from a checkpoint, not from scratch: epoch 0 ran once.
     assert epochs.count(0) == 1, epochs
+    assert len(list(run_dir.glob("checkpoint_*"))) <= 3

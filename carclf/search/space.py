@@ -26,6 +26,16 @@ def study_config(cfg: Config, study: Study, params: dict[str, Any], output_dir: 
     return validate_config(raw, source="tune")
 
 
+def trial_config(cfg: Config, study: Study, params: dict[str, Any], output_dir: Path) -> Config:
+    """What one trial trains: :func:`study_config` with ``tune.trial_workers`` workers."""
+    trial = study_config(cfg, study, params, output_dir)
+    workers = cfg.tune.trial_workers if cfg.tune else None
+    if workers is None:
+        return trial
+    scaling = trial.scaling.model_copy(update={"num_workers": workers})
+    return trial.model_copy(update={"scaling": scaling})
+
+
 def check_studies(cfg: Config) -> None:
     """Refuse unknown parameters, unusable values and unknown models before any trial starts
     (exit code 2)."""

@@ -34,6 +34,7 @@ from carclf.search.space import (
     decode_params,
     encode_params,
     study_config,
+    trial_config,
     tune_domain,
 )
 from carclf.tables import write_csv
@@ -67,7 +68,7 @@ def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
     cfg = Config.model_validate(cfg_json)
     trial_dir = Path(cfg.output_dir) / study / tune.get_context().get_trial_name()
     spec = cfg.tune.studies[study]
-    trial_cfg = study_config(cfg, spec, decode_params(spec, params), trial_dir)
+    trial_cfg = trial_config(cfg, spec, decode_params(spec, params), trial_dir)
     # The search's driver logs every trial to MLflow once its study ends (one writer).
     trial_cfg = trial_cfg.model_copy(
         update={"tracking": trial_cfg.tracking.model_copy(update={"mlflow": False})}
@@ -122,7 +123,8 @@ def fit_concurrency(cfg: Config, cluster_cpus: float) -> int:
     Raises:
         UserInputError: when not even one trial fits.
     """
-    per_trial = cfg.tune.trial_cpus + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    workers = cfg.tune.trial_workers or cfg.scaling.num_workers
+    per_trial = cfg.tune.trial_cpus + workers * cfg.scaling.cpus_per_worker
     fits = int(cluster_cpus / per_trial + 1e-9)  # tolerance before truncating: 1.9999999 is 2
     if fits < 1:
         raise UserInputError(
@@ -175,7 +177,7 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
     out = Path(cfg.output_dir).resolve()
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), study=study),
-        {"CPU": trial_cpus(study_config(cfg, t.studies[study], {}, out), t.trial_cpus)},
+        {"CPU": trial_cpus(trial_config(cfg, t.studies[study], {}, out), t.trial_cpus)},
     )
     path = out / "tune" / study
     if tune.Tuner.can_restore(path):
@@ -203,7 +205,7 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
         run_config=tune.RunConfig(
             name=study,
             storage_path=str(out / "tune"),
-            stop=_collapse_stopper(t.collapse, num_classes),
+            stop=_collapse_stopper(t.collapse, num_classes) if t.stop_collapsed else None,
             # Explicit, not left to Tune's defaults: `tensorboard --logdir output_dir` shows the
             # trials (tune/<study>/<trial>/events.*) beside each run's own curves.
             callbacks=[TBXLoggerCallback()],
