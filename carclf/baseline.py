@@ -32,7 +32,7 @@ from torch import nn
 
 from carclf import __version__
 from carclf.config import Config, save_config
-from carclf.data.manifest import Manifest, read_manifest
+from carclf.data.manifest import Manifest
 from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
 from carclf.evaluate import (
@@ -45,7 +45,7 @@ from carclf.evaluate import (
 from carclf.metrics import full_metrics, temperature_effect
 from carclf.models import build_model, model_preprocess
 from carclf.probe import C_GRID, MAX_ITER, Probe, backbone_features, fit_probe
-from carclf.runs import resolve_manifest
+from carclf.runs import resolve_manifest, training_manifest
 from carclf.scoring import BATCH, Records, paths_of, targets_of
 from carclf.storage import is_uri
 from carclf.weights import WeightsReport
@@ -208,7 +208,7 @@ def run_baseline(cfg: Config, split: str = "test", out: str | Path | None = None
             the model's build refuses (name, weights).
     """
     out = Path(out) if out is not None else default_out(cfg)
-    data = read_manifest(resolve_manifest(cfg))
+    data = training_manifest(resolve_manifest(cfg), cfg)
     parts = probe_splits(data, split)
     clock = time.perf_counter()
     model, weights = frozen_model(cfg, len(data.labels))

@@ -2,15 +2,23 @@
 
 A directory written atomically (temp dir + rename) holding ``model.onnx``, ``weights.safetensors``
 and ``bundle.json``. Loading verifies every file's sha256 and the label count, and says which
-check failed. ``bundle.json`` keeps the preprocessing's fields at its top level (``input_size``,
+check failed. Those hashes sit in the bundle itself, so they catch corruption, not tampering:
+whoever can rewrite a file can rewrite ``bundle.json`` too. The *digest* (:func:`bundle_digest`,
+the sha256 of ``bundle.json``'s bytes, which list every file's sha256) pins all of them at once:
+``load_bundle(path, expected_sha256=digest)`` refuses a bundle in which any byte of
+``bundle.json`` or of a file it lists changed.
+
+``bundle.json`` keeps the preprocessing's fields at its top level (``input_size``,
 ``mean``, ``std``, ``interpolation``, ``crop_pct``); in Python they are one
 :class:`~carclf.data.transforms.Preprocess`, ``BundleInfo.preprocess``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,6 +44,8 @@ BUNDLE_FILE = "bundle.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+PIN_SEPARATOR = "@sha256:"  # a pinned reference: ``path/to/bundle@sha256:<64 hex digits>``
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleInfo(BaseModel):
@@ -98,31 +108,88 @@ class Bundle:
         return self.path / WEIGHTS_FILE
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read ``bundle.json`` and check hashes and label count; the error says which check failed."""
+def bundle_digest(path: str | Path) -> str:
+    """The bundle's digest: the sha256 (hex) of ``bundle.json`` as stored, which is what
+    ``sha256sum bundle.json`` prints. It pins every file, since ``bundle.json`` lists their
+    hashes; compute it where the bundle was made (``carclf bundle digest``), not where it is
+    served. It does not check the files: :func:`load_bundle` with ``expected_sha256`` does."""
+    meta = Path(path) / BUNDLE_FILE
+    if not meta.is_file():
+        raise UserInputError(f"{path}: not a bundle (no {BUNDLE_FILE})")
+    return hashlib.sha256(meta.read_bytes()).hexdigest()
+
+
+def normalize_sha256(value: str) -> str:
+    """A digest as given by a user (``sha256:<hex>`` or ``<hex>``, any case) → 64 hex digits."""
+    hexdigest = value.strip().lower().removeprefix("sha256:")
+    if not _HEX64.fullmatch(hexdigest):
+        raise UserInputError(f"not a sha256 digest (64 hex digits): {value!r}")
+    return hexdigest
+
+
+def split_pinned(ref: str) -> tuple[str, str | None]:
+    """``path@sha256:<hex>`` → (path, hex digest); a plain path → (path, None)."""
+    path, sep, digest = ref.rpartition(PIN_SEPARATOR)
+    if not sep:
+        return ref, None
+    return path, normalize_sha256(digest)
+
+
+def pinned_ref(path: str | Path, digest: str) -> str:
+    """The pinned reference of a bundle: ``path@sha256:<hex>``."""
+    return f"{path}{PIN_SEPARATOR}{normalize_sha256(digest)}"
+
+
+def load_bundle(
+    path: str | Path, verify: bool = True, expected_sha256: str | None = None
+) -> Bundle:
+    """Read ``bundle.json`` and check hashes and label count; the error says which check failed.
+
+    Args:
+        path: the bundle directory.
+        verify: check every listed file's sha256 (against ``bundle.json``: corruption).
+        expected_sha256: the digest this bundle must have (:func:`bundle_digest`): then
+            ``bundle.json`` is checked against it and every file against ``bundle.json``, so a
+            changed byte anywhere is refused (tampering). Needs ``verify``.
+    """
+    if expected_sha256 is not None and not verify:
+        raise ValueError("expected_sha256 needs verify=True: a pin checks every file")
     path = Path(path)
     meta = path / BUNDLE_FILE
     if not meta.is_file():
         raise UserInputError(f"{path}: not a bundle (no {BUNDLE_FILE})")
+    raw = meta.read_bytes()  # hashed and parsed from the same bytes: nothing read twice
+    if expected_sha256 is not None:
+        want, got = normalize_sha256(expected_sha256), hashlib.sha256(raw).hexdigest()
+        if got != want:
+            raise UserInputError(f"{meta}: sha256 is {got}, the pin expects {want}")
     try:
-        info = BundleInfo.model_validate(json.loads(meta.read_text()))
-    except (ValidationError, json.JSONDecodeError) as exc:
+        info = BundleInfo.model_validate(json.loads(raw))
+    except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserInputError(f"{meta}: invalid bundle.json ({str(exc).splitlines()[0]})") from None
     if len(info.labels) != info.num_classes:
         raise UserInputError(
             f"{meta}: label count {len(info.labels)} does not match num_classes {info.num_classes}"
         )
     if verify:
-        for name in (ONNX_FILE, WEIGHTS_FILE):
-            if name not in info.files:
-                raise UserInputError(f"{meta}: no sha256 recorded for {name}")
-        for name, digest in info.files.items():
-            file = path / name
-            if not file.is_file():
-                raise UserInputError(f"{path}: {name} is missing")
-            if file_sha256(file) != digest:
-                raise UserInputError(f"{path}: sha256 of {name} does not match bundle.json")
+        _verify_files(path, info)
     return Bundle(path, info)
+
+
+def _verify_files(path: Path, info: BundleInfo) -> None:
+    """Every file ``bundle.json`` lists exists with its sha256; model and weights are listed."""
+    meta = path / BUNDLE_FILE
+    for name in (ONNX_FILE, WEIGHTS_FILE):
+        if name not in info.files:
+            raise UserInputError(f"{meta}: no sha256 recorded for {name}")
+    for name, digest in info.files.items():
+        if Path(name).name != name or name in (".", "..", BUNDLE_FILE):
+            raise UserInputError(f"{meta}: {name!r} is not a file name inside the bundle")
+        file = path / name
+        if not file.is_file():
+            raise UserInputError(f"{path}: {name} is missing")
+        if file_sha256(file) != digest:
+            raise UserInputError(f"{path}: sha256 of {name} does not match bundle.json")
 
 
 def write_bundle(

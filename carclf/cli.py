@@ -137,6 +137,19 @@ def cmd_export(args: argparse.Namespace) -> str:
     return str(bundle.path)
 
 
+def cmd_digest(args: argparse.Namespace) -> str:
+    from carclf.bundle import bundle_digest, load_bundle, pinned_ref, split_pinned
+
+    path, pin = split_pinned(args.bundle)
+    digest = pin or bundle_digest(path)
+    # Verified before it is printed: a digest of a bundle whose files do not match would pin
+    # a bundle that no server accepts.
+    load_bundle(path, expected_sha256=digest)
+    what = "matches the pin" if pin else "pins bundle.json and every file it lists"
+    print(f"sha256 {digest} {what}", file=sys.stderr)
+    return pinned_ref(path, digest)
+
+
 def cmd_predict(args: argparse.Namespace) -> str:
     from carclf.bundle import load_bundle
     from carclf.data.transforms import load_image
@@ -404,6 +417,19 @@ def _add_bundles(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_bundle_tools(sub: argparse._SubParsersAction) -> None:
+    """``carclf bundle …``: commands about a bundle itself (its digest, for pinning)."""
+    tools = sub.add_parser("bundle", help="a bundle's digest, to pin it").add_subparsers(
+        dest="bundle_command", required=True
+    )
+    p = tools.add_parser(
+        "digest",
+        help="verify a bundle and print PATH@sha256:<digest>, the pinned reference to serve",
+    )
+    p.add_argument("bundle", help="bundle directory, or PATH@sha256:<hex> to check a pin")
+    p.set_defaults(func=cmd_digest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``carclf`` command."""
     parser = argparse.ArgumentParser(prog="carclf", description=__doc__.splitlines()[0])
@@ -413,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_models(sub)
     _add_bundles(sub)
+    _add_bundle_tools(sub)
     return parser
 
 

@@ -44,6 +44,10 @@ class DataConfig(_Strict):
     balanced_sampling: bool = Field(
         False, description="draw training images with weights 1/class count (torch loader)"
     )
+    # A quick search or ablation on a subset; validation and test stay whole, so scores compare.
+    train_per_class: int | None = Field(
+        None, ge=1, description="at most this many training images per class (a seeded choice)"
+    )
     cache: bool = Field(
         False, description="keep decoded, resized images in memory after the first epoch"
     )

@@ -7,7 +7,9 @@ A run directory (``output_dir`` of ``carclf train``) holds::
     tensorboard/           the same scalars for TensorBoard
     checkpoint_*/          Ray Train's checkpoints, each:
         model.safetensors  the weights (the EMA weights when train.ema_decay is set)
-        train_state.pt     optimizer, schedule and early-stopping state, to resume
+        raw_model.safetensors  with train.ema_decay: the raw weights training resumes from
+        train_state.pt     optimizer, schedule and AMP scaler state: tensors and numbers only
+        train_state.json   epoch and early-stopping state
         meta.json          config, label order, preprocessing, metrics, manifest path
     run.json               written last: names the best checkpoint and its metrics
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,7 @@ from torch import nn
 
 from carclf.config import Config
 from carclf.data.audit import write_audit
-from carclf.data.manifest import Manifest
+from carclf.data.manifest import Manifest, read_manifest
 from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
 from carclf.metrics import Mode, best_of
@@ -40,7 +43,10 @@ from carclf.models import create_model
 from carclf.weights import WeightsReport
 
 CHECKPOINT_WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
+STATE_FILE = "train_state.pt"  # read with torch's weights_only unpickler: it runs no code
+PROGRESS_FILE = "train_state.json"
+RAW_WEIGHTS_FILE = "raw_model.safetensors"
+RESUME_KEYS = ("epoch", "optimizer", "schedule", "stopper")
 META_FILE = "meta.json"
 RUN_FILE = "run.json"
 EPOCHS_FILE = "epochs.csv"
@@ -59,6 +65,14 @@ def manifest_path(output_dir: str | Path) -> Path:
     (``runs/x/tune``), the final run, the bundle and the evaluation beside it.
     """
     return Path(output_dir).resolve().parent / MANIFEST_FILE
+
+
+def training_manifest(path: str | Path, cfg: Config) -> Manifest:
+    """The manifest a run trains on: ``data.train_per_class`` applied (seeded by ``seed``)."""
+    manifest = read_manifest(path)
+    if cfg.data.train_per_class is None:
+        return manifest
+    return manifest.limit_per_class("train", cfg.data.train_per_class, cfg.seed)
 
 
 def resolve_manifest(cfg: Config) -> Path:
@@ -97,13 +111,34 @@ def checkpoint_meta(
     }
 
 
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(
-    directory: Path, model: nn.Module, state: dict[str, Any], meta: dict[str, Any]
+    directory: Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    progress: dict[str, Any],
+    state: dict[str, Any] | None = None,
+    raw_model: nn.Module | None = None,
 ) -> None:
-    """Write weights (safetensors), optimizer/scheduler state and metadata into ``directory``."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(directory / CHECKPOINT_WEIGHTS_FILE))
-    torch.save(state, directory / STATE_FILE)
+    """Write a checkpoint into ``directory``; nothing in it needs a code-running unpickler.
+
+    Args:
+        directory: the checkpoint directory.
+        model: the weights to export (the EMA copy under ``train.ema_decay``).
+        meta: config, labels, preprocessing, metrics (:func:`checkpoint_meta`).
+        progress: plain bookkeeping, as JSON: the epoch, early-stopping state.
+        state: optimizer, schedule and scaler state dicts (tensors, numbers, lists, dicts).
+        raw_model: under EMA, the raw weights training resumes from.
+    """
+    save_file(_tensors(model), str(directory / CHECKPOINT_WEIGHTS_FILE))
+    if raw_model is not None:
+        save_file(_tensors(raw_model), str(directory / RAW_WEIGHTS_FILE))
+    if state is not None:
+        torch.save(state, directory / STATE_FILE)
+    (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -113,9 +148,47 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
+def _safe_torch_load(path: Path) -> dict[str, Any]:
+    """``torch.load`` that accepts tensors, dicts, lists and numbers, and refuses any other
+    object: a pickle can run code while it loads, and a run directory may be shared."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = next((ln for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        raise UserInputError(
+            f"{path}: refused, it holds objects other than tensors and plain data "
+            f"(loading it could run code){': ' + why.strip() if why else ''}"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserInputError(f"{path}: not a training state (a {type(state).__name__})")
+    return state
+
+
 def load_state(directory: str | Path) -> dict[str, Any]:
-    """The resume state of a checkpoint (a torch pickle this run wrote itself)."""
-    return torch.load(Path(directory) / STATE_FILE, weights_only=False)
+    """The resume state of a checkpoint: epoch, optimizer, schedule, early stopping (and
+    ``raw_model`` weights and ``scaler`` where saved), read without running any pickled code.
+
+    Checkpoints from before ``train_state.json`` keep everything in ``train_state.pt``; the
+    same safe unpickler reads them.
+    """
+    directory = Path(directory)
+    state: dict[str, Any] = {}
+    if (directory / STATE_FILE).is_file():
+        state.update(_safe_torch_load(directory / STATE_FILE))
+    if (directory / PROGRESS_FILE).is_file():
+        state.update(json.loads((directory / PROGRESS_FILE).read_text()))
+    if (directory / RAW_WEIGHTS_FILE).is_file():
+        state["raw_model"] = load_file(str(directory / RAW_WEIGHTS_FILE))
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise UserInputError(f"{directory}: not a resumable checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of the run's last reported epoch (the one a rerun resumes from)."""
+    found = [(d, m) for d, m in checkpoints(run_dir) if "epoch" in m]
+    return max(found, key=lambda c: c[1]["epoch"])[0] if found else None
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

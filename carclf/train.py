@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from carclf import runs
 from carclf.config import Config, save_config
 from carclf.data.dataset import ManifestDataset, cache_bytes
-from carclf.data.manifest import Manifest, read_manifest
+from carclf.data.manifest import Manifest
 from carclf.data.sampling import BalancedDistributedSampler
 from carclf.data.transforms import Preprocess, cache_resize, eval_transform, train_transform
 from carclf.errors import UserInputError
@@ -211,7 +211,7 @@ def run_loop(config: dict[str, Any], session: Session) -> None:
     torch.set_num_threads(max(int(cfg.scaling.cpus_per_worker), 1))
     seed_everything(cfg.seed)
     device = session.device
-    manifest = read_manifest(config["manifest"])
+    manifest = runs.training_manifest(config["manifest"], cfg)
     bare, weights = build_model(cfg.model, len(manifest.labels))
     bare = bare.to(device)
     if cfg.train.head_init == "linear_probe" and session.checkpoint is None:
@@ -241,14 +241,9 @@ def run_loop(config: dict[str, Any], session: Session) -> None:
         }
         tools.schedule.step_epoch(metrics, cfg.train.monitor)
         stop = stopper.update(metrics[cfg.train.monitor])
-        state = {
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "schedule": tools.schedule.state_dict(),
-            "stopper": vars(stopper),
-        }
+        progress = {"epoch": epoch, "stopper": vars(stopper)}
         meta = runs.checkpoint_meta(cfg, manifest, pre, metrics, weights)
-        _report(metrics, bare, tools, state, meta, session)
+        _report(metrics, bare, optimizer, tools, progress, meta, session)
         if stop:
             break
 
@@ -307,32 +302,48 @@ def _resume(
     tools: StepTools,
     stopper: EarlyStopping,
 ) -> int:
-    """Restore weights, optimizer, schedule, EMA and early-stopping state; the next epoch."""
+    """Restore weights, optimizer, schedule, scaler, EMA and early-stopping state; the next epoch.
+
+    Every file is read without running pickled code (``runs.load_state``); a checkpoint that
+    would need it is refused with a one-line error.
+    """
     if not checkpoint:
         return 0
     with checkpoint.as_directory() as d:
         runs.load_weights(bare, d)
         state = runs.load_state(d)
     if tools.ema is not None:  # the checkpoint's weights are the EMA weights; the raw ones are here
+        if "raw_model" not in state:
+            raise UserInputError(f"{d}: train.ema_decay is set but it holds no raw weights")
         tools.ema.module.load_state_dict(bare.state_dict())
         bare.load_state_dict(state["raw_model"])
     optimizer.load_state_dict(state["optimizer"])
     tools.schedule.load_state_dict(state["schedule"])
+    if tools.scaler is not None and state.get("scaler"):
+        tools.scaler.load_state_dict(state["scaler"])
     vars(stopper).update(state["stopper"])
     return state["epoch"] + 1
 
 
 def _report(
-    metrics: dict, bare: nn.Module, tools: StepTools, state: dict, meta: dict, session: Session
+    metrics: dict,
+    bare: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tools: StepTools,
+    progress: dict,
+    meta: dict,
+    session: Session,
 ) -> None:
     """Report the epoch on every worker; the chief (rank 0) also writes the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if session.rank == 0:
-            weights = bare
-            if tools.ema is not None:  # export the EMA weights, resume from both
-                weights, state = tools.ema.module, {**state, "raw_model": bare.state_dict()}
-            runs.save_checkpoint(Path(tmp), weights, state, meta)
+            state = {"optimizer": optimizer.state_dict(), "schedule": tools.schedule.state_dict()}
+            if tools.scaler is not None:
+                state["scaler"] = tools.scaler.state_dict()
+            # Under EMA the exported weights are the EMA ones; training resumes from both.
+            weights, raw = (tools.ema.module, bare) if tools.ema is not None else (bare, None)
+            runs.save_checkpoint(Path(tmp), weights, meta, progress, state, raw_model=raw)
             ckpt = Path(tmp)
         session.report(metrics, ckpt)
 
@@ -392,12 +403,22 @@ def check_training_input(cfg: Config, manifest: Manifest) -> None:
         raise UserInputError("train.head_init: linear_probe needs model.head_hidden: 0")
 
 
+def check_resume_state(run_dir: Path) -> None:
+    """Read the state a rerun resumes from, here on the driver: a checkpoint that would need a
+    code-running unpickler is refused with a one-line error (exit 2) before any worker starts,
+    where the same refusal would surface wrapped in Ray's error."""
+    latest = runs.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if latest is not None:
+        runs.load_state(latest)
+
+
 def prepare_run(cfg: Config) -> PreparedRun:
     """Validate everything a run needs before any worker starts, and resolve it once."""
     check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
     run_dir = Path(cfg.output_dir).resolve()
-    manifest = read_manifest(runs.resolve_manifest(cfg))
+    manifest = runs.training_manifest(runs.resolve_manifest(cfg), cfg)
     check_training_input(cfg, manifest)
+    check_resume_state(run_dir)
     weights = preflight_pretrained(cfg.model, len(manifest.labels))
     if weights is not None:
         print(f"[carclf] {weights.line()}", file=sys.stderr)
@@ -561,6 +582,6 @@ def init_run(cfg: Config) -> Path:
     ckpt = run.run_dir / runs.INIT_CHECKPOINT
     ckpt.mkdir(parents=True, exist_ok=True)
     meta = runs.checkpoint_meta(cfg, run.manifest, run.preprocess, {}, weights)
-    runs.save_checkpoint(ckpt, model, {"epoch": -1}, meta)
+    runs.save_checkpoint(ckpt, model, meta, progress={"epoch": -1})
     runs.write_run_file(run.run_dir, ckpt, {})
     return run.run_dir

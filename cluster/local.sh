@@ -5,15 +5,27 @@
 #   cluster/local.sh status         nodes and resources
 #   cluster/local.sh down           stops every node it started
 #
-# Every node binds to 127.0.0.1, token authentication is on (RAY_AUTH_MODE=token) and the token
-# lives in a 0600 file outside the repository (CARCLF_RAY_TOKEN_FILE, default
-# ~/.config/carclf/ray_token). Nodes have distinct resources: the head {"head": 1}, worker i
-# {"worker": 1, "worker_<i>": 1}, so jobs can be pinned and tests can see where tasks ran.
+# Token authentication is on (RAY_AUTH_MODE=token) and the token lives in a 0600 file outside the
+# repository (CARCLF_RAY_TOKEN_FILE, default ~/.config/carclf/ray_token). Nodes have distinct
+# resources: the head {"head": 1}, worker i {"worker": 1, "worker_<i>": 1}, so jobs can be pinned
+# and tests can see where tasks ran.
+#
+# Not everything stays on loopback, and Ray 2.60 has no flag for it: `ray start` turns
+# --node-ip-address=127.0.0.1 into this host's reachable address (resolve_ip_for_localhost in
+# ray/_private/services.py; only RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps a loopback node IP,
+# and it refuses worker nodes). What listens where, seen with `ss -ltnp` on Ray 2.60:
+#   127.0.0.1 only      the dashboard and job API (--dashboard-host), CARCLF_DASHBOARD_PORT
+#   loopback + node IP  the Ray client server (HEAD_PORT + 7), the dashboard agent (base + 3)
+#   node IP             the runtime-env agent (base + 6)
+#   all interfaces      the GCS (CARCLF_HEAD_PORT), raylets, object managers, worker processes
+# The token is what guards the ones outside loopback; on a machine that others can reach,
+# firewall these ports as well.
 set -euo pipefail
 
 RAY=${RAY:-"$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/ray"}
 STATE=${CARCLF_CLUSTER_DIR:-/tmp/carclf-cluster}
-TOKEN_FILE=${CARCLF_RAY_TOKEN_FILE:-$HOME/.config/carclf/ray_token}
+DEFAULT_TOKEN_DIR=$HOME/.config/carclf
+TOKEN_FILE=${CARCLF_RAY_TOKEN_FILE:-$DEFAULT_TOKEN_DIR/ray_token}
 HEAD_PORT=${CARCLF_HEAD_PORT:-6390}
 DASHBOARD_PORT=${CARCLF_DASHBOARD_PORT:-8275}
 HEAD_CPUS=${CARCLF_HEAD_CPUS:-1}
@@ -30,9 +42,17 @@ export PATH
 export RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
 
 make_token() {
+  local dir
+  dir=$(dirname "$TOKEN_FILE")
+  # Tighten only a directory that is carclf's own (this script makes it, or it is the default):
+  # CARCLF_RAY_TOKEN_FILE=/tmp/x must not chmod /tmp, nor a home or project directory.
+  if [ ! -d "$dir" ]; then
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+  elif [ "$dir" = "$DEFAULT_TOKEN_DIR" ]; then
+    chmod 700 "$dir"
+  fi
   if [ ! -s "$TOKEN_FILE" ]; then
-    mkdir -p "$(dirname "$TOKEN_FILE")"
-    chmod 700 "$(dirname "$TOKEN_FILE")"
     (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$TOKEN_FILE")
   fi
   chmod 600 "$TOKEN_FILE"
@@ -78,14 +98,27 @@ MSG
 
 down() {
   # Not `ray stop`: it would stop every Ray on this host, another user's or a test's too.
-  local f
+  # Idempotent: nothing running (or no state at all) is success, not an error.
+  local f signal
   for signal in TERM KILL; do
     for f in "$STATE"/*/sid; do
-      [ -f "$f" ] && pkill "-$signal" -s "$(cat "$f")" 2>/dev/null
+      if [ -f "$f" ]; then
+        pkill "-$signal" -s "$(cat "$f")" 2>/dev/null || true  # 1: none left in that session
+      fi
     done
-    [ "$signal" = TERM ] && sleep 2
+    if [ "$signal" = TERM ] && compgen -G "$STATE/*/sid" >/dev/null; then
+      sleep 2
+    fi
   done
-  rm -rf "$STATE"
+  # Only the node directories this script made: CARCLF_CLUSTER_DIR may be a shared directory.
+  for f in "$STATE"/head "$STATE"/worker[0-9]*; do
+    if [ -d "$f" ]; then
+      rm -rf "$f"
+    fi
+  done
+  if [ -d "$STATE" ]; then
+    rmdir --ignore-fail-on-non-empty "$STATE"
+  fi
   echo "Ray cluster down."
 }
 
@@ -93,9 +126,16 @@ status() {
   "$RAY" status --address="127.0.0.1:$HEAD_PORT"
 }
 
-case "${1:-}" in
-  up) up "${2:-1}" ;;
-  down) down ;;
-  status) status ;;
-  *) echo "usage: $0 up [WORKERS] | status | down" >&2; exit 2 ;;
-esac
+main() {
+  case "${1:-}" in
+    up) up "${2:-1}" ;;
+    down) down ;;
+    status) status ;;
+    *) echo "usage: $0 up [WORKERS] | status | down" >&2; exit 2 ;;
+  esac
+}
+
+# Sourced (tests call make_token and down on their own), only the functions are defined.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main "$@"
+fi

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from pathlib import Path
 
@@ -56,6 +57,24 @@ class Manifest:
     @property
     def splits(self) -> list[str]:
         return sorted(set(self.table["split"].to_pylist()))
+
+    def limit_per_class(self, split: str, n: int, seed: int) -> Manifest:
+        """A copy with at most ``n`` rows of each class in ``split``, the other splits whole.
+
+        The rows kept are a seeded choice, the same on every worker and every rerun.
+        """
+        rng = random.Random(seed)
+        by_class: dict[int, list[int]] = {}
+        splits = self.table["split"].to_pylist()
+        labels = self.table["label_index"].to_pylist()
+        for i, (name, label) in enumerate(zip(splits, labels, strict=True)):
+            if name == split:
+                by_class.setdefault(label, []).append(i)
+        keep = [name != split for name in splits]
+        for rows in by_class.values():
+            for i in rng.sample(rows, min(n, len(rows))):
+                keep[i] = True
+        return replace(self, table=self.table.filter(pa.array(keep)))
 
 
 def write_manifest(
