@@ -56,7 +56,10 @@ def run_arm(args: argparse.Namespace, manifest: Path, work: Path, arm: str) -> d
         f"tune.num_samples={args.samples}",
     ]
     cfg = load_config(args.config, overrides)
-    cfg.tune.studies = {args.study: cfg.tune.studies[args.study]}
+    study = cfg.tune.studies[args.study]
+    # --epochs is every trial's budget here, whatever the study's own override says.
+    study.overrides.pop("train.epochs", None)
+    cfg.tune.studies = {args.study: study}
     start = time.perf_counter()
     out = run_tune(cfg)
     seconds = time.perf_counter() - start

@@ -175,16 +175,17 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
 
     t = cfg.tune
     out = Path(cfg.output_dir).resolve()
+    base = trial_config(cfg, t.studies[study], {}, out)  # the study's overrides, no sample
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), study=study),
-        {"CPU": trial_cpus(trial_config(cfg, t.studies[study], {}, out), t.trial_cpus)},
+        {"CPU": trial_cpus(base, t.trial_cpus)},
     )
     path = out / "tune" / study
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
     scheduler = (
         ASHAScheduler(
-            max_t=cfg.train.epochs,
+            max_t=base.train.epochs,  # a study may train longer or shorter than another
             grace_period=t.grace_period,
             reduction_factor=t.reduction_factor,
         )
@@ -201,6 +202,9 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=t.num_samples,
+            # A new trial actor costs 15-20 s of process start and imports on 2 busy cores, more
+            # than a small trial's epochs; a finished trial's actor takes the next trial.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=study,
@@ -248,6 +252,7 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
     t = cfg.tune
     spec = t.studies[study]
     out = Path(cfg.output_dir).resolve()
+    epochs = trial_config(cfg, spec, {}, out).train.epochs  # the study's own budget
     rows = []
     for result in grid:
         history = trial_history(result)
@@ -266,7 +271,7 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
                 **{f"param:{k}": v for k, v in decode_params(spec, result.config or {}).items()},
                 f"best_{t.metric}": best,
                 "epochs": len(history),
-                "stopped_early": len(history) < cfg.train.epochs,
+                "stopped_early": len(history) < epochs,
                 "state": "ERROR" if result.error else "TERMINATED",
                 "collapsed": bool(reason),
                 "collapse_reason": reason or "",
