@@ -8,7 +8,7 @@ endif
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench chaos clean
 
 .venv/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -43,3 +43,11 @@ bench: install
 	OMP_NUM_THREADS=1 $(PY) bench/data_bench.py
 	OMP_NUM_THREADS=1 $(PY) -m bench.serve_bench $(if $(BENCH_BUNDLE),$(BENCH_BUNDLE),--arch efficientnet_b0)
 	OMP_NUM_THREADS=1 $(PY) bench/tune_bench.py
+
+# The chaos suite (issue 14) on a toy bundle, into bench/results/chaos.{json,md}: overload at 1x
+# and 10x of the saturation throughput, a classifier replica killed under load, a short soak
+# (RSS of every Serve process), the hostile-input list; 127.0.0.1 only, at most ~6 min on 2 cores.
+# Every size is a flag: CHAOS_ARGS="--soak-s 120 --app ingress_replicas=1" make chaos.
+CHAOS_ARGS ?=
+chaos: install
+	OMP_NUM_THREADS=1 $(PY) -m bench.chaos $(CHAOS_ARGS)

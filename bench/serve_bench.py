@@ -23,9 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -37,9 +39,11 @@ from carclf.data.transforms import load_image
 from carclf.explain import Explainer
 from carclf.export import export_run
 from carclf.inference import OnnxClassifier
+from carclf.tables import markdown_table, number_cell
 from carclf.train import init_run
 from serve.app import AppArgs
 from serve.client import wait_ready
+from serve.ingress import decode_image
 from serve.launch import start_app
 
 
@@ -79,13 +83,115 @@ def untrained_bundle(arch: str, img_size: int, out: Path) -> str:
 
 
 def in_process(bundle_path: str, images: list[bytes], threads: int) -> dict[str, float]:
-    """Decode + preprocess + onnxruntime, one image at a time, as a replica does at batch 1."""
+    """Decode + preprocess + onnxruntime, one image at a time, as a replica does at batch 1.
+
+    The decode is the ingress's own (:func:`serve.ingress.decode_image`: header, limits, then
+    the library's decoder), so both sides of the comparison do the same work per image.
+    """
     clf = OnnxClassifier(load_bundle(bundle_path), threads=threads)
-    clf.probabilities([load_image(images[0])])  # warm-up
+    clf.probabilities([decode_image(images[0])])  # warm-up
     start = time.perf_counter()
     for data in images:
-        clf.probabilities([load_image(data)])
+        clf.probabilities([decode_image(data)])
     return {"images_per_s": len(images) / (time.perf_counter() - start)}
+
+
+def stages(bundle_path: str, images: list[bytes], threads: int) -> dict[str, float]:
+    """Milliseconds per image of each in-process stage: decode, preprocess, onnxruntime."""
+    clf = OnnxClassifier(load_bundle(bundle_path), threads=threads)
+    decoded = [decode_image(d) for d in images]
+    tensors = [clf.transform(img).numpy()[None] for img in decoded]
+    runs = {
+        "decode_ms": lambda i: decode_image(images[i]),
+        "preprocess_ms": lambda i: clf.transform(decoded[i]).numpy(),
+        "onnxruntime_ms": lambda i: clf.raw_logits(tensors[i]),
+    }
+    out = {}
+    for key, run in runs.items():
+        run(0)  # warm-up
+        start = time.perf_counter()
+        for i in range(len(images)):
+            run(i)
+        out[key] = (time.perf_counter() - start) * 1000 / len(images)
+    return out
+
+
+# Roles of the processes of this benchmark's own Ray, by process title (ray::…) or binary.
+ROLES = {
+    "ProxyActor": "Serve proxy",
+    ":Ingress": "ingress replicas",
+    ":classifier-": "classifier replica",
+    ":explainer-": "explainer replica",
+    "ServeController": "Serve controller",
+    "raylet/raylet ": "raylet",
+    "gcs/gcs_server ": "GCS",
+}
+
+
+def process_roles() -> dict[int, str]:
+    """PID → role of this process and its descendants (another Ray on the machine is not ours)."""
+    me = psutil.Process()
+    roles = {me.pid: "benchmark client (httpx)"}
+    for proc in me.children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        roles[proc.pid] = next((r for m, r in ROLES.items() if m in title), "other Ray processes")
+    return roles
+
+
+def cpu_seconds(roles: dict[int, str]) -> dict[int, float]:
+    """User + system CPU seconds so far of each PID (gone processes are left out)."""
+    out = {}
+    for pid in roles:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[pid] = t.user + t.system
+    return out
+
+
+def thread_seconds(roles: dict[int, str]) -> dict[tuple[int, int], float]:
+    """CPU seconds so far of each thread of the classifier and ingress replicas."""
+    out = {}
+    for pid, role in roles.items():
+        if role not in ("classifier replica", "ingress replicas"):
+            continue
+        try:
+            out.update(
+                {(pid, t.id): t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+            )
+        except psutil.Error:
+            continue
+    return out
+
+
+def busy_threads(
+    roles: dict[int, str], before: dict[tuple[int, int], float], after: dict[tuple[int, int], float]
+) -> dict[str, int]:
+    """Threads per replica process that did a tenth or more of its CPU work during the load:
+    the check that onnxruntime (and the ingress) ran on the threads they were given."""
+    per_pid: dict[int, dict[int, float]] = {}
+    for (pid, tid), seconds in after.items():
+        per_pid.setdefault(pid, {})[tid] = seconds - before.get((pid, tid), 0.0)
+    out = {}
+    for pid, used in per_pid.items():
+        total = sum(used.values()) or 1.0
+        out[f"{roles[pid]} {pid}"] = sum(u >= 0.1 * total for u in used.values())
+    return out
+
+
+def cpu_per_request(
+    roles: dict[int, str], before: dict[int, float], after: dict[int, float], requests: int
+) -> dict[str, float]:
+    """CPU milliseconds per request by role, between two :func:`cpu_seconds` readings."""
+    out: dict[str, float] = {}
+    for pid, seconds in after.items():
+        role = roles[pid]
+        out[role] = out.get(role, 0.0) + (seconds - before.get(pid, seconds)) * 1000 / requests
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def onnx_vs_eager(
@@ -157,7 +263,47 @@ async def http_load(url: str, images: list[bytes], clients: int) -> dict[str, fl
     return {"images_per_s": len(images) / elapsed, **rate(latencies)}
 
 
+async def socket_load(url: str, images: list[bytes], clients: int) -> dict[str, float]:
+    """:func:`http_load` with a bare keep-alive socket client instead of httpx.
+
+    The load generator shares the server's cores; this one costs far less CPU per request than
+    httpx, so the difference between the two is the client's share, not the server's.
+    """
+    from bench.chaos import read_reply
+
+    parts = urlsplit(url)
+    queue = list(images)
+    latencies: list[float] = []
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            while queue:
+                data = queue.pop()
+                head = (
+                    f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                    f"Content-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
+                )
+                t0 = time.perf_counter()
+                writer.write(head.encode() + data)
+                status, headers, _ = await read_reply(reader)
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status} from {url}")
+                latencies.append(time.perf_counter() - t0)
+                if headers.get("connection", "").lower() == "close":
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": len(images) / elapsed, **rate(latencies)}
+
+
 def sequential(url: str, images: list[bytes]) -> dict[str, float]:
+    """One request at a time: p50 and p99 latency of ``images`` posted to ``url``."""
     latencies = []
     with httpx.Client(timeout=120) as http:
         for data in images:
@@ -169,23 +315,35 @@ def sequential(url: str, images: list[bytes]) -> dict[str, float]:
 
 
 def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str, dict]:
+    """The app on its own Ray: HTTP load (with each process's CPU), then one at a time."""
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    from bench.chaos import app_overrides, init_ray
+
+    init_ray()
     try:
         app_args = AppArgs(
             bundles=[args.bundle],
             classifier_cpus=float(args.threads),
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_timeout_s,
+            **app_overrides(args.app),
         )
         base = start_app(app_args, port=args.port, name="bench")
         wait_ready(base)
         predict = f"{base}/v1/models/{name}:predict"
         sequential(predict, images[:5])  # warm-up
+        roles = process_roles()
+        threads, before = thread_seconds(roles), cpu_seconds(roles)
+        http = asyncio.run(http_load(predict, images, args.clients))
+        after = cpu_seconds(roles)
         return {
-            "http": asyncio.run(http_load(predict, images, args.clients)),
+            "app": app_args.model_dump(mode="json", exclude={"settings"}),
+            "http": http,
+            "cpu_ms_per_request": cpu_per_request(roles, before, after, len(images)),
+            "busy_threads": busy_threads(roles, threads, thread_seconds(roles)),
+            "http_socket_client": asyncio.run(socket_load(predict, images, args.clients)),
             "predict_latency": sequential(predict, images[: args.explain_requests]),
             "explain_latency": sequential(
                 f"{base}/v1/models/{name}:explain", images[: args.explain_requests]
@@ -200,46 +358,93 @@ def _wait(seconds: float | None) -> str:
     return "the app's default wait" if seconds is None else f"waiting at most {seconds * 1000:g} ms"
 
 
-def markdown(r: dict) -> str:
+def _measures(r: dict) -> list[dict[str, str]]:
     http, local, fw = r["http"], r["in_process"], r["onnx_vs_eager"]
-    pred, expl = r["predict_latency"], r["explain_latency"]
+    pred, expl, sock = r["predict_latency"], r["explain_latency"], r["http_socket_client"]
+    rows = [
+        ("HTTP predict throughput", f"{http['images_per_s']:.1f} img/s"),
+        ("HTTP predict p50 / p99", f"{http['p50_ms']:.1f} / {http['p99_ms']:.1f} ms"),
+        ("in-process decode+preprocess+onnxruntime", f"{local['images_per_s']:.1f} img/s"),
+        ("**HTTP / in-process**", f"**{r['http_over_in_process']:.2f}**"),
+        (
+            "HTTP predict throughput, bare socket client (diagnostic)",
+            f"{sock['images_per_s']:.1f} img/s ({sock['images_per_s'] / local['images_per_s']:.2f}"
+            " of in-process)",
+        ),
+        ("onnxruntime forward", f"{fw['onnx_images_per_s']:.1f} img/s"),
+        ("PyTorch eager forward", f"{fw['eager_images_per_s']:.1f} img/s"),
+        ("**onnxruntime / eager**", f"**{fw['onnx_over_eager']:.2f}**"),
+        ("predict p50 (one at a time)", f"{pred['p50_ms']:.1f} ms"),
+        ("explain p50 (one at a time)", f"{expl['p50_ms']:.1f} ms"),
+        ("**explain / predict (p50)**", f"**{r['explain_over_predict']:.2f}**"),
+    ]
+    return [{"measure": m, "value": v} for m, v in rows]
+
+
+def _where(r: dict) -> list[dict[str, object]]:
+    """In-process stages per image, then CPU per HTTP request by process."""
+    rows: list[dict[str, object]] = [
+        {"where": f"in process: {k.removesuffix('_ms')}", "ms per image": v}
+        for k, v in r["stages"].items()
+    ]
+    rows += [
+        {"where": f"HTTP, CPU of: {role}", "ms per image": ms}
+        for role, ms in r["cpu_ms_per_request"].items()
+    ]
+    total = sum(r["cpu_ms_per_request"].values())
+    rows.append({"where": "**HTTP, CPU of all processes**", "ms per image": total})
+    wall = 1000 * r["cpus"] / r["http"]["images_per_s"]
+    rows.append({"where": f"HTTP, {r['cpus']} cores x wall time", "ms per image": wall})
+    return rows
+
+
+def markdown(r: dict) -> str:
+    """serve.md: the headline measures, where the time goes, the framework grid."""
+    cell = number_cell(1)
+    grid = [
+        {
+            "threads": g["threads"],
+            "batch": g["batch"],
+            "onnxruntime img/s": g["onnx_images_per_s"],
+            "eager img/s": g["eager_images_per_s"],
+            "onnxruntime / eager": f"**{g['onnx_over_eager']:.2f}**",
+        }
+        for g in r["onnx_vs_eager_grid"]
+    ]
+    busy = ", ".join(f"{k}: {v}" for k, v in r["busy_threads"].items())
+    app = r.get("app", {})
     return "\n".join(
         [
             f"# Serving benchmark: {r['model']} ({r['arch']}, input {r['input_size']})",
             "",
             f"{r['requests']} JPEGs (640x480 to 1024x768), {r['clients']} HTTP clients, "
             f"{r['threads']} onnxruntime/torch thread(s), {r['cpus']} CPUs, batches of up to "
-            f"{r['max_batch_size']} ({_wait(r['batch_wait_timeout_s'])}); "
+            f"{r['max_batch_size']} ({_wait(r['batch_wait_timeout_s'])}), "
+            f"{app.get('ingress_replicas', 1)} ingress and {app.get('classifier_replicas')} "
+            "classifier replica(s); "
             f"the bundle's model.onnx is {r['precision']}.",
             "",
-            "| measure | value |",
-            "| --- | --- |",
-            f"| HTTP predict throughput | {http['images_per_s']:.1f} img/s |",
-            f"| HTTP predict p50 / p99 | {http['p50_ms']:.1f} / {http['p99_ms']:.1f} ms |",
-            f"| in-process decode+preprocess+onnxruntime | {local['images_per_s']:.1f} img/s |",
-            f"| **HTTP / in-process** | **{r['http_over_in_process']:.2f}** |",
-            f"| onnxruntime forward | {fw['onnx_images_per_s']:.1f} img/s |",
-            f"| PyTorch eager forward | {fw['eager_images_per_s']:.1f} img/s |",
-            f"| **onnxruntime / eager** | **{fw['onnx_over_eager']:.2f}** |",
-            f"| predict p50 (one at a time) | {pred['p50_ms']:.1f} ms |",
-            f"| explain p50 (one at a time) | {expl['p50_ms']:.1f} ms |",
-            f"| **explain / predict (p50)** | **{r['explain_over_predict']:.2f}** |",
+            *markdown_table(_measures(r), cell),
+            "",
+            "Where the time goes: each in-process stage alone (one image at a time), and the CPU "
+            "time of every process of the benchmark's Ray during the HTTP load, per request "
+            f"(threads doing a tenth or more of a replica's work: {busy}):",
+            "",
+            *markdown_table(_where(r), cell),
             "",
             "onnxruntime against PyTorch eager, forward passes only, alternating blocks:",
             "",
-            "| threads | batch | onnxruntime img/s | eager img/s | onnxruntime / eager |",
-            "| --- | --- | --- | --- | --- |",
-            *(
-                f"| {g['threads']} | {g['batch']} | {g['onnx_images_per_s']:.1f} | "
-                f"{g['eager_images_per_s']:.1f} | **{g['onnx_over_eager']:.2f}** |"
-                for g in r["onnx_vs_eager_grid"]
-            ),
+            *markdown_table(grid, cell),
+            "",
+            f"Measured {r.get('measured_at', '?')} with `{r.get('command', '?')}` "
+            f"(load average {r.get('load_average', '?')} at the start).",
             "",
         ]
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The flags; with ``--arch``, the bundle is exported into a temporary directory."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle", nargs="?", help="a bundle directory (or use --arch)")
     p.add_argument("--arch", help="benchmark an untrained bundle of this timm architecture")
@@ -252,14 +457,23 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     p.add_argument("--batch-wait-timeout-s", type=float, help="default: the app's (0 on CPU)")
     p.add_argument("--port", type=int, default=8770)
+    p.add_argument(
+        "--app", action="append", default=[], metavar="KEY=VALUE", help="an AppArgs field"
+    )
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if bool(args.bundle) == bool(args.arch):
         p.error("give a bundle or --arch, not both")
     if args.arch:
         print(f"exporting an untrained {args.arch} …", file=sys.stderr)
-        tmp = tempfile.TemporaryDirectory()
-        args.bundle = untrained_bundle(args.arch, args.img_size, Path(tmp.name))
+        args.tmp = tempfile.TemporaryDirectory()  # lives as long as args
+        args.bundle = untrained_bundle(args.arch, args.img_size, Path(args.tmp.name))
+    return args
+
+
+def main() -> None:
+    """Measure; write serve.json and serve.md under ``--out``; print the Markdown's path."""
+    args = parse_args()
     info = load_bundle(args.bundle).info
     images = photos(max(args.requests, 320))  # the batch-8 comparison takes 40 batches
     cpus = len(os.sched_getaffinity(0))
@@ -267,6 +481,9 @@ def main() -> None:
     grid = framework_grid(args.bundle, images, cpus)
     images = images[: args.requests]
     result = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python -m bench.serve_bench", *sys.argv[1:]]),
+        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "model": info.name,
         "arch": info.arch,
         "input_size": list(info.input_size),
@@ -278,6 +495,7 @@ def main() -> None:
         "cpus": cpus,
         "precision": "int8" if info.metrics.get("quantization", {}).get("kept") else "fp32",
         "in_process": in_process(args.bundle, images, args.threads),
+        "stages": stages(args.bundle, images[:60], args.threads),
         "onnx_vs_eager": onnx_vs_eager(args.bundle, images[:40], args.threads),
         "onnx_vs_eager_grid": grid,
     }

@@ -1,26 +1,47 @@
 """The app builder: pydantic arguments → the Serve application for a list of bundles.
 
 Used by ``serve run serve/config.yaml``, ``serve deploy`` and ``carclf serve`` alike.
+
+Every deployment is bounded: the ingress takes at most ``ingress_max_ongoing_requests`` per
+replica (its own admission in ``settings`` answers a JSON 503 well before that), and each
+caller queues at most ``classifier_max_queued_requests`` / ``explainer_max_queued_requests``
+in front of a model (past that the ingress answers 503 with ``Retry-After``). Two ingress
+replicas by default, so one dying or draining is no outage.
 """
 
 # No ``from __future__ import annotations`` here: Serve reads the builder's annotation at run
 # time to turn a config's ``args`` into ``AppArgs``, and a string annotation would hand the
 # builder a plain dict.
 
-from pydantic import BaseModel, Field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
 from carclf.bundle import load_bundle
 from carclf.errors import UserInputError
 from serve.deployments import (
     BATCH_WAIT_TIMEOUT_S,
+    CLASSIFIER_MAX_ONGOING,
+    CLASSIFIER_MAX_QUEUED,
     EXPLAINER_MAX_ONGOING,
     EXPLAINER_MAX_QUEUED,
     MAX_BATCH_SIZE,
     ClassifierDeployment,
     ExplainerDeployment,
 )
-from serve.ingress import Ingress, ServeSettings
+from serve.ingress import INGRESS_MAX_ONGOING, Ingress, ServeSettings
+
+# Set only with ``classifier_replicas: auto``: anywhere else they would be silently ignored.
+AUTOSCALING_FIELDS = (
+    "classifier_min_replicas",
+    "classifier_max_replicas",
+    "classifier_target_ongoing_requests",
+    "classifier_upscale_delay_s",
+    "classifier_downscale_delay_s",
+    "classifier_look_back_period_s",
+    "classifier_metrics_interval_s",
+)
 
 
 class AppArgs(BaseModel):
@@ -32,18 +53,92 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float | None = Field(
         None, ge=0.0, description="how long a batch waits to fill; default 0 on CPU, 10 ms on GPU"
     )
-    classifier_replicas: int = Field(1, ge=1)
+    # A number, or "auto" for Serve's autoscaling between the min and max below.
+    classifier_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    classifier_min_replicas: int = Field(1, ge=1)
+    classifier_max_replicas: int = Field(2, ge=1)
+    classifier_target_ongoing_requests: float = Field(
+        4.0, gt=0, description="ongoing plus queued requests per replica autoscaling aims for"
+    )
+    classifier_upscale_delay_s: float = Field(30.0, ge=0)
+    classifier_downscale_delay_s: float = Field(600.0, ge=0)
+    classifier_look_back_period_s: float = Field(30.0, gt=0)
+    classifier_metrics_interval_s: float = Field(10.0, gt=0)
+    classifier_max_ongoing_requests: int = Field(CLASSIFIER_MAX_ONGOING, ge=1)
+    classifier_max_queued_requests: int = Field(CLASSIFIER_MAX_QUEUED, ge=1)
+    # How often Serve runs each classifier's check_health (one blank inference): also how soon
+    # a dead replica is noticed, replaced and out of readiness.
+    classifier_health_check_period_s: float = Field(10.0, gt=0)
     # The explainer is its own bounded pool (serve/deployments.py): past its replicas' slots
     # and each caller's queue, an explain is a fast 503, and predictions never wait behind it.
     explainer_replicas: int = Field(1, ge=1)
     explainer_max_ongoing_requests: int = Field(EXPLAINER_MAX_ONGOING, ge=1)
     explainer_max_queued_requests: int = Field(EXPLAINER_MAX_QUEUED, ge=1)
+    ingress_replicas: int = Field(2, ge=1)
+    ingress_max_ongoing_requests: int = Field(INGRESS_MAX_ONGOING, ge=1)
+    # Requests Serve's proxy holds for a full ingress; past them its own (plain-text) 503.
+    ingress_max_queued_requests: int = Field(64, ge=1)
+    # A replica being replaced or scaled down stops getting requests, then waits this long for
+    # its in-flight ones (checking every wait loop): at least the longest request deadline.
+    graceful_shutdown_timeout_s: float = Field(130.0, gt=0)
+    graceful_shutdown_wait_loop_s: float = Field(0.5, gt=0)
     # Logical CPUs reserved per replica. Small defaults let several models share a laptop;
     # onnxruntime and torch use max(1, int(cpus)) threads, never more than reserved.
     classifier_cpus: float = Field(0.5, gt=0.0)
     explainer_cpus: float = Field(0.25, gt=0.0)
-    ingress_cpus: float = Field(0.1, gt=0.0)
+    # Two ingress replicas share what one had: the total reserved stays 0.1 CPU.
+    ingress_cpus: float = Field(0.05, gt=0.0)
     use_gpu: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AppArgs":
+        s = self.settings
+        if self.classifier_replicas != "auto":
+            given = [f for f in AUTOSCALING_FIELDS if f in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} needs classifier_replicas: auto")
+        elif self.classifier_min_replicas > self.classifier_max_replicas:
+            raise ValueError(
+                f"classifier_min_replicas ({self.classifier_min_replicas}) is over "
+                f"classifier_max_replicas ({self.classifier_max_replicas})"
+            )
+        if self.ingress_max_ongoing_requests <= s.max_inflight + s.max_uploads:
+            raise ValueError(
+                f"ingress_max_ongoing_requests ({self.ingress_max_ongoing_requests}) must be "
+                f"over settings.max_inflight + settings.max_uploads ({s.max_inflight} + "
+                f"{s.max_uploads}), so health checks and fast 503s always find a slot"
+            )
+        if self.graceful_shutdown_timeout_s < s.max_request_timeout_s:
+            raise ValueError(
+                f"graceful_shutdown_timeout_s ({self.graceful_shutdown_timeout_s:g}) is under "
+                f"settings.max_request_timeout_s ({s.max_request_timeout_s:g}): a replica "
+                "shutting down would cut off requests still within their deadline"
+            )
+        return self
+
+    def classifier_scaling(self) -> dict[str, Any]:
+        """``num_replicas`` and ``autoscaling_config`` options of the classifier deployments."""
+        if self.classifier_replicas != "auto":
+            return {"num_replicas": self.classifier_replicas}
+        return {
+            "num_replicas": "auto",
+            "autoscaling_config": {
+                "min_replicas": self.classifier_min_replicas,
+                "max_replicas": self.classifier_max_replicas,
+                "target_ongoing_requests": self.classifier_target_ongoing_requests,
+                "upscale_delay_s": self.classifier_upscale_delay_s,
+                "downscale_delay_s": self.classifier_downscale_delay_s,
+                "look_back_period_s": self.classifier_look_back_period_s,
+                "metrics_interval_s": self.classifier_metrics_interval_s,
+            },
+        }
+
+    def shutdown(self) -> dict[str, float]:
+        """The graceful-shutdown options of every deployment."""
+        return {
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+        }
 
 
 def build_app(args: AppArgs) -> Application:
@@ -63,7 +158,11 @@ def build_app(args: AppArgs) -> Application:
         preprocess[name] = info.preprocess.model_dump(mode="json")
         classifiers[name] = ClassifierDeployment.options(
             name=f"classifier-{name}",
-            num_replicas=args.classifier_replicas,
+            **args.classifier_scaling(),
+            max_ongoing_requests=args.classifier_max_ongoing_requests,
+            max_queued_requests=args.classifier_max_queued_requests,
+            health_check_period_s=args.classifier_health_check_period_s,
+            **args.shutdown(),
             user_config=batching,
             ray_actor_options={
                 "num_cpus": args.classifier_cpus,
@@ -75,7 +174,14 @@ def build_app(args: AppArgs) -> Application:
             num_replicas=args.explainer_replicas,
             max_ongoing_requests=args.explainer_max_ongoing_requests,
             max_queued_requests=args.explainer_max_queued_requests,
+            **args.shutdown(),
             ray_actor_options={"num_cpus": args.explainer_cpus},
         ).bind(path)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": args.ingress_cpus})
+    ingress = Ingress.options(
+        num_replicas=args.ingress_replicas,
+        max_ongoing_requests=args.ingress_max_ongoing_requests,
+        max_queued_requests=args.ingress_max_queued_requests,
+        **args.shutdown(),
+        ray_actor_options={"num_cpus": args.ingress_cpus},
+    )
     return ingress.bind(classifiers, explainers, preprocess, args.settings.model_dump())

@@ -57,12 +57,19 @@ BATCH_WAIT_TIMEOUT_S = {"cpu": 0.0, "gpu": 0.01}
 # waiting behind 8 of them is better told 503 and Retry-After.
 EXPLAINER_MAX_ONGOING = 2
 EXPLAINER_MAX_QUEUED = 8
+# The classifier's slots per replica and each caller's queue in front of it (the app's
+# arguments start from these): 32 ongoing keep four batches of 8 ready; past 64 queued a
+# request would wait seconds on a CPU replica, and a 503 with Retry-After serves it better.
+CLASSIFIER_MAX_ONGOING = 32
+CLASSIFIER_MAX_QUEUED = 64
 # Images explained in one pass: a request's images (at most the ingress's per-request cap) go
 # in chunks of this many, so one request's activations and gradients stay small.
 EXPLAIN_CHUNK = 8
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment(
+    max_ongoing_requests=CLASSIFIER_MAX_ONGOING, max_queued_requests=CLASSIFIER_MAX_QUEUED
+)
 class ClassifierDeployment:
     """onnxruntime inference with dynamic batching (``@serve.batch``).
 

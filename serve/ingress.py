@@ -26,6 +26,13 @@ page, the API docs included, needs exactly one matching ``x-api-key`` header; a 
 terms: a bad target is a 422 with the library's own message (never Ray's text), a full
 explainer queue or a restarting replica a 503 with ``Retry-After``.
 
+Load policy (every limit per ingress replica, from ``settings``): past ``max_inflight``
+requests at work, or ``max_uploads`` bodies being received, a request gets a JSON 503 with
+``Retry-After`` at once; a body not received within ``body_timeout_s`` is a 408; a request past
+its deadline (its ``timeout`` header, else ``request_timeout_s``) is a 504, with its model calls
+cancelled. A model call whose replica died is retried once before a 503. Health and readiness
+never wait on a model.
+
 Each inference request is counted and timed by model, endpoint and status, and each refused
 image or body by kind (:mod:`serve.metrics`, exported through Ray's metrics agent).
 """
@@ -34,13 +41,17 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
+import functools
 import hmac
 import io
 import logging
+import math
 import re
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -51,10 +62,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -74,13 +89,17 @@ IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 FORMATS = SERVE_FORMATS
 PAGE = Path(__file__).parent / "static" / "index.html"
 MAX_TOP_K = 1000  # top_k beyond the classes is clamped; this only keeps the number small
-RETRY_AFTER_S = "1"
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
 
 
 class ServeSettings(BaseModel):
-    """Ingress settings, part of the app builder's arguments (``AppArgs.settings``)."""
+    """Ingress settings, part of the app builder's arguments (``AppArgs.settings``).
+
+    The load limits are per ingress replica: past ``max_inflight`` requests at work (or
+    ``max_uploads`` bodies being received) a request gets a JSON 503 with ``Retry-After`` at
+    once, so the queue in front of the models stays short and health checks keep a slot.
+    """
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     api_key: str | None = None
@@ -91,6 +110,37 @@ class ServeSettings(BaseModel):
         description="Host header names served besides the server's own address; '*' allows "
         "any, '*.example.com' its subdomains",
     )
+    max_inflight: int = Field(
+        32, ge=1, description="inference requests one ingress replica works on at once"
+    )
+    max_uploads: int = Field(
+        64, ge=1, description="request bodies one ingress replica receives at once"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="seconds to receive a whole request body; slower is a 408"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of a request without a `timeout` header; a 504 past it"
+    )
+    max_request_timeout_s: float = Field(
+        120.0, gt=0, description="the longest deadline a client's `timeout` header may ask for"
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="threads per ingress replica that parse, decode and preprocess"
+    )
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After of every 503")
+    health_poll_s: float = Field(
+        1.0, gt=0, description="how often readiness asks Serve which replicas are running"
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_agree(self) -> "ServeSettings":
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(
+                f"request_timeout_s ({self.request_timeout_s:g}) is over "
+                f"max_request_timeout_s ({self.max_request_timeout_s:g})"
+            )
+        return self
 
 
 class ApiError(Exception):
@@ -194,6 +244,97 @@ def _check_limits(img: Image.Image) -> None:
         raise ApiError(400, f"image metadata too large ({text} bytes of text)", kind="metadata")
 
 
+def client_error(exc: BaseException, what: str, retry: dict[str, str]) -> BaseException:
+    """A deployment call's failure in the client's terms (an :class:`ApiError`), else ``exc``.
+
+    Ray wraps an exception raised in a replica in a ``RayTaskError`` whose text carries the
+    replica's actor name, a traceback and terminal colours: only the cause's own message
+    (a :class:`UserInputError`'s) goes back to the client.
+    """
+    if isinstance(exc, BackPressureError):
+        return ApiError(503, f"{what} is busy; retry shortly", retry)
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        return ApiError(503, f"{what} is restarting; retry shortly", retry)
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, UserInputError):
+        return ApiError(422, str(exc.cause))
+    return exc
+
+
+async def _cancelling(response: Awaitable[T]) -> T:
+    """Await a deployment call; when the awaiting is cancelled, cancel the call too.
+
+    Awaiting a ``DeploymentResponse`` does not cancel the replica's work by itself: a request
+    past its deadline (or whose client left) must not keep a model busy.
+    """
+    try:
+        return await response
+    except asyncio.CancelledError:
+        cancel = getattr(response, "cancel", None)
+        if cancel is not None:
+            cancel()
+        raise
+
+
+async def _all(calls: list[Awaitable[T]]) -> list[T]:
+    """Every call's result, in order; the first failure cancels the others."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def deadline_s(header: str | None, default_s: float, max_s: float) -> float:
+    """Seconds a request may take: its ``timeout`` header (capped at ``max_s``) or the default.
+
+    Raises:
+        ApiError: 422 for a header that is not a positive, finite number of seconds.
+    """
+    if header is None:
+        return default_s
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ApiError(422, "the timeout header must be a positive number of seconds")
+    return min(seconds, max_s)
+
+
+def not_ready(
+    running: dict[str, int] | None, age_s: float, stale_s: float, names: list[str]
+) -> list[str]:
+    """The models of ``names`` without a running classifier replica.
+
+    Args:
+        running: model name → running classifier replicas, as Serve last reported them;
+            None before the first report.
+        age_s: seconds since that report.
+        stale_s: a report older than this counts for nothing (Serve's controller is not
+            answering), so every model is reported not ready.
+        names: the models to check.
+    """
+    if running is None or age_s > stale_s:
+        return list(names)
+    return [n for n in names if running.get(n, 0) < 1]
+
+
+def running_replicas(app: str, deployments: dict[str, str]) -> dict[str, int]:
+    """Model name → running replicas of its deployment in ``app``, asked of Serve's controller.
+
+    Blocking (a call to the controller): run it in a thread.
+    """
+    status = serve.status().applications.get(app)
+    found = status.deployments if status is not None else {}
+    out = {}
+    for model, deployment in deployments.items():
+        states = found[deployment].replica_states if deployment in found else {}
+        out[model] = sum(n for s, n in states.items() if getattr(s, "value", s) == "RUNNING")
+    return out
+
+
 def _replay(request: Request, body: bytes) -> Request:
     """A request whose body is ``body`` again: the stream was consumed by the size check."""
 
@@ -246,16 +387,27 @@ def _openapi_url(request: Request) -> str:
     return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
 
 
-@serve.deployment(max_ongoing_requests=64)
+# Serve's defaults for the ingress (the app builder sets its own from ``AppArgs``): enough
+# slots for ``max_uploads`` bodies and ``max_inflight`` requests at work with room to spare, so
+# health checks and fast 503s always find one.
+INGRESS_MAX_ONGOING = 128
+
+
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
 @serve.ingress(app)
 class Ingress:
     """Routes requests to per-model classifier and explainer handles.
+
+    The event loop only routes, counts and awaits: parsing, decoding and preprocessing run in
+    a pool of ``settings.decode_threads`` threads, and health and readiness never wait on a
+    model (readiness reads the replica counts a background task asks Serve for), so they
+    answer at once whatever the load.
 
     Args:
         classifiers: model name → classifier deployment handle.
         explainers: model name → explainer deployment handle.
         preprocess: model name → the bundle's preprocessing (:class:`Preprocess` fields).
-        settings: body limit, API key, default top-k.
+        settings: body limit, API key, default top-k, load limits and deadlines.
     """
 
     def __init__(
@@ -277,8 +429,39 @@ class Ingress:
         self.settings = ServeSettings.model_validate(settings or {})
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
-        self._retry = {"retry-after": RETRY_AFTER_S}
+        self._retry = {"retry-after": str(self.settings.retry_after_s)}
         self.metrics = IngressMetrics()  # once per replica: Ray keeps one series set per process
+        self._pool = ThreadPoolExecutor(self.settings.decode_threads, "carclf-decode")
+        self._inflight = 0  # requests past their body, at work (the event loop is one thread)
+        self._uploads = 0  # bodies being received
+        self._running: dict[str, int] | None = None  # model → running classifier replicas
+        self._running_at = 0.0
+        self._watcher = self._start_watching()
+
+    def _start_watching(self) -> "asyncio.Task[None] | None":
+        """Start asking Serve for the classifiers' running replicas (inside a replica only)."""
+        try:
+            loop = asyncio.get_running_loop()
+            app_name = serve.get_replica_context().app_name
+        except (RuntimeError, RayServeException):  # built outside a replica (unit tests)
+            return None
+        deployments = {n: h.deployment_name for n, h in self.classifiers.items()}
+        return loop.create_task(self._watch(app_name, deployments))
+
+    async def _watch(self, app_name: str, deployments: dict[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                # The default executor, not the decode pool: a flood of images cannot delay it.
+                running = await loop.run_in_executor(None, running_replicas, app_name, deployments)
+                self._running, self._running_at = running, time.monotonic()
+            except Exception as exc:  # the controller restarting: readiness turns 503 when stale
+                log.warning("cannot read the replicas' status: %s", clean_message(str(exc)))
+            await asyncio.sleep(self.settings.health_poll_s)
+
+    def _unready(self, names: list[str]) -> list[str]:
+        stale_s = max(5 * self.settings.health_poll_s, 5.0)
+        return not_ready(self._running, time.monotonic() - self._running_at, stale_s, names)
 
     # --- request plumbing ---------------------------------------------------------------
 
@@ -330,51 +513,107 @@ class Ingress:
         finally:
             self.metrics.request(model, endpoint, status, time.perf_counter() - start)
 
+    @contextlib.asynccontextmanager
+    async def _work(self, request: Request) -> AsyncIterator[bytes]:
+        """An inference request's deadline, body and admission; yields the body.
+
+        The deadline (the ``timeout`` header, else ``settings.request_timeout_s``) covers
+        everything from here on and cancels the model calls it interrupts (504). A request
+        is refused with 503 while ``settings.max_inflight`` others are at work: before its
+        body is read, and again after, since others may have been admitted meanwhile.
+        """
+        s = self.settings
+        seconds = deadline_s(
+            request.headers.get("timeout"), s.request_timeout_s, s.max_request_timeout_s
+        )
+        try:
+            async with asyncio.timeout(seconds) as timer:
+                self._refuse_if_busy()
+                body = await self._body(request)
+                self._refuse_if_busy()
+                self._inflight += 1
+                try:
+                    yield body
+                finally:
+                    self._inflight -= 1
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise ApiError(
+                504, f"no answer within the request's deadline ({seconds:g} s)"
+            ) from None
+
+    def _refuse_if_busy(self) -> None:
+        if self._inflight >= self.settings.max_inflight:
+            raise ApiError(503, "the server is busy; retry shortly", self._retry)
+
     async def _body(self, request: Request) -> bytes:
+        """The request's body within the size limit (413) and ``settings.body_timeout_s`` (408)."""
         limit = self.settings.max_body_bytes
         # Closing the connection stops the client's upload: otherwise the server would read
         # (and drop) the rest of the body to keep the connection alive for the next request.
-        too_large = ApiError(
-            413, f"request body over {limit} bytes", {"connection": "close"}, "body_too_large"
-        )
+        close = {"connection": "close"}
+        too_large = ApiError(413, f"request body over {limit} bytes", close, "body_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise too_large  # refused on the header, before a byte of the body is read
+        if self._uploads >= self.settings.max_uploads:
+            raise ApiError(503, "too many uploads in progress; retry shortly", self._retry)
+        self._uploads += 1
+        seconds = self.settings.body_timeout_s
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            # A slow sender holds one upload slot for at most this long, never the server.
+            async with asyncio.timeout(seconds) as timer:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise ApiError(408, f"request body not received within {seconds:g} s", close) from None
+        finally:
+            self._uploads -= 1
         return bytes(body)
 
-    async def _remote(self, call: Awaitable[T], what: str) -> T:
-        """Await a deployment call; its failures as errors in the client's terms.
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the decode pool, with this request's context (Serve's request id)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
-        Ray wraps an exception raised in a replica in a ``RayTaskError`` whose text carries the
-        replica's actor name, a traceback and terminal colours: only the cause's own message
-        (a :class:`UserInputError`'s) goes back to the client.
-        """
+    async def _remote(self, call: Awaitable[T], what: str) -> T:
+        """Await a deployment call; its failures as errors in the client's terms."""
         try:
             return await call
-        except BackPressureError:
-            raise ApiError(503, f"{what} is busy; retry shortly", self._retry) from None
-        except (RayActorError, DeploymentUnavailableError):
-            raise ApiError(503, f"{what} is restarting; retry shortly", self._retry) from None
-        except RayTaskError as exc:
-            if isinstance(exc.cause, UserInputError):
-                raise ApiError(422, str(exc.cause)) from None
-            raise
+        except Exception as exc:
+            raise client_error(exc, what, self._retry) from None
 
-    async def _images(self, request: Request) -> tuple[list[Image.Image], dict[str, Any]]:
+    async def _ask(self, make: Callable[[], Awaitable[T]], what: str) -> T:
+        """One deployment call (``make()``), retried once if its replica died under it.
+
+        Serve's router stops choosing a replica that died, so the retry goes to a live one, or
+        waits for the restarted one within the request's deadline.
+        """
+        try:
+            return await _cancelling(make())
+        except RayActorError:  # ActorDiedError, ActorUnavailableError
+            log.warning("a replica of %s died during a request; retrying it once", what)
+        except Exception as exc:
+            raise client_error(exc, what, self._retry) from None
+        return await self._remote(_cancelling(make()), what)
+
+    async def _images(
+        self, request: Request, body: bytes
+    ) -> tuple[list[Image.Image], dict[str, Any]]:
         """Decoded images and options from JSON (base64), multipart (``file``) or raw bytes."""
-        encoded, options = await self._encoded(request)
-        return await asyncio.to_thread(lambda: [decode_image(d) for d in encoded]), options
+        encoded, options = await self._encoded(request, body)
+        return await self._offload(lambda: [decode_image(d) for d in encoded]), options
 
-    async def _encoded(self, request: Request) -> tuple[list[bytes], dict[str, Any]]:
+    async def _encoded(self, request: Request, body: bytes) -> tuple[list[bytes], dict[str, Any]]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await self._body(request)
         if kind == "application/json":
-            return self._json_images(body)
+            return await self._offload(self._json_images, body)
         if kind == "multipart/form-data":
             form = await _replay(request, body).form()
             upload = form.get("file")
@@ -425,7 +664,7 @@ class Ingress:
                     by_spec[key] = np.stack(batch)
             return {n: by_spec[self._spec_key[n]] for n in names}
 
-        return await asyncio.to_thread(run)
+        return await self._offload(run)
 
     def _check_count(self, n: int) -> None:
         limit = self.settings.max_images
@@ -463,46 +702,56 @@ class Ingress:
         async with self._observed("v1_predict", name):
             self._authorise(request)  # before anything, so unknown names reveal nothing
             handle = self._model(name)
-            images, options = await self._images(request)
-            k = self._top_k(options)
-            batch = (await self._inputs([name], images))[name]
-            calls = asyncio.gather(*(handle.predict.remote(x, k) for x in batch))
-            preds = await self._remote(calls, f"model {name!r}")
-            return {"predictions": list(preds)}
+            async with self._work(request) as body:
+                images, options = await self._images(request, body)
+                k = self._top_k(options)
+                batch = (await self._inputs([name], images))[name]
+                what = f"model {name!r}"
+                calls = [self._ask(lambda x=x: handle.predict.remote(x, k), what) for x in batch]
+                return {"predictions": await _all(calls)}
 
     @app.post("/v1/models/{name}:explain")
     async def explain(self, name: str, request: Request) -> dict:
         async with self._observed("v1_explain", name):
             self._authorise(request)
-            labels = (await self._model_info(name))["labels"]
-            images, options = await self._images(request)
-            method = options.get("method", "gradcam")
-            if not isinstance(method, str) or method not in METHODS:
-                shown = v2.shown(method)
-                raise ApiError(422, f"unknown method {shown}; one of {', '.join(METHODS)}")
-            try:  # checked here, so a bad target costs no explainer slot
-                target = class_index(options.get("target"), labels)
-            except UserInputError as exc:
-                raise ApiError(422, str(exc)) from None
-            # One call per request, not per image: the explainer's queue counts requests.
-            call = self.explainers[name].explain.remote(images, method, target)
-            return {"explanations": await self._remote(call, f"the explainer of {name!r}")}
+            self._model(name)  # a 404 before the body is read
+            async with self._work(request) as body:
+                labels = (await self._model_info(name))["labels"]
+                images, options = await self._images(request, body)
+                method = options.get("method", "gradcam")
+                if not isinstance(method, str) or method not in METHODS:
+                    shown = v2.shown(method)
+                    raise ApiError(422, f"unknown method {shown}; one of {', '.join(METHODS)}")
+                try:  # checked here, so a bad target costs no explainer slot
+                    target = class_index(options.get("target"), labels)
+                except UserInputError as exc:
+                    raise ApiError(422, str(exc)) from None
+                # One call per request, not per image: the explainer's queue counts requests.
+                explainer = self.explainers[name]
+                explanations = await self._ask(
+                    lambda: explainer.explain.remote(images, method, target),
+                    f"the explainer of {name!r}",
+                )
+                return {"explanations": explanations}
 
     @app.post("/v1/analyze")
     async def analyze(self, request: Request) -> dict:
         async with self._observed("analyze"):
             self._authorise(request)
-            images, options = await self._images(request)
-            if len(images) != 1:
-                raise ApiError(422, "analyze takes exactly one image")
-            k = self._top_k(options)
-            names = sorted(self.classifiers)
-            inputs = await self._inputs(names, images)
-            calls = asyncio.gather(
-                *(self.classifiers[n].predict.remote(inputs[n][0], k) for n in names)
-            )
-            preds = await self._remote(calls, "a model")
-            return {"models": dict(zip(names, preds, strict=True))}
+            async with self._work(request) as body:
+                images, options = await self._images(request, body)
+                if len(images) != 1:
+                    raise ApiError(422, "analyze takes exactly one image")
+                k = self._top_k(options)
+                names = sorted(self.classifiers)
+                inputs = await self._inputs(names, images)
+                calls = [
+                    self._ask(
+                        lambda n=n: self.classifiers[n].predict.remote(inputs[n][0], k), "a model"
+                    )
+                    for n in names
+                ]
+                return {"models": dict(zip(names, await _all(calls), strict=True))}
 
     # --- Open Inference Protocol (V2) ---------------------------------------------------
 
@@ -513,11 +762,12 @@ class Ingress:
 
     @app.get("/v2/health/ready")
     async def ready(self, request: Request) -> dict:
+        # Never a call to a model: under load it would queue behind inference.
         self._authorise(request, key_needed=False)
-        try:
-            await asyncio.gather(*(h.metadata.remote() for h in self.classifiers.values()))
-        except Exception:
-            raise ApiError(503, "models not ready") from None
+        missing = self._unready(sorted(self.classifiers))
+        if missing:
+            shown = ", ".join(repr(m) for m in missing)
+            raise ApiError(503, f"not ready: no running replica of model {shown}", self._retry)
         return {"ready": True}
 
     @app.get("/v2")
@@ -535,11 +785,9 @@ class Ingress:
     @app.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str, request: Request) -> dict:
         self._authorise(request)
-        handle = self._model(name)
-        try:
-            await handle.metadata.remote()
-        except Exception:
-            raise ApiError(503, f"model {name!r} not ready") from None
+        self._model(name)
+        if self._unready([name]):
+            raise ApiError(503, f"model {name!r} not ready", self._retry)
         return {"name": name, "ready": True}
 
     @app.post("/v2/models/{name}/infer")
@@ -558,22 +806,23 @@ class Ingress:
         """The encoded V2 response and its binary header length (None for plain JSON)."""
         self._authorise(request)
         handle = self._model(name)
-        body = await self._body(request)
         limit = self.settings.max_images
-        try:
-            req = v2.decode_request(body, request.headers.get(v2.HEADER_LENGTH), limit)
-            results = await self._infer(name, handle, req)
-            return v2.encode_response(name, req, results)
-        except v2.TooManyError as exc:
-            raise ApiError(413, str(exc), kind="too_many_images") from None
-        except v2.ProtocolError as exc:
-            raise ApiError(422, str(exc)) from None
+        header_length = request.headers.get(v2.HEADER_LENGTH)
+        async with self._work(request) as body:
+            try:
+                req = await self._offload(v2.decode_request, body, header_length, limit)
+                results = await self._infer(name, handle, req)
+                return await self._offload(v2.encode_response, name, req, results)
+            except v2.TooManyError as exc:
+                raise ApiError(413, str(exc), kind="too_many_images") from None
+            except v2.ProtocolError as exc:
+                raise ApiError(422, str(exc)) from None
 
     async def _model_info(self, name: str) -> dict[str, Any]:
         """The classifier's metadata, asked once per model."""
         handle = self._model(name)
         if name not in self._metadata:
-            meta = await self._remote(handle.metadata.remote(), f"model {name!r}")
+            meta = await self._ask(lambda: handle.metadata.remote(), f"model {name!r}")
             self._metadata[name] = meta
         return self._metadata[name]
 
@@ -591,7 +840,7 @@ class Ingress:
         if datatype == "BYTES":
             if tensor.ndim != 1:
                 raise v2.ProtocolError(f"BYTES input must have shape [N], got {list(tensor.shape)}")
-            images = await asyncio.to_thread(lambda: [decode_image(item) for item in tensor])
+            images = await self._offload(lambda: [decode_image(item) for item in tensor])
             tensor = (await self._inputs([name], images))[name]
         else:
             size = list((await self._model_info(name))["input_size"])
@@ -602,7 +851,7 @@ class Ingress:
                 )
             if not np.isfinite(tensor).all():
                 raise v2.ProtocolError("input 'input' holds NaN or infinite values")
-        results = await self._remote(handle.infer.remote(tensor), f"model {name!r}")
+        results = await self._ask(lambda: handle.infer.remote(tensor), f"model {name!r}")
         if not all(np.isfinite(out).all() for out in results.values()):
             # Finite but extreme inputs can overflow the model; JSON has no NaN to say so.
             raise v2.ProtocolError("the input's values drive the model's outputs to NaN or inf")

@@ -226,8 +226,10 @@ def test_explain_flood_gets_fast_503s_and_predictions_keep_flowing(served_app: s
     def call(path: str, payload: dict) -> httpx.Response:
         return post_json(served_app, path, payload)
 
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        floods = [pool.submit(call, "/v1/models/body:explain", explain) for _ in range(24)]
+    # Each of the two ingress replicas queues up to 8 in front of the explainer's 2 slots:
+    # 40 explains at once overflow that whatever the split.
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        floods = [pool.submit(call, "/v1/models/body:explain", explain) for _ in range(40)]
         preds = [pool.submit(call, "/v1/models/body:predict", predict) for _ in range(8)]
         flood = [f.result() for f in floods]
         answers = [f.result() for f in preds]

@@ -1,0 +1,866 @@
+"""Chaos suite: the served app under overload, a killed replica, a soak and hostile inputs.
+
+Everything goes to 127.0.0.1 only, and every phase is bounded in time (flags below):
+
+1. Overload: the saturation throughput of closed-loop clients, then open-loop arrivals at 1x and
+   10x of it: how many requests were refused and how fast, the accepted throughput against
+   saturation, and the latency of ``/v2/health/live`` and ``/v2/health/ready`` meanwhile.
+2. Replica kill: a classifier replica killed with ``ray.kill`` under closed-loop load: requests
+   sent and failed and their p99 before, during and after, and the seconds until Serve reports a
+   new replica running.
+3. Soak: predictions with every tenth an explanation; the RSS of every Serve process (the
+   replicas, proxy and controller of this run's own Ray) sampled with psutil.
+4. Hostile inputs (:func:`hostile_cases`): each one's status, and whether the server is ready
+   after it.
+
+Statuses are recorded as the app answers them (0 is no answer: a timeout or a dropped
+connection). Writes ``chaos.json`` and ``chaos.md`` under ``--out``; prints the Markdown path
+last. Usage: ``python -m bench.chaos [--bundle DIR] [--port 8783] [--app key=value …]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HOST = "127.0.0.1"  # the suite never sends anywhere else
+KEY = "chaos-key"
+APP = "carclf-chaos"
+REFUSED = (429, 503)  # "come back later": what an overloaded server should answer
+
+
+# --- a small HTTP/1.1 client: cheap enough to offer 10x load from one core, and able to send
+# what polite clients cannot (repeated headers, a lying Content-Length)
+
+
+@dataclass
+class Target:
+    """Where requests go: ``HOST:port``, one model, the API key."""
+
+    port: int
+    model: str
+    key: str | None = None
+
+
+@dataclass
+class Reply:
+    """One request's outcome; ``status`` 0 when no answer came (``error`` says why)."""
+
+    status: int
+    seconds: float
+    started: float = 0.0
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
+def raw_request(
+    method: str,
+    path: str,
+    port: int,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+    host: str | None = None,
+    content_length: int | None = None,
+) -> bytes:
+    """The bytes of one request (``Connection: close``); ``content_length`` may lie."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'{HOST}:{port}'}"]
+    lines += [f"{k}: {v}" for k, v in headers or []]
+    length = len(body) if content_length is None else content_length
+    lines += [f"Content-Length: {length}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one HTTP/1.1 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readline()
+    else:
+        body = await reader.read()
+    return int(status_line.split()[1]), headers, body
+
+
+async def exchange(port: int, raw: bytes, timeout_s: float) -> Reply:
+    """Send ``raw`` on a new connection to ``HOST:port`` and read the reply, within a timeout."""
+    start = time.perf_counter()
+    writer = None
+
+    async def talk() -> tuple[int, dict[str, str], bytes]:
+        nonlocal writer
+        reader, writer = await asyncio.open_connection(HOST, port, limit=1 << 20)
+        writer.write(raw)
+        await writer.drain()
+        return await read_reply(reader)
+
+    try:
+        status, headers, body = await asyncio.wait_for(talk(), timeout_s)
+        reply = Reply(status, 0.0, start, body, headers)
+    except asyncio.TimeoutError:
+        reply = Reply(0, 0.0, start, error="timeout")
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+        reply = Reply(0, 0.0, start, error=type(exc).__name__)
+    finally:
+        if writer is not None:
+            writer.close()
+    reply.seconds = time.perf_counter() - start
+    return reply
+
+
+def _auth(target: Target) -> list[tuple[str, str]]:
+    return [("x-api-key", target.key)] if target.key else []
+
+
+def predict_request(target: Target, image: bytes) -> bytes:
+    """A raw-JPEG ``:predict`` request."""
+    headers = [*_auth(target), ("Content-Type", "image/jpeg")]
+    path = f"/v1/models/{target.model}:predict"
+    return raw_request("POST", path, target.port, headers, image)
+
+
+def explain_request(target: Target, image: bytes) -> bytes:
+    """A raw-JPEG ``:explain`` request."""
+    headers = [*_auth(target), ("Content-Type", "image/jpeg")]
+    path = f"/v1/models/{target.model}:explain"
+    return raw_request("POST", path, target.port, headers, image)
+
+
+def get_request(target: Target, path: str) -> bytes:
+    """A ``GET`` of ``path`` (with the key: health needs none, but the rest of the API does)."""
+    return raw_request("GET", path, target.port, _auth(target))
+
+
+# --- summaries
+
+
+def pct(seconds: list[float]) -> dict[str, float | None]:
+    """p50 and p99 in milliseconds (None for no values)."""
+    if not seconds:
+        return {"p50_ms": None, "p99_ms": None}
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def statuses(replies: list[Reply]) -> dict[str, int]:
+    """Counts by status (``"0:timeout"`` and the like for no answer), sorted."""
+    keys = (str(r.status) if r.status else f"0:{r.error}" for r in replies)
+    return dict(sorted(Counter(keys).items()))
+
+
+# --- 1. overload
+
+
+async def closed_loop(
+    target: Target, images: list[bytes], clients: int, seconds: float, timeout_s: float
+) -> list[Reply]:
+    """``clients`` clients each sending the next request as soon as the last is answered."""
+    replies: list[Reply] = []
+    end = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        while time.perf_counter() < end:
+            raw = predict_request(target, images[len(replies) % len(images)])
+            replies.append(await exchange(target.port, raw, timeout_s))
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return replies
+
+
+async def open_loop(
+    target: Target,
+    images: list[bytes],
+    rate: float,
+    seconds: float,
+    timeout_s: float,
+    max_in_flight: int,
+) -> tuple[list[Reply], int]:
+    """Arrivals at ``rate`` per second for ``seconds``, whatever the answers; and how many were
+    not sent because ``max_in_flight`` were already waiting (the client's own bound)."""
+    tasks: list[asyncio.Task[Reply]] = []
+    in_flight, skipped = 0, 0
+    start = time.perf_counter()
+
+    async def one(raw: bytes) -> Reply:
+        nonlocal in_flight
+        try:
+            return await exchange(target.port, raw, timeout_s)
+        finally:
+            in_flight -= 1
+
+    for i in range(int(rate * seconds)):
+        # Behind schedule, still yield: the replies already sent (and the probes) need the loop.
+        await asyncio.sleep(max(start + i / rate - time.perf_counter(), 0.0))
+        if in_flight >= max_in_flight:
+            skipped += 1
+            continue
+        in_flight += 1
+        tasks.append(asyncio.create_task(one(predict_request(target, images[i % len(images)]))))
+    return list(await asyncio.gather(*tasks)), skipped
+
+
+async def probe_health(target: Target, stop: asyncio.Event, every_s: float) -> list[Reply]:
+    """``/v2/health/live`` and ``/ready`` on new connections, as an orchestrator probes."""
+    replies: list[Reply] = []
+    while not stop.is_set():
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            reply = await exchange(target.port, get_request(target, path), 5.0)
+            reply.headers["probe"] = path
+            replies.append(reply)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+    return replies
+
+
+def _span(replies: list[Reply], at_least: float) -> float:
+    """Seconds from the first request sent to the last answer (at least ``at_least``)."""
+    if not replies:
+        return at_least
+    first = min(r.started for r in replies)
+    return max(max(r.started + r.seconds for r in replies) - first, at_least)
+
+
+def overload_summary(
+    level: str, rate: float, seconds: float, replies: list[Reply], skipped: int, health: list
+) -> dict[str, Any]:
+    """One overload level's figures: refusals, accepted throughput, health latency."""
+    ok = [r for r in replies if r.status == 200]
+    refused = [r for r in replies if r.status in REFUSED]
+    row: dict[str, Any] = {
+        "level": level,
+        "offered_rps": rate,
+        "sent": len(replies),
+        "sent_rps": len(replies) / seconds,
+        "not_sent_client_bound": skipped,
+        "statuses": statuses(replies),
+        "ok": len(ok),
+        "refused": len(refused),
+        "accepted_rps": len(ok) / _span(replies, seconds),
+        "ok_latency": pct([r.seconds for r in ok]),
+        "refuse_latency": pct([r.seconds for r in refused]),
+        "retry_after": sorted({r.headers.get("retry-after", "-") for r in refused}),
+    }
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        probes = [r for r in health if r.headers.get("probe") == path]
+        name = path.rsplit("/", 1)[1]
+        row[name] = {"statuses": statuses(probes), **pct([r.seconds for r in probes])}
+    return row
+
+
+async def overload(target: Target, images: list[bytes], args: argparse.Namespace) -> dict:
+    """Saturation throughput, then open-loop arrivals at each multiple of it."""
+    sat = await closed_loop(target, images, args.sat_clients, args.sat_s, args.timeout_s)
+    saturation = sum(r.status == 200 for r in sat) / args.sat_s
+    levels = []
+    for factor in args.overload_factors:
+        rate = max(saturation, 1.0) * factor
+        stop = asyncio.Event()
+        probes = asyncio.create_task(probe_health(target, stop, args.probe_every_s))
+        replies, skipped = await open_loop(
+            target, images, rate, args.overload_s, args.timeout_s, args.max_in_flight
+        )
+        stop.set()
+        row = overload_summary(
+            f"{factor:g}x", rate, args.overload_s, replies, skipped, await probes
+        )
+        row["accepted_over_saturation"] = row["accepted_rps"] / saturation if saturation else None
+        levels.append(row)
+        await asyncio.sleep(args.settle_s)  # let queues drain before the next level
+    return {
+        "saturation": {
+            "clients": args.sat_clients,
+            "seconds": args.sat_s,
+            "statuses": statuses(sat),
+            "ok_rps": saturation,
+            **pct([r.seconds for r in sat if r.status == 200]),
+        },
+        "levels": levels,
+    }
+
+
+# --- 2. replica kill
+
+
+def classifier_replicas(app: str) -> list[str]:
+    """Names of the app's classifier replica actors (Serve names them ``SERVE_REPLICA::…``)."""
+    import ray
+
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#classifier-")
+    )
+
+
+def running(app: str, deployment_prefix: str = "classifier-") -> int:
+    """Replicas Serve reports RUNNING over the app's classifier deployments."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    return sum(
+        d.replica_states.get("RUNNING", 0)
+        for name, d in status.deployments.items()
+        if name.startswith(deployment_prefix)
+    )
+
+
+def kill_replica(app: str) -> tuple[str, list[str]]:
+    """Kill one classifier replica (Serve must replace it); its name and the names before."""
+    import ray
+
+    before = classifier_replicas(app)
+    if not before:
+        raise RuntimeError(f"no classifier replica of {app!r} to kill")
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    return before[0], before
+
+
+def wait_replaced(app: str, before: list[str], wanted: int, max_s: float) -> float | None:
+    """Seconds until a replica not in ``before`` runs and ``wanted`` run in all (None: never)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_s:
+        fresh = set(classifier_replicas(app)) - set(before)
+        if fresh and running(app) >= wanted:
+            return time.perf_counter() - start
+        time.sleep(0.2)
+    return None
+
+
+def window(replies: list[Reply], start: float, end: float) -> dict[str, Any]:
+    """Requests started in ``[start, end)``: sent, failed, statuses, p50/p99 of all."""
+    inside = [r for r in replies if start <= r.started < end]
+    return {
+        "sent": len(inside),
+        "failed": sum(r.status != 200 for r in inside),
+        "statuses": statuses(inside),
+        **pct([r.seconds for r in inside]),
+    }
+
+
+async def replica_kill(target: Target, images: list[bytes], args: argparse.Namespace) -> dict:
+    """Closed-loop load; a classifier replica killed in the middle; until a new one runs."""
+    replies: list[Reply] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            raw = predict_request(target, images[len(replies) % len(images)])
+            replies.append(await exchange(target.port, raw, args.timeout_s))
+
+    wanted = await asyncio.to_thread(running, APP)
+    t0 = time.perf_counter()
+    clients = [asyncio.create_task(client()) for _ in range(args.kill_clients)]
+    await asyncio.sleep(args.kill_before_s)
+    t_kill = time.perf_counter()
+    victim, before = await asyncio.to_thread(kill_replica, APP)
+    found = await asyncio.to_thread(wait_replaced, APP, before, wanted, args.kill_recover_max_s)
+    t_new = time.perf_counter()
+    new_s = None if found is None else t_new - t_kill
+    await asyncio.sleep(args.kill_after_s)
+    stop.set()
+    await asyncio.gather(*clients)
+    return {
+        "clients": args.kill_clients,
+        "killed": victim.split("#")[-1],
+        "replicas_running_before": wanted,
+        "seconds_to_new_running_replica": new_s,
+        "before": window(replies, t0, t_kill),
+        "during": window(replies, t_kill, t_new),
+        "after": window(replies, t_new, t_new + args.kill_after_s),
+    }
+
+
+# --- 3. soak
+
+
+def serve_processes() -> dict[int, str]:
+    """PID → role of this run's Serve processes (descendants only: other Rays are not ours)."""
+    import psutil
+
+    roles = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        for marker in ("ServeReplica:", "ProxyActor", "ServeController"):
+            if marker in title:
+                # "ray::Class.method" while a task runs: the role is the class
+                roles[proc.pid] = title.split("ray::", 1)[-1].strip().split(".")[0]
+    return roles
+
+
+def rss_mb(pids: list[int]) -> dict[int, float]:
+    """Resident set size of each PID in MiB (NaN for one that is gone)."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.Error:
+            out[pid] = float("nan")
+    return out
+
+
+def rss_growth(roles: dict[int, str], samples: list[tuple[float, dict[int, float]]]) -> list:
+    """Per process: RSS at the first and last sample, growth and its least-squares slope."""
+    rows = []
+    for pid, role in sorted(roles.items(), key=lambda kv: kv[1]):
+        t = np.array([s[0] for s in samples])
+        mb = np.array([s[1].get(pid, np.nan) for s in samples])
+        keep = np.isfinite(mb)
+        slope = np.polyfit(t[keep], mb[keep], 1)[0] * 60 if keep.sum() >= 2 else None
+        rows.append(
+            {
+                "process": role,
+                "pid": pid,
+                "rss_start_mb": float(mb[keep][0]) if keep.any() else None,
+                "rss_end_mb": float(mb[keep][-1]) if keep.any() else None,
+                "growth_mb": float(mb[keep][-1] - mb[keep][0]) if keep.any() else None,
+                "slope_mb_per_min": float(slope) if slope is not None else None,
+            }
+        )
+    return rows
+
+
+async def soak(target: Target, images: list[bytes], args: argparse.Namespace) -> dict:
+    """Closed-loop predictions, every tenth an explanation; RSS of each Serve process."""
+    replies: dict[str, list[Reply]] = {"predict": [], "explain": []}
+    count = 0
+    end = time.perf_counter() + args.soak_warmup_s + args.soak_s
+
+    async def client() -> None:
+        nonlocal count
+        while time.perf_counter() < end:
+            count += 1
+            kind = "explain" if count % 10 == 0 else "predict"
+            make = explain_request if kind == "explain" else predict_request
+            reply = await exchange(target.port, make(target, images[count % len(images)]), 60)
+            replies[kind].append(reply)
+
+    roles = serve_processes()
+    tasks = [asyncio.create_task(client()) for _ in range(args.soak_clients)]
+    await asyncio.sleep(args.soak_warmup_s)  # first calls allocate; growth counts after them
+    t0, samples = time.perf_counter(), []
+    while time.perf_counter() < end:
+        samples.append((time.perf_counter() - t0, rss_mb(list(roles))))
+        await asyncio.sleep(args.rss_every_s)
+    await asyncio.gather(*tasks)
+    samples.append((time.perf_counter() - t0, rss_mb(list(roles))))
+    return {
+        "clients": args.soak_clients,
+        "seconds": args.soak_s,
+        "warmup_s": args.soak_warmup_s,
+        **{
+            kind: {"sent": len(rs), "statuses": statuses(rs), **pct([r.seconds for r in rs])}
+            for kind, rs in replies.items()
+        },
+        "rss": rss_growth(roles, samples),
+    }
+
+
+# --- 4. hostile inputs
+
+
+def _json_post(target: Target, path: str, body: bytes, **kw: Any) -> bytes:
+    headers = [*kw.pop("headers", _auth(target)), ("Content-Type", "application/json")]
+    return raw_request("POST", path, target.port, headers, body, **kw)
+
+
+def _v2_body(b64: str, shape: list, datatype: str = "BYTES", data: list | None = None) -> bytes:
+    spec = {"name": "input", "shape": shape, "datatype": datatype, "data": data or [b64]}
+    return json.dumps({"inputs": [spec]}).encode()
+
+
+def _v1_cases(target: Target, b64: str) -> list[tuple[str, bytes]]:
+    predict, explain = f"/v1/models/{target.model}:predict", f"/v1/models/{target.model}:explain"
+    nested = b"[" * 100_000 + b"]" * 100_000
+    inst = json.dumps({"instances": [{"image_b64": b64}]}).encode()[:-1]  # without its "}"
+    cases = [
+        ("V1 JSON nested 100,000 deep", b'{"instances": ' + nested + b"}"),
+        ("top_k 1e999", inst + b', "top_k": 1e999}'),
+        ("top_k of 5000 digits", inst + b', "top_k": ' + b"9" * 5000 + b"}"),
+    ]
+    out = [(name, _json_post(target, predict, body)) for name, body in cases]
+    for t in ("²", [], {}, -1, 1_000_000_000, "nope"):
+        body = json.dumps({"instances": [{"image_b64": b64}], "target": t}).encode()
+        name = f"explain target {json.dumps(t, ensure_ascii=False)}"
+        out.append((name, _json_post(target, explain, body)))
+    return out
+
+
+def _v2_cases(target: Target, b64: str, input_size: list[int]) -> list[tuple[str, bytes]]:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    zeros = _v2_body(b64, [1, *input_size], "FP32", [0.0] * int(np.prod(input_size)))
+    cases = [
+        ("V2 JSON nested 100,000 deep", b'{"inputs": ' + nested + b"}"),
+        ("V2 BYTES shape [2^63-1, 2^63-1]", _v2_body(b64, [2**63 - 1, 2**63 - 1])),
+        ("V2 BYTES shape [2^64]", _v2_body(b64, [2**64])),
+        ("V2 BYTES shape of 100 dimensions", _v2_body(b64, [1] * 100)),
+        ("V2 BYTES shape [true]", _v2_body(b64, [True])),
+        ("V2 FP32 input with a NaN", zeros.replace(b"0.0", b"NaN", 1)),
+    ]
+    infer = f"/v2/models/{target.model}/infer"
+    return [(name, _json_post(target, infer, body)) for name, body in cases]
+
+
+def _request_cases(
+    target: Target, b64: str, max_images: int, max_body_bytes: int
+) -> list[tuple[str, bytes]]:
+    predict = f"/v1/models/{target.model}:predict"
+    one = json.dumps({"instances": [{"image_b64": b64}]}).encode()
+    many = json.dumps({"instances": [{"image_b64": b64}] * (max_images + 1)}).encode()
+    keys = [("x-api-key", target.key or "none"), ("x-api-key", "wrong")]
+    return [
+        ("duplicate x-api-key", _json_post(target, predict, one, headers=keys)),
+        ("bad Host", _json_post(target, predict, one, host="evil.example")),
+        (
+            "declared Content-Length over the cap",
+            _json_post(target, predict, b"{", content_length=max_body_bytes + 1),
+        ),
+        (f"{max_images + 1} images (cap {max_images})", _json_post(target, predict, many)),
+    ]
+
+
+def hostile_cases(
+    target: Target, image: bytes, input_size: list[int], max_images: int, max_body_bytes: int
+) -> list[tuple[str, bytes]]:
+    """The hostile-input list: (name, raw request). A good server answers each with a 4xx.
+
+    Args:
+        target: the server and model.
+        image: a valid encoded image, for the cases where only one field is hostile.
+        input_size: the model's ``[C, H, W]``, for the NaN tensor.
+        max_images: the server's images-per-request cap (one more is sent).
+        max_body_bytes: the server's body cap (a Content-Length one over it is declared).
+    """
+    b64 = base64.b64encode(image).decode()
+    return [
+        *_v1_cases(target, b64),
+        *_v2_cases(target, b64, input_size),
+        *_request_cases(target, b64, max_images, max_body_bytes),
+    ]
+
+
+async def run_hostile(
+    target: Target, cases: list[tuple[str, bytes]], timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """Each case in turn: its status and time, then the status of ``/v2/health/ready``."""
+    rows = []
+    for name, raw in cases:
+        reply = await exchange(target.port, raw, timeout_s)
+        ready = await exchange(target.port, get_request(target, "/v2/health/ready"), timeout_s)
+        try:
+            error = json.loads(reply.body).get("error", "") if reply.body else reply.error
+        except (ValueError, AttributeError):
+            error = reply.body[:80].decode("latin-1")  # not JSON: recorded as it came
+        rows.append(
+            {
+                "case": name,
+                "status": reply.status,
+                "ms": reply.seconds * 1000,
+                "ready_after": ready.status,
+                "error": " ".join(str(error).replace("|", "/").split())[:100],
+            }
+        )
+    return rows
+
+
+# --- the run
+
+
+def toy_bundle(arch: str, img_size: int, out: Path) -> str:
+    """An untrained ``arch`` exported through the real export path (parity check included)."""
+    from bench.serve_bench import untrained_bundle
+
+    return untrained_bundle(arch, img_size, out)
+
+
+def app_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (values as JSON, else text) for :class:`serve.app.AppArgs` fields."""
+    from serve.app import AppArgs
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in AppArgs.model_fields:
+            raise SystemExit(f"--app {key}: AppArgs has no such field")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def init_ray(attempts: int = 3) -> None:
+    """``ray.init`` of a local Ray, retried: on a busy machine the raylet can miss Ray's fixed
+    30 s start-up limit; a failed start's processes (this process's children) are ended."""
+    import psutil
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            print(f"Ray did not start (attempt {attempt}): {exc}", file=sys.stderr)
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            time.sleep(5)
+
+
+def start(bundle: str, args: argparse.Namespace) -> tuple[Target, Any]:
+    """Ray (this process's own), then the app on ``HOST:--port``; the target and its args."""
+
+    from carclf.bundle import load_bundle
+    from serve.app import AppArgs
+    from serve.client import wait_ready
+    from serve.launch import start_app
+
+    overrides = app_overrides(args.app)
+    settings = {"api_key": KEY, **overrides.pop("settings", {})}
+    app_args = AppArgs(bundles=[bundle], settings=settings, **overrides)
+    init_ray()
+    base = start_app(app_args, host=HOST, port=args.port, name=APP)
+    wait_ready(base)
+    return Target(args.port, load_bundle(bundle).info.name, KEY), app_args
+
+
+async def phases(target: Target, app_args: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The four phases in turn (hostile inputs last, so they meet a server that was abused)."""
+    from bench.serve_bench import photos
+    from carclf.bundle import load_bundle
+
+    images = photos(args.images)
+    size = list(load_bundle(app_args.bundles[0]).info.input_size)
+    out: dict[str, Any] = {}
+    for name, phase in (("overload", overload), ("replica_kill", replica_kill), ("soak", soak)):
+        if name in args.skip:
+            continue
+        print(f"chaos: {name} …", file=sys.stderr)
+        out[name] = await phase(target, images, args)
+    s = app_args.settings
+    cases = hostile_cases(target, images[0], size, s.max_images, s.max_body_bytes)
+    print("chaos: hostile inputs …", file=sys.stderr)
+    out["hostile"] = await run_hostile(target, cases)
+    return out
+
+
+# --- the report
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
+
+
+def _ms(p: dict[str, float | None]) -> str:
+    if p.get("p50_ms") is None:
+        return "-"
+    return f"{p['p50_ms']:.1f} / {p['p99_ms']:.1f}"
+
+
+def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
+    """The overload table: one row per level, saturation first."""
+    sat = o["saturation"]
+    rows = [
+        {
+            "load": f"saturation ({sat['clients']} closed-loop clients)",
+            "offered rps": "-",
+            "sent": sum(sat["statuses"].values()),
+            "statuses": _counts(sat["statuses"]),
+            "refused": "-",
+            "refuse p50 / p99 ms": "-",
+            "accepted rps": sat["ok_rps"],
+            "accepted / saturation": 1.0,
+            "ok p50 / p99 ms": _ms(sat),
+            "live p50 / p99 ms": "-",
+            "ready p50 / p99 ms (statuses)": "-",
+        }
+    ]
+    for lv in o["levels"]:
+        ready = lv["ready"]
+        rows.append(
+            {
+                "load": f"{lv['level']} open-loop",
+                "offered rps": f"{lv['offered_rps']:.0f} (sent {lv['sent_rps']:.0f})",
+                "sent": lv["sent"],
+                "statuses": _counts(lv["statuses"]),
+                "refused": lv["refused"],
+                "refuse p50 / p99 ms": _ms(lv["refuse_latency"]),
+                "accepted rps": lv["accepted_rps"],
+                "accepted / saturation": lv["accepted_over_saturation"],
+                "ok p50 / p99 ms": _ms(lv["ok_latency"]),
+                "live p50 / p99 ms": _ms(lv["live"]),
+                "ready p50 / p99 ms (statuses)": f"{_ms(ready)} ({_counts(ready['statuses'])})",
+            }
+        )
+    return rows
+
+
+def kill_rows(k: dict[str, Any]) -> list[dict[str, Any]]:
+    """The replica-kill table: before, during (kill to new replica running), after."""
+    return [
+        {
+            "window": name,
+            "sent": k[name]["sent"],
+            "failed": k[name]["failed"],
+            "statuses": _counts(k[name]["statuses"]),
+            "p50 / p99 ms": _ms(k[name]),
+        }
+        for name in ("before", "during", "after")
+    ]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """chaos.md: the settings, then a table per phase."""
+    from carclf.tables import markdown_table, number_cell
+
+    cell = number_cell(2, missing="-")
+    lines = [f"# Chaos suite: {r['model']} ({r['arch']}, input {r['input_size']})", ""]
+    lines += [
+        f"Run {r['started']} to {r['finished']} ({r['seconds']:.0f} s), {r['cpus']} CPUs, "
+        f"load average {r['load_average']} at the start; app: {r['app_summary']}.",
+        "",
+    ]
+    if "overload" in r:
+        lines += ["## Overload", "", *markdown_table(overload_rows(r["overload"]), cell), ""]
+    if "replica_kill" in r:
+        k = r["replica_kill"]
+        new = k["seconds_to_new_running_replica"]
+        lines += ["## Classifier replica killed under load", ""]
+        lines += [
+            f"{k['clients']} closed-loop clients; replica {k['killed']} killed with "
+            f"`ray.kill`; a new replica running after "
+            f"{'never (within the limit)' if new is None else f'{new:.1f} s'}.",
+            "",
+        ]
+        lines += [*markdown_table(kill_rows(k), cell), ""]
+    if "soak" in r:
+        s = r["soak"]
+        lines += ["## Soak", ""]
+        lines += [
+            f"{s['seconds']:g} s after {s['warmup_s']:g} s of warm-up, {s['clients']} "
+            f"clients; predict {_counts(s['predict']['statuses'])} (p50 / p99 "
+            f"{_ms(s['predict'])} ms), explain {_counts(s['explain']['statuses'])} "
+            f"(p50 / p99 {_ms(s['explain'])} ms).",
+            "",
+        ]
+        lines += [*markdown_table(s["rss"], cell), ""]
+    lines += ["## Hostile inputs", "", *markdown_table(r["hostile"], cell), ""]
+    return "\n".join(lines)
+
+
+# --- the command line
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The suite's flags: every size and duration."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--bundle", help="a bundle directory; default: export an untrained --arch")
+    a("--arch", default="scratch_cnn", help="the toy bundle's architecture")
+    a("--img-size", type=int, default=64)
+    a("--port", type=int, default=8783)
+    a("--app", action="append", default=[], metavar="KEY=VALUE", help="an AppArgs field")
+    a("--images", type=int, default=6, help="distinct JPEGs sent (640x480 to 1024x768)")
+    a("--timeout-s", type=float, default=15.0, help="client timeout of each request")
+    a("--sat-clients", type=int, default=16)
+    a("--sat-s", type=float, default=8.0)
+    a("--overload-factors", type=float, nargs="+", default=[1.0, 10.0])
+    a("--overload-s", type=float, default=10.0)
+    a("--max-in-flight", type=int, default=2000, help="the load client's own bound")
+    a("--probe-every-s", type=float, default=0.5)
+    a("--settle-s", type=float, default=5.0)
+    a("--kill-clients", type=int, default=4)
+    a("--kill-before-s", type=float, default=8.0)
+    a("--kill-after-s", type=float, default=8.0)
+    a("--kill-recover-max-s", type=float, default=60.0)
+    a("--soak-clients", type=int, default=4)
+    a("--soak-s", type=float, default=60.0)
+    a("--soak-warmup-s", type=float, default=5.0)
+    a("--rss-every-s", type=float, default=2.0)
+    a("--skip", nargs="*", default=[], choices=["overload", "replica_kill", "soak"])
+    a("--out", default="bench/results")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
+    """Start Ray and the app, run the phases, shut both down; the results."""
+    import ray
+    from ray import serve
+
+    from carclf.bundle import load_bundle
+
+    info = load_bundle(bundle).info
+    started = time.time()
+    result: dict[str, Any] = {
+        "model": info.name,
+        "arch": info.arch,
+        "input_size": list(info.input_size),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "flags": vars(args),
+    }
+    try:
+        target, app_args = start(bundle, args)
+        result["app"] = app_args.model_dump(mode="json")
+        result["app_summary"] = (
+            f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
+            f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
+        )
+        result.update(asyncio.run(phases(target, app_args, args)))
+    finally:
+        if ray.is_initialized():  # serve.shutdown() would start a Ray to shut down
+            serve.shutdown()
+            ray.shutdown()
+    result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    result["seconds"] = time.time() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the suite; write chaos.json and chaos.md; print the Markdown's path."""
+    args = parse(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or toy_bundle(args.arch, args.img_size, Path(tmp))
+        result = run(args, bundle)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chaos.json").write_text(json.dumps(result, indent=2))
+    (out / "chaos.md").write_text(markdown(result))
+    print(out / "chaos.md")
+
+
+if __name__ == "__main__":
+    main()
