@@ -140,6 +140,17 @@ def pinned_ref(path: str | Path, digest: str) -> str:
     return f"{path}{PIN_SEPARATOR}{normalize_sha256(digest)}"
 
 
+def load_ref(ref: str | Path, verify: bool = True) -> Bundle:
+    """A bundle by reference: its directory, or ``path@sha256:<hex>`` checked against the pin.
+
+    Args:
+        ref: the directory, or the pinned reference that ``carclf bundle digest`` prints.
+        verify: check the file hashes of an unpinned bundle (a pinned one is always checked).
+    """
+    path, pin = split_pinned(str(ref))
+    return load_bundle(path, verify=verify or pin is not None, expected_sha256=pin)
+
+
 def load_bundle(
     path: str | Path, verify: bool = True, expected_sha256: str | None = None
 ) -> Bundle:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 from ray.serve import Application
 
-from carclf.bundle import load_bundle
+from carclf.bundle import load_ref
 from carclf.errors import UserInputError
 from serve.deployments import (
     BATCH_WAIT_TIMEOUT_S,
@@ -47,7 +47,9 @@ AUTOSCALING_FIELDS = (
 class AppArgs(BaseModel):
     """Arguments of the carclf Serve application."""
 
-    bundles: list[str] = Field(min_length=1, description="bundle directories, one model each")
+    bundles: list[str] = Field(
+        min_length=1, description="bundle directories (or path@sha256:<hex>, pinned), one each"
+    )
     settings: ServeSettings = Field(default_factory=ServeSettings)
     max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1)
     batch_wait_timeout_s: float | None = Field(
@@ -151,7 +153,8 @@ def build_app(args: AppArgs) -> Application:
         else BATCH_WAIT_TIMEOUT_S["gpu" if args.use_gpu else "cpu"],
     }
     for path in args.bundles:
-        info = load_bundle(path, verify=False).info
+        # A pinned reference (path@sha256:<hex>) is checked here and again in every replica.
+        info = load_ref(path, verify=False).info
         name = info.name
         if name in classifiers:
             raise UserInputError(f"two bundles are named {name!r}; model names must be unique")

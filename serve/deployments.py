@@ -24,7 +24,7 @@ import ray
 from PIL import Image
 from ray import serve
 
-from carclf.bundle import load_bundle
+from carclf.bundle import load_ref
 from carclf.explain import Explainer, Explanation, png_bytes
 from carclf.inference import OnnxClassifier
 from serve.metrics import ModelMetrics
@@ -77,12 +77,12 @@ class ClassifierDeployment:
     (:class:`serve.metrics.ModelMetrics`).
 
     Args:
-        bundle_path: the bundle directory.
+        bundle_path: the bundle directory, or ``path@sha256:<hex>`` (checked against the pin).
         use_gpu: use the CUDA provider when the replica has a GPU.
     """
 
     def __init__(self, bundle_path: str, use_gpu: bool = False) -> None:
-        bundle = load_bundle(bundle_path)
+        bundle = load_ref(bundle_path)
         self.clf = OnnxClassifier(bundle, threads=_replica_cpus(), use_gpu=use_gpu)
         self.info = bundle.info
         self.metrics = ModelMetrics(self.info.name)  # once per replica: batch sizes, top-1
@@ -152,14 +152,14 @@ class ExplainerDeployment:
     """Grad-CAM explanations on the bundle's PyTorch weights, one pass at a time per replica.
 
     Args:
-        bundle_path: the bundle directory.
+        bundle_path: the bundle directory, or ``path@sha256:<hex>`` (checked against the pin).
     """
 
     def __init__(self, bundle_path: str) -> None:
         import torch
 
         torch.set_num_threads(_replica_cpus())
-        self.explainer = Explainer.from_bundle(load_bundle(bundle_path))
+        self.explainer = Explainer.from_bundle(load_ref(bundle_path))
 
     async def explain(
         self, images: list[Image.Image], method: str = "gradcam", target: Any = None

@@ -162,6 +162,18 @@ def test_build_app_bounds_and_scales_every_deployment(served_bundle) -> None:
     assert clf._deployment_config.health_check_period_s == 2.0
 
 
+def test_a_pinned_bundle_is_checked_when_the_app_is_built(served_bundle) -> None:
+    """``path@sha256:<hex>`` in ``bundles``: the right digest builds, another is refused."""
+    from carclf.bundle import bundle_digest, pinned_ref
+    from carclf.errors import UserInputError
+    from serve.app import build_app
+
+    path = served_bundle.path
+    build_app(AppArgs(bundles=[pinned_ref(path, bundle_digest(path))]))
+    with pytest.raises(UserInputError):
+        build_app(AppArgs(bundles=[pinned_ref(path, "0" * 64)]))
+
+
 def test_a_slow_body_is_a_408_and_frees_its_upload_slot() -> None:
     ingress = bare_ingress(body_timeout_s=0.2)
     start = time.monotonic()
