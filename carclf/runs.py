@@ -185,10 +185,15 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     return state
 
 
+def latest_of(found: list[tuple[Path, dict[str, Any]]]) -> Path | None:
+    """Of ``(checkpoint, metrics)`` pairs (:func:`checkpoints`), the last reported epoch's."""
+    with_epoch = [c for c in found if "epoch" in c[1]]
+    return max(with_epoch, key=lambda c: c[1]["epoch"])[0] if with_epoch else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint of the run's last reported epoch (the one a rerun resumes from)."""
-    found = [(d, m) for d, m in checkpoints(run_dir) if "epoch" in m]
-    return max(found, key=lambda c: c[1]["epoch"])[0] if found else None
+    return latest_of(list(checkpoints(run_dir)))
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

@@ -96,10 +96,6 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def _latest(found: list[tuple[Path, dict[str, Any]]]) -> Path | None:
-    return max(found, key=lambda c: c[1]["epoch"])[0] if found else None
-
-
 class _DirCheckpoint:
     """A checkpoint directory with ``as_directory()``, as Ray's ``Checkpoint`` has."""
 
@@ -135,7 +131,7 @@ class LocalSession:
 
     def latest(self) -> Path | None:
         """The checkpoint of the last epoch reported, or None."""
-        return _latest(list(runs.checkpoints(self.run_dir)))
+        return runs.latest_checkpoint(self.run_dir)
 
     def prepare_loader(self, loader: Any) -> Any:
         return loader
@@ -160,7 +156,7 @@ class LocalSession:
         found = list(runs.checkpoints(self.run_dir))
         sign = better_sign(self.mode)
         ranked = sorted(found, key=lambda c: -sign * c[1][self.monitor])
-        keep = {_latest(found), *(path for path, _ in ranked[:KEEP_CHECKPOINTS])}
+        keep = {runs.latest_of(found), *(path for path, _ in ranked[:KEEP_CHECKPOINTS])}
         for path, _ in found:
             if path not in keep:
                 shutil.rmtree(path)
