@@ -53,7 +53,9 @@ def _kill_a_worker_after_a_pruning(run_dir: Path, killed: list[int], seen: list[
     deadline = time.monotonic() + 600  # a bound, on a busy machine the run starts slowly
     epochs_csv = run_dir / "epochs.csv"
     while time.monotonic() < deadline:
-        if epochs_csv.exists() and len(epochs_csv.read_text().splitlines()) >= 5:
+        reported = epochs_csv.exists() and len(epochs_csv.read_text().splitlines()) >= 5
+        # The epoch line is written before Ray's checkpoint manager prunes: wait for the prune.
+        if reported and len(list(run_dir.glob("checkpoint_*"))) <= 3:
             seen.append(len(list(run_dir.glob("checkpoint_*"))))
             for proc in psutil.process_iter(["cmdline"]):
                 if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):

@@ -202,9 +202,6 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=t.num_samples,
-            # A new trial actor costs 15-20 s of process start and imports on 2 busy cores, more
-            # than a small trial's epochs; a finished trial's actor takes the next trial.
-            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=study,
