@@ -79,6 +79,15 @@ def run_arm(args: argparse.Namespace, manifest: Path, work: Path, arm: str) -> d
         "epoch_budget": budget,
         "epoch_fraction": epochs / budget,
         "seconds": round(seconds, 1),
+        # Every trial's outcome, so a gap between the arms can be read back to its trials.
+        "per_trial": [
+            {
+                "epochs": int(r["epochs"]),
+                "best_val_acc": float(r["best_val_acc"]) if r["best_val_acc"] else None,
+                "collapsed": r["collapsed"] == "True",
+            }
+            for r in rows
+        ],
     }
 
 

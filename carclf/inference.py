@@ -6,12 +6,12 @@ Serve classifier deployment, so all of them score an image the same way.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from PIL import Image
 
 from carclf.bundle import Bundle
@@ -56,7 +56,6 @@ class OnnxClassifier:
     def __init__(self, bundle: Bundle, threads: int = 1, use_gpu: bool = False) -> None:
         self.bundle = bundle
         self.labels = bundle.info.labels
-        self.transform = eval_transform(bundle.info.preprocess)
         self.session, self.provider = onnx_session(str(bundle.onnx_path), threads, use_gpu)
         out_shape = self.session.get_outputs()[0].shape
         if isinstance(out_shape[-1], int) and out_shape[-1] != len(self.labels):
@@ -65,8 +64,16 @@ class OnnxClassifier:
                 f"{len(self.labels)} labels"
             )
 
+    @functools.cached_property
+    def transform(self):
+        """The bundle's eval transform, built on first use: the Serve classifier gets its
+        images preprocessed and so never imports torch."""
+        return eval_transform(self.bundle.info.preprocess)
+
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Decoded RGB images → the float32 NCHW batch the model takes."""
+        import torch
+
         return torch.stack([self.transform(img) for img in images]).numpy()
 
     def raw_logits(self, batch: np.ndarray) -> np.ndarray:

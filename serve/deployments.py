@@ -5,6 +5,10 @@ gets it already preprocessed (the bundle's own eval transform, applied in the in
 and resizing run beside onnxruntime instead of before it), the explainer gets the decoded RGB image
 it draws its overlay on.
 
+The classifier never imports torch (onnxruntime only; the explainer imports :mod:`carclf.explain`
+in its own replicas), so a classifier replica that autoscaling or a restart adds serves within
+seconds rather than after torch's and timm's imports.
+
 The explainer is its own bounded pool: Grad-CAM's forward and backward passes on one torch model
 run one at a time per replica (:class:`carclf.explain.Explainer` holds the lock), a replica takes
 at most ``EXPLAINER_MAX_ONGOING`` requests and each caller queues at most
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -25,9 +29,11 @@ from PIL import Image
 from ray import serve
 
 from carclf.bundle import load_ref
-from carclf.explain import Explainer, Explanation, png_bytes
 from carclf.inference import OnnxClassifier
 from serve.metrics import ModelMetrics
+
+if TYPE_CHECKING:
+    from carclf.explain import Explanation
 
 log = logging.getLogger("ray.serve")
 
@@ -141,8 +147,8 @@ class ClassifierDeployment:
         return {"logits": logits, "probabilities": probs}
 
     def check_health(self) -> None:
-        """A real inference on a blank image: a replica that cannot infer is unhealthy."""
-        self.clf.probabilities([Image.new("RGB", tuple(self.info.input_size[1:]))])
+        """A real inference on a blank input: a replica that cannot infer is unhealthy."""
+        self.clf.raw_logits(np.zeros((1, *self.info.input_size), np.float32))
 
 
 @serve.deployment(
@@ -157,6 +163,8 @@ class ExplainerDeployment:
 
     def __init__(self, bundle_path: str) -> None:
         import torch
+
+        from carclf.explain import Explainer
 
         torch.set_num_threads(_replica_cpus())
         self.explainer = Explainer.from_bundle(load_ref(bundle_path))
@@ -180,6 +188,8 @@ class ExplainerDeployment:
 
 
 def _as_json(exp: Explanation) -> dict[str, Any]:
+    from carclf.explain import png_bytes
+
     return {
         "label": exp.label,
         "score": exp.score,

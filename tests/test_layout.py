@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,16 @@ def test_no_function_is_longer_than_the_style_allows() -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
+
+
+def test_the_classifier_replica_starts_without_torch_or_timm() -> None:
+    """A classifier replica (onnxruntime only) must not pay torch's and timm's imports: they
+    are most of the time before a replica that autoscaling or a restart adds can serve."""
+    code = (
+        "import sys, serve.deployments, carclf.inference, carclf.bundle; "
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -449,3 +449,53 @@ def test_killing_a_classifier_replica_under_load_fails_no_request(load_app: str)
         time.sleep(0.1)
     assert 503 in {s for s, _ in seen}, seen[-3:]
     assert max(t for _, t in seen) < 1.0, seen
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_classifier_autoscales_up_under_a_burst_and_back_down(served_app: str, served_bundle):
+    """``classifier_replicas: auto``: a burst grows the classifier from 1 replica to 2 (the new
+    one serving), and it shrinks back to 1 once the burst is over."""
+    from ray import serve
+
+    url = start(
+        "carclf-auto",
+        "/auto",
+        str(served_bundle.path),
+        ingress_replicas=1,
+        classifier_replicas="auto",
+        classifier_min_replicas=1,
+        classifier_max_replicas=2,
+        classifier_target_ongoing_requests=0.5,
+        classifier_upscale_delay_s=1,
+        classifier_downscale_delay_s=3,
+        classifier_look_back_period_s=2,
+        classifier_metrics_interval_s=0.5,
+    )
+
+    def running() -> int:
+        states = serve.status().applications["carclf-auto"].deployments["classifier-body"]
+        return states.replica_states.get("RUNNING", 0)
+
+    try:
+        assert running() == 1
+        # Four clients keep ~4 requests at the classifier (target 0.5 per replica) and leave
+        # the cores room to start the second replica.
+        counts, halt = [], threading.Event()
+        burst = threading.Thread(target=lambda: asyncio.run(drive(url, 4, 90.0, halt)))
+        burst.start()
+        deadline = time.monotonic() + 90
+        try:
+            while time.monotonic() < deadline and max(counts, default=0) < 2:
+                counts.append(running())
+                time.sleep(0.5)
+        finally:
+            halt.set()
+            burst.join()
+        assert max(counts) == 2, counts
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and running() != 1:
+            time.sleep(0.5)
+        assert running() == 1
+    finally:
+        serve.delete("carclf-auto")

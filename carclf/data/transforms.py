@@ -2,6 +2,11 @@
 
 The eval transform is a function of :class:`Preprocess` alone, which travels inside the bundle
 (``bundle.json``), so evaluation in training and serving build the very same transform.
+
+timm, torch and torchvision are imported where a transform is built, not at the top: a process
+that only reads a bundle's preprocessing (the ONNX classifier replica of ``serve/``) starts
+without them, and ``import timm`` alone takes about 10 s on 2 busy cores, time a replica that
+autoscaling or a restart adds would spend before it serves.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ import io
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm.data
-import torch
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict
-from torchvision import transforms as T
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision import transforms as T
 
 
 class Preprocess(BaseModel):
@@ -34,6 +41,8 @@ def preprocess_for(
     model: torch.nn.Module, img_size: int | None = None, crop_pct: float | None = None
 ) -> Preprocess:
     """Resolve the model's preprocessing (timm's ``pretrained_cfg``), with optional overrides."""
+    import timm.data
+
     args: dict = {}
     if img_size:
         args["input_size"] = (3, img_size, img_size)
@@ -60,6 +69,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
 
 def eval_transform(pre: Preprocess) -> T.Compose:
     """Resize, centre-crop, to tensor, normalise: used by evaluation, export and serving."""
+    import timm.data
+
     return timm.data.create_transform(
         input_size=pre.input_size,
         interpolation=pre.interpolation,
@@ -93,6 +104,9 @@ def train_transform(pre: Preprocess, augment: str = "basic") -> T.Compose:
         raise ValueError(f"augment policy {augment!r} is not one of {AUGMENT_POLICIES}")
     if augment == "none":
         return eval_transform(pre)
+    import timm.data
+    from torchvision import transforms as T
+
     crop_flip, middle, to_tensor = timm.data.create_transform(
         input_size=pre.input_size,
         is_training=True,
@@ -114,6 +128,8 @@ def train_transform(pre: Preprocess, augment: str = "basic") -> T.Compose:
 
 
 def _interpolation(pre: Preprocess) -> T.InterpolationMode:
+    import timm.data.transforms
+
     return timm.data.transforms.str_to_interp_mode(pre.interpolation)
 
 
