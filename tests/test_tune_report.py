@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 
@@ -14,6 +15,7 @@ from carclf.config import Config, validate_config
 from carclf.plots import plot_param_importances, plot_search_trials
 from carclf.runs import best_checkpoint
 from carclf.search.report import export_optuna, param_importances
+from carclf.search.tune import trial_rows
 
 from .conftest import tiny_config
 
@@ -154,3 +156,26 @@ def test_trials_table_gives_each_trial_its_outcome_and_marks_pretrained_studies(
         "ran every epoch",
     ]
     assert [t["model"] for t in table] == ["scratch_cnn", "scratch_cnn_bn", "resnet18 (pretrained)"]
+
+
+class _Result:
+    """What ``trial_rows`` reads of a Tune result: its per-epoch metrics, no error."""
+
+    def __init__(self, accs: list[float]) -> None:
+        rows = [
+            {"epoch": n, "val_acc": a, "val_loss": 1.9 if a < 0.2 else 1.0, "train_loss": 1.9}
+            for n, a in enumerate(accs)
+        ]
+        self.metrics_dataframe = pd.DataFrame(rows)
+        self.metrics, self.config, self.error, self.path = {}, {}, None, None
+
+
+def test_a_trial_that_trained_on_past_collapse_symptoms_and_recovered_is_not_collapsed(
+    tmp_path: Path, toy_manifest: Path
+) -> None:
+    cfg = _cfg(tmp_path, toy_manifest)
+    chance = [0.14, 0.14, 0.14, 0.14]  # 7 classes: at chance from epoch 3 (min_epochs) on
+    grid = [_Result(chance), _Result([*chance, 0.5, 0.7]), _Result([0.3, 0.5, 0.6, 0.7])]
+    rows = trial_rows("scratch", grid, cfg, num_classes=7)
+    assert [r["collapsed"] for r in rows] == [True, False, False]
+    assert "chance" in rows[0]["collapse_reason"] and rows[1]["collapse_reason"] == ""

@@ -258,6 +258,10 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
             reason = detect_collapse(history[:n], num_classes, t.collapse)
             if reason:
                 break
+        # A trial that trained on (tune.stop_collapsed: false) and left the symptoms behind
+        # recovered: it is not labelled collapsed, nor kept out of "best healthy trial".
+        if reason and detect_collapse(history, num_classes, t.collapse) is None:
+            reason = None
         curve = [h.get(t.metric) for h in history]
         finite = [v for v in curve if isinstance(v, float | int) and math.isfinite(v)]
         best = best_of(finite, float, t.mode) if finite else None
