@@ -84,6 +84,27 @@ def detect_collapse(
     return None
 
 
+def collapse_label(
+    history: Sequence[dict[str, Any]], num_classes: int, rule: CollapseRule | None = None
+) -> str | None:
+    """A finished run's collapse label: the reason at the first epoch the detector fired, or
+    None when the run ended healthy (it never fired, or it trained on past the symptoms and
+    recovered, as in a search that labels collapsed trials without stopping them).
+
+    Args:
+        history: the run's per-epoch metrics, as for :func:`detect_collapse`.
+        num_classes: K.
+        rule: thresholds; the defaults suit most runs.
+    """
+    if detect_collapse(history, num_classes, rule) is None:
+        return None
+    for n in range(1, len(history) + 1):
+        reason = detect_collapse(history[:n], num_classes, rule)
+        if reason:
+            return reason
+    return None  # unreachable: the whole history fired
+
+
 def confusion_pattern(cm: np.ndarray, labels: Sequence[str], max_class_share: float = 0.5) -> str:
     """Name the shape of a confusion matrix (rows true, columns predicted), as a reader would.
 

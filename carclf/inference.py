@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -65,7 +66,7 @@ class OnnxClassifier:
             )
 
     @functools.cached_property
-    def transform(self):
+    def transform(self) -> Callable[[Image.Image], Any]:
         """The bundle's eval transform, built on first use: the Serve classifier gets its
         images preprocessed and so never imports torch."""
         return eval_transform(self.bundle.info.preprocess)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from carclf import runs
-from carclf.collapse import CollapseRule, detect_collapse
+from carclf.collapse import CollapseRule, collapse_label, detect_collapse
 from carclf.config import Config, save_config
 from carclf.errors import UserInputError
 from carclf.metrics import best_of
@@ -253,15 +253,7 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
     rows = []
     for result in grid:
         history = trial_history(result)
-        reason = None
-        for n in range(1, len(history) + 1):  # first epoch at which the detector fired
-            reason = detect_collapse(history[:n], num_classes, t.collapse)
-            if reason:
-                break
-        # A trial that trained on (tune.stop_collapsed: false) and left the symptoms behind
-        # recovered: it is not labelled collapsed, nor kept out of "best healthy trial".
-        if reason and detect_collapse(history, num_classes, t.collapse) is None:
-            reason = None
+        reason = collapse_label(history, num_classes, t.collapse)
         curve = [h.get(t.metric) for h in history]
         finite = [v for v in curve if isinstance(v, float | int) and math.isfinite(v)]
         best = best_of(finite, float, t.mode) if finite else None
