@@ -28,9 +28,11 @@ explainer queue or a restarting replica a 503 with ``Retry-After``.
 
 Load policy (every limit per ingress replica, from ``settings``): past ``max_inflight``
 requests at work, or ``max_uploads`` bodies being received, a request gets a JSON 503 with
-``Retry-After`` at once; a body not received within ``body_timeout_s`` is a 408; a request past
-its deadline (its ``timeout`` header, else ``request_timeout_s``) is a 504, with its model calls
-cancelled. A model call whose replica died is retried once before a 503. Health and readiness
+``Retry-After`` at once, and so does an explain past ``max_explains`` explains at work (a
+share of ``max_inflight``, so explains never take the slots predictions need); a body not
+received within ``body_timeout_s`` is a 408; a request past its deadline (its ``timeout``
+header, else ``request_timeout_s``) is a 504, with its model calls cancelled. A model call
+whose replica died is retried once before a 503. Health and readiness
 never wait on a model.
 
 Each inference request is counted and timed by model, endpoint and status, and each refused
@@ -116,6 +118,12 @@ class ServeSettings(BaseModel):
     max_uploads: int = Field(
         64, ge=1, description="request bodies one ingress replica receives at once"
     )
+    max_explains: int | None = Field(
+        None,
+        ge=1,
+        description="explain requests one ingress replica works on at once, within "
+        "max_inflight (default a quarter of it): the rest stays free for predictions",
+    )
     body_timeout_s: float = Field(
         10.0, gt=0, description="seconds to receive a whole request body; slower is a 408"
     )
@@ -132,6 +140,20 @@ class ServeSettings(BaseModel):
     health_poll_s: float = Field(
         1.0, gt=0, description="how often readiness asks Serve which replicas are running"
     )
+
+    @property
+    def explain_slots(self) -> int:
+        """Explains at work at once per ingress replica: ``max_explains`` or its default."""
+        return self.max_explains or max(1, self.max_inflight // 4)
+
+    @model_validator(mode="after")
+    def _explains_leave_room(self) -> "ServeSettings":
+        if self.max_explains is not None and self.max_explains >= self.max_inflight:
+            raise ValueError(
+                f"max_explains ({self.max_explains}) must be under max_inflight "
+                f"({self.max_inflight}), so a flood of explains cannot take every slot"
+            )
+        return self
 
     @model_validator(mode="after")
     def _timeouts_agree(self) -> "ServeSettings":
@@ -433,6 +455,7 @@ class Ingress:
         self.metrics = IngressMetrics()  # once per replica: Ray keeps one series set per process
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, "carclf-decode")
         self._inflight = 0  # requests past their body, at work (the event loop is one thread)
+        self._explaining = 0  # of which explains
         self._uploads = 0  # bodies being received
         self._running: dict[str, int] | None = None  # model → running classifier replicas
         self._running_at = 0.0
@@ -514,13 +537,14 @@ class Ingress:
             self.metrics.request(model, endpoint, status, time.perf_counter() - start)
 
     @contextlib.asynccontextmanager
-    async def _work(self, request: Request) -> AsyncIterator[bytes]:
+    async def _work(self, request: Request, explain: bool = False) -> AsyncIterator[bytes]:
         """An inference request's deadline, body and admission; yields the body.
 
         The deadline (the ``timeout`` header, else ``settings.request_timeout_s``) covers
         everything from here on and cancels the model calls it interrupts (504). A request
-        is refused with 503 while ``settings.max_inflight`` others are at work: before its
-        body is read, and again after, since others may have been admitted meanwhile.
+        is refused with 503 while ``settings.max_inflight`` others are at work (an explain
+        also while ``settings.max_explains`` explains are): before its body is read, and
+        again after, since others may have been admitted meanwhile.
         """
         s = self.settings
         seconds = deadline_s(
@@ -528,14 +552,16 @@ class Ingress:
         )
         try:
             async with asyncio.timeout(seconds) as timer:
-                self._refuse_if_busy()
+                self._refuse_if_busy(explain)
                 body = await self._body(request)
-                self._refuse_if_busy()
+                self._refuse_if_busy(explain)
                 self._inflight += 1
+                self._explaining += explain
                 try:
                     yield body
                 finally:
                     self._inflight -= 1
+                    self._explaining -= explain
         except TimeoutError:
             if not timer.expired():
                 raise
@@ -543,9 +569,13 @@ class Ingress:
                 504, f"no answer within the request's deadline ({seconds:g} s)"
             ) from None
 
-    def _refuse_if_busy(self) -> None:
+    def _refuse_if_busy(self, explain: bool) -> None:
         if self._inflight >= self.settings.max_inflight:
             raise ApiError(503, "the server is busy; retry shortly", self._retry)
+        # Explains hold their slot for a backward pass each: capped apart, they cannot take
+        # the slots predictions need.
+        if explain and self._explaining >= self.settings.explain_slots:
+            raise ApiError(503, "too many explanations in progress; retry shortly", self._retry)
 
     async def _body(self, request: Request) -> bytes:
         """The request's body within the size limit (413) and ``settings.body_timeout_s`` (408)."""
@@ -715,7 +745,7 @@ class Ingress:
         async with self._observed("v1_explain", name):
             self._authorise(request)
             self._model(name)  # a 404 before the body is read
-            async with self._work(request) as body:
+            async with self._work(request, explain=True) as body:
                 labels = (await self._model_info(name))["labels"]
                 images, options = await self._images(request, body)
                 method = options.get("method", "gradcam")

@@ -226,8 +226,9 @@ def test_explain_flood_gets_fast_503s_and_predictions_keep_flowing(served_app: s
     def call(path: str, payload: dict) -> httpx.Response:
         return post_json(served_app, path, payload)
 
-    # Each of the two ingress replicas queues up to 8 in front of the explainer's 2 slots:
-    # 40 explains at once overflow that whatever the split.
+    # Each of the two ingress replicas works on at most 8 explains (a quarter of its 32 slots)
+    # in front of the explainer's 2: 40 at once overflow that whatever the split, and the
+    # predictions still find slots.
     with ThreadPoolExecutor(max_workers=48) as pool:
         floods = [pool.submit(call, "/v1/models/body:explain", explain) for _ in range(40)]
         preds = [pool.submit(call, "/v1/models/body:predict", predict) for _ in range(8)]
@@ -239,5 +240,5 @@ def test_explain_flood_gets_fast_503s_and_predictions_keep_flowing(served_app: s
         if r.status_code == 503:
             assert_clean(r, 503, "flood")
             assert r.headers["retry-after"] == "1"
-    assert [r.status_code for r in answers] == [200] * len(answers)
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
     assert httpx.get(f"{served_app}/v2/health/ready").status_code == 200

@@ -46,7 +46,7 @@ def bare_ingress(**settings: Any) -> Any:
     ingress = object.__new__(_Bare)
     ingress.settings = ServeSettings(**settings)
     ingress._retry = {"retry-after": str(ingress.settings.retry_after_s)}
-    ingress._inflight = ingress._uploads = 0
+    ingress._inflight = ingress._uploads = ingress._explaining = 0
     return ingress
 
 
@@ -203,6 +203,29 @@ def test_full_ingress_refuses_at_once_with_retry_after() -> None:
     with pytest.raises(ApiError) as err:
         asyncio.run(ingress._body(request([b"x"])))
     assert err.value.status == 503
+
+
+def test_explains_are_capped_within_the_slots_so_predictions_are_still_admitted() -> None:
+    ingress = bare_ingress(max_inflight=8)
+    assert ingress.settings.explain_slots == 2  # a quarter of max_inflight by default
+
+    async def admitted(explain: bool) -> bool:
+        try:
+            async with ingress._work(request([b"{}"]), explain=explain):
+                return True
+        except ApiError as err:
+            assert (err.status, err.headers) == (503, {"retry-after": "1"})
+            return False
+
+    ingress._inflight = ingress._explaining = 2  # two explains at work
+    assert not asyncio.run(admitted(explain=True))
+    assert asyncio.run(admitted(explain=False))
+    assert (ingress._inflight, ingress._explaining) == (2, 2)  # released on the way out
+    ingress._explaining = 1
+    assert asyncio.run(admitted(explain=True))
+    assert ingress._explaining == 1
+    with pytest.raises(ValueError, match="max_explains"):
+        ServeSettings(max_inflight=8, max_explains=8)
 
 
 def test_deadline_is_a_504_that_cancels_the_model_call() -> None:
