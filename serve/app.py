@@ -78,8 +78,11 @@ class AppArgs(BaseModel):
     explainer_max_queued_requests: int = Field(EXPLAINER_MAX_QUEUED, ge=1)
     ingress_replicas: int = Field(2, ge=1)
     ingress_max_ongoing_requests: int = Field(INGRESS_MAX_ONGOING, ge=1)
-    # Requests Serve's proxy holds for a full ingress; past them its own (plain-text) 503.
-    ingress_max_queued_requests: int = Field(64, ge=1)
+    # Requests Serve's proxy holds before it has handed them to an ingress replica; past them
+    # its own plain-text 503. The ingress's admission gives the JSON 503s: this bound is a
+    # last resort, wide enough for a burst of new connections that the proxy has not yet
+    # handed out (on 2 busy cores, 80 at once reached 64 pending).
+    ingress_max_queued_requests: int = Field(512, ge=1)
     # A replica being replaced or scaled down stops getting requests, then waits this long for
     # its in-flight ones (checking every wait loop): at least the longest request deadline.
     graceful_shutdown_timeout_s: float = Field(130.0, gt=0)

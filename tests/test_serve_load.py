@@ -148,7 +148,7 @@ def test_build_app_bounds_and_scales_every_deployment(served_bundle) -> None:
     )
     ingress = build_app(args)._bound_deployment  # Serve's bound deployment (no public view)
     assert (ingress.num_replicas, ingress.max_ongoing_requests) == (2, 128)
-    assert ingress.max_queued_requests == 64
+    assert ingress.max_queued_requests == 512
     assert ingress._deployment_config.graceful_shutdown_timeout_s == 130.0
     classifiers, explainers = ingress.init_args[0], ingress.init_args[1]
     for app in [*classifiers.values(), *explainers.values()]:
@@ -327,6 +327,8 @@ async def drive(
                     ok.append(took)
                 elif r.status_code == 503:
                     refused.append(took)
+                    # Serve's proxy answers its own plain-text 503 only past its queue.
+                    assert r.headers["content-type"] == "application/json", r.text
                     assert r.json()["error"] and r.headers["retry-after"] == "1", r.text
                     await asyncio.sleep(0.05)
                 else:
