@@ -67,6 +67,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.context import _get_global_client
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -346,14 +347,18 @@ def not_ready(
 def running_replicas(app: str, deployments: dict[str, str]) -> dict[str, int]:
     """Model name → running replicas of its deployment in ``app``, asked of Serve's controller.
 
-    Blocking (a call to the controller): run it in a thread.
+    Reads the controller's instance details as the plain dict it sends: ``serve.status()``
+    builds the same facts into pydantic models, pickling every deployment's request router on
+    the way, ~50 ms of CPU per call against ~1 ms; every ingress replica asks each
+    ``settings.health_poll_s``, idle or not. Blocking (a call to the controller): run it in a
+    thread.
     """
-    status = serve.status().applications.get(app)
-    found = status.deployments if status is not None else {}
+    details = _get_global_client().get_serve_details()
+    found = details.get("applications", {}).get(app, {}).get("deployments", {})
     out = {}
     for model, deployment in deployments.items():
-        states = found[deployment].replica_states if deployment in found else {}
-        out[model] = sum(n for s, n in states.items() if getattr(s, "value", s) == "RUNNING")
+        replicas = found.get(deployment, {}).get("replicas", [])
+        out[model] = sum(getattr(r["state"], "value", r["state"]) == "RUNNING" for r in replicas)
     return out
 
 

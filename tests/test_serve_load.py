@@ -97,17 +97,21 @@ def test_readiness_needs_a_fresh_report_with_a_running_replica() -> None:
     assert not_ready(None, 0.0, 5.0, names) == names  # no report yet
 
 
-def test_running_replicas_reads_serves_status(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_running_replicas_reads_serves_details(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace as NS
 
     import serve.ingress
 
+    def replicas(*states: str) -> dict:
+        return {"replicas": [{"state": s} for s in states]}
+
     deployments = {
-        "classifier-body": NS(replica_states={"RUNNING": 2, "STARTING": 1}),
-        "classifier-brand": NS(replica_states={"STARTING": 1}),
+        "classifier-body": replicas("RUNNING", "RUNNING", "STARTING"),
+        "classifier-brand": replicas("STARTING"),
     }
-    status = NS(applications={"carclf": NS(deployments=deployments)})
-    monkeypatch.setattr(serve.ingress.serve, "status", lambda: status)
+    details = {"applications": {"carclf": {"deployments": deployments}}}
+    client = NS(get_serve_details=lambda: details)
+    monkeypatch.setattr(serve.ingress, "_get_global_client", lambda: client)
     wanted = {"body": "classifier-body", "brand": "classifier-brand", "gone": "classifier-gone"}
     got = serve.ingress.running_replicas("carclf", wanted)
     assert got == {"body": 2, "brand": 0, "gone": 0}
