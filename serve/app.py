@@ -94,6 +94,11 @@ class AppArgs(BaseModel):
     # Two ingress replicas share what one had: the total reserved stays 0.1 CPU.
     ingress_cpus: float = Field(0.05, gt=0.0)
     use_gpu: bool = False
+    # Serve's access log, a line per request in every replica (and on the console of the
+    # process that started Ray): off by default, since the ``carclf_requests_total`` and latency
+    # series already count every request by model, endpoint and status, and the lines cost CPU
+    # in each replica and in Ray's log forwarding on every request.
+    access_log: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppArgs":
@@ -138,11 +143,12 @@ class AppArgs(BaseModel):
             },
         }
 
-    def shutdown(self) -> dict[str, float]:
-        """The graceful-shutdown options of every deployment."""
+    def every_deployment(self) -> dict[str, Any]:
+        """The options every deployment shares: graceful shutdown and access logging."""
         return {
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "logging_config": {"enable_access_log": self.access_log},
         }
 
 
@@ -168,7 +174,7 @@ def build_app(args: AppArgs) -> Application:
             max_ongoing_requests=args.classifier_max_ongoing_requests,
             max_queued_requests=args.classifier_max_queued_requests,
             health_check_period_s=args.classifier_health_check_period_s,
-            **args.shutdown(),
+            **args.every_deployment(),
             user_config=batching,
             ray_actor_options={
                 "num_cpus": args.classifier_cpus,
@@ -180,14 +186,14 @@ def build_app(args: AppArgs) -> Application:
             num_replicas=args.explainer_replicas,
             max_ongoing_requests=args.explainer_max_ongoing_requests,
             max_queued_requests=args.explainer_max_queued_requests,
-            **args.shutdown(),
+            **args.every_deployment(),
             ray_actor_options={"num_cpus": args.explainer_cpus},
         ).bind(path)
     ingress = Ingress.options(
         num_replicas=args.ingress_replicas,
         max_ongoing_requests=args.ingress_max_ongoing_requests,
         max_queued_requests=args.ingress_max_queued_requests,
-        **args.shutdown(),
+        **args.every_deployment(),
         ray_actor_options={"num_cpus": args.ingress_cpus},
     )
     return ingress.bind(classifiers, explainers, preprocess, args.settings.model_dump())

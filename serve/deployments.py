@@ -29,6 +29,7 @@ from PIL import Image
 from ray import serve
 
 from carclf.bundle import load_ref
+from carclf.data.transforms import to_model_input
 from carclf.inference import OnnxClassifier
 from serve.metrics import ModelMetrics
 
@@ -127,20 +128,30 @@ class ClassifierDeployment:
             "batch_wait_timeout_s": self._batched._get_batch_wait_timeout_s(),
         }
 
+    def _model_input(self, batch: np.ndarray) -> np.ndarray:
+        """The float32 ``[N, C, H, W]`` input of a batch of cropped uint8 ``[N, H, W, C]`` pixels
+        (what the ingress sends), or of a batch that is already one (a V2 FP32 tensor)."""
+        if batch.dtype == np.uint8:
+            return to_model_input(batch, self.info.preprocess)
+        return batch
+
     async def predict(self, x: np.ndarray, top_k: int = 5) -> dict:
-        """Top-k prediction for one preprocessed ``[C, H, W]`` image (batched with others)."""
-        logits = await self._batched(x)
+        """Top-k prediction for one image, cropped uint8 ``[H, W, C]`` pixels or a preprocessed
+        ``[C, H, W]`` tensor (batched with others)."""
+        logits = await self._batched(self._model_input(x[None])[0])
         probs = self.clf.probabilities_of(logits[None])
         self.metrics.top1(probs)
         return self.clf.top_k(probs, top_k)[0]
 
     async def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits and probabilities for a preprocessed ``[N, C, H, W]`` batch (KServe V2).
+        """Logits and probabilities for a batch (KServe V2): cropped uint8 ``[N, H, W, C]``
+        pixels or a preprocessed ``[N, C, H, W]`` tensor.
 
         ``logits`` are the model's own, exactly what ``model.onnx`` computes (what Triton would
         return); ``probabilities`` are calibrated, the ones every endpoint serves. Each image
         joins the dynamic batch, so V2 clients share batches with V1 ones.
         """
+        batch = self._model_input(batch)
         logits = np.stack(await asyncio.gather(*(self._batched(x) for x in batch)))
         probs = self.clf.probabilities_of(logits)
         self.metrics.top1(probs)

@@ -1,8 +1,9 @@
 """The HTTP ingress (FastAPI): KServe V1 for images, Open Inference Protocol V2, the web page.
 
-Decodes and checks every image once, preprocesses it with each model's own eval transform
-(:func:`carclf.data.transforms.eval_transform` of the bundle's preprocessing; once per distinct
-preprocessing), then calls the model deployments through the handles it receives in ``__init__``.
+Decodes and checks every image once, resizes and crops it with the image half of each model's
+own eval transform (:func:`carclf.data.transforms.eval_resize_crop` of the bundle's
+preprocessing; once per distinct preprocessing), then calls the model deployments, which
+normalise the uint8 pixels, through the handles it receives in ``__init__``.
 Decoding runs in a worker thread, so the event loop keeps accepting requests meanwhile. Every
 error is JSON ``{"error": …}`` with the status codes of docs/ARCHITECTURE.md ("HTTP API"); bad
 input never reaches a model and never yields a 500.
@@ -82,7 +83,7 @@ from carclf.data.limits import SERVE_MAX_ASPECT as MAX_ASPECT
 from carclf.data.limits import SERVE_MAX_PIXELS as MAX_PIXELS
 from carclf.data.limits import SERVE_MAX_TEXT_BYTES as MAX_TEXT_BYTES
 from carclf.data.limits import SERVE_MIN_SIDE as MIN_SIDE
-from carclf.data.transforms import Preprocess, eval_transform, load_image
+from carclf.data.transforms import Preprocess, eval_resize_crop, load_image
 from carclf.errors import UserInputError
 from carclf.explain import METHODS, class_index
 from serve import v2
@@ -452,7 +453,7 @@ class Ingress:
         specs = {n: Preprocess.model_validate(p) for n, p in preprocess.items()}
         # Models with the same preprocessing share one key, so an image is transformed once.
         self._spec_key = {n: p.model_dump_json() for n, p in specs.items()}
-        self._transforms = {self._spec_key[n]: eval_transform(p) for n, p in specs.items()}
+        self._crops = {self._spec_key[n]: eval_resize_crop(p) for n, p in specs.items()}
         self.settings = ServeSettings.model_validate(settings or {})
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
@@ -688,15 +689,19 @@ class Ingress:
         return encoded, options
 
     async def _inputs(self, names: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
-        """Each model's ``[N, C, H, W]`` input, transformed once per distinct preprocessing."""
+        """Each model's resized and cropped uint8 ``[N, H, W, C]`` pixels, once per distinct
+        preprocessing.
+
+        The classifier normalises them (:func:`carclf.data.transforms.to_model_input`): a
+        quarter of the float tensor's bytes to serialise and send per image.
+        """
 
         def run() -> dict[str, np.ndarray]:
             by_spec: dict[str, np.ndarray] = {}
             for name in names:
                 key = self._spec_key[name]
                 if key not in by_spec:
-                    batch = [self._transforms[key](img).numpy() for img in images]
-                    by_spec[key] = np.stack(batch)
+                    by_spec[key] = np.stack([np.asarray(self._crops[key](i)) for i in images])
             return {n: by_spec[self._spec_key[n]] for n in names}
 
         return await self._offload(run)

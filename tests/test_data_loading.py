@@ -18,8 +18,10 @@ from carclf.data.transforms import (
     AUGMENT_POLICIES,
     Preprocess,
     cache_resize,
+    eval_resize_crop,
     eval_transform,
     load_image,
+    to_model_input,
     train_transform,
 )
 from carclf.errors import UserInputError
@@ -53,6 +55,21 @@ def _draw(world: int, rank: int, epoch: int, seed: int = 7) -> list[int]:
     sampler = BalancedDistributedSampler(IMBALANCED, world, rank, seed=seed)
     sampler.set_epoch(epoch)
     return list(sampler)
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_the_eval_transform_split_in_two_gives_the_very_same_tensor(
+    crop_pct: float, toy_manifest: Path
+) -> None:
+    """Serving's split (PIL crop in the ingress, numpy normalisation in the classifier) is
+    bit-identical to the eval transform used in evaluation and export."""
+    pre = PRE.model_copy(update={"crop_pct": crop_pct, "interpolation": "bicubic"})
+    images = [load_image(r[0]) for r in read_manifest(toy_manifest).split("val")[:4]]
+    whole = np.stack([eval_transform(pre)(img).numpy() for img in images])
+    crop = eval_resize_crop(pre)
+    pixels = np.stack([np.asarray(crop(img)) for img in images])
+    assert pixels.dtype == np.uint8
+    assert np.array_equal(to_model_input(pixels, pre), whole)
 
 
 def test_balanced_sampler_draws_classes_near_uniformly() -> None:

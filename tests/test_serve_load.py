@@ -159,6 +159,7 @@ def test_build_app_bounds_and_scales_every_deployment(served_bundle) -> None:
         bound = app._bound_deployment
         assert bound.max_queued_requests > 0, bound.name  # every queue bounded
         assert bound._deployment_config.graceful_shutdown_wait_loop_s == 0.5
+        assert bound._deployment_config.logging_config["enable_access_log"] is False
     clf = classifiers["body"]._bound_deployment
     scaling = clf._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict
 
@@ -61,10 +62,14 @@ def preprocess_for(
 def load_image(source: str | Path | bytes) -> Image.Image:
     """Decode a file or encoded bytes into an upright RGB image (EXIF rotation applied)."""
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    img = ImageOps.exif_transpose(img)
+    # In place, and no convert of an RGB image: both would copy every decoded image once more.
+    ImageOps.exif_transpose(img, in_place=True)
     if img.mode == "I;16" or img.mode == "I":  # 16-bit grayscale: scale to 8 bits before RGB
         img = img.point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img.load()  # decode now: a broken file fails here, not in a later transform
+    return img
 
 
 def eval_transform(pre: Preprocess) -> T.Compose:
@@ -79,6 +84,37 @@ def eval_transform(pre: Preprocess) -> T.Compose:
         crop_pct=pre.crop_pct,
         is_training=False,
     )
+
+
+def eval_resize_crop(pre: Preprocess) -> T.Compose:
+    """The image half of :func:`eval_transform`: resize and centre-crop, still a PIL image.
+
+    With :func:`to_model_input` it gives the very same tensor as :func:`eval_transform`; the
+    split lets a server ship a crop's uint8 pixels between processes, a quarter of the float
+    tensor's bytes.
+
+    Raises:
+        RuntimeError: timm's eval transform does not end with to-tensor and normalise.
+    """
+    from torchvision import transforms as T
+
+    steps = eval_transform(pre).transforms
+    tail = [type(t).__name__ for t in steps[-2:]]
+    if tail != ["MaybeToTensor", "Normalize"]:
+        raise RuntimeError(f"timm's eval transform ends with {tail}, not to-tensor + normalise")
+    return T.Compose(steps[:-2])
+
+
+def to_model_input(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """Cropped uint8 ``[N, H, W, C]`` pixels → the normalised float32 ``[N, C, H, W]`` batch.
+
+    The tensor half of :func:`eval_transform` (to-tensor, then normalise) in numpy, in the
+    same float32 steps, so the ONNX classifier replica needs no torch.
+    """
+    x = pixels.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    mean = np.asarray(pre.mean, np.float32)[:, None, None]
+    std = np.asarray(pre.std, np.float32)[:, None, None]
+    return np.ascontiguousarray((x - mean) / std)
 
 
 AUGMENT_POLICIES = ("none", "basic", "randaugment", "trivialaugment")
