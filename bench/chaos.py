@@ -645,13 +645,15 @@ def start(bundle: str, args: argparse.Namespace) -> tuple[Target, Any]:
     from carclf.bundle import load_bundle
     from serve.app import AppArgs
     from serve.client import wait_ready
-    from serve.launch import start_app
+    from serve.launch import start_app, use_haproxy
 
     overrides = app_overrides(args.app)
     settings = {"api_key": KEY, **overrides.pop("settings", {})}
     app_args = AppArgs(bundles=[bundle], settings=settings, **overrides)
+    if args.haproxy:
+        use_haproxy()  # before Ray starts: Serve's controller reads it then
     init_ray()
-    base = start_app(app_args, host=HOST, port=args.port, name=APP)
+    base = start_app(app_args, host=HOST, port=args.port, name=APP, haproxy=args.haproxy)
     wait_ready(base)
     return Target(args.port, load_bundle(bundle).info.name, KEY), app_args
 
@@ -810,6 +812,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--soak-warmup-s", type=float, default=5.0)
     a("--rss-every-s", type=float, default=2.0)
     a("--skip", nargs="*", default=[], choices=["overload", "replica_kill", "soak"])
+    a("--haproxy", action="store_true", help="Serve's HAProxy ingress (carclf serve --haproxy)")
     a("--out", default="bench/results")
     return p.parse_args(argv)
 
@@ -838,6 +841,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         result["app_summary"] = (
             f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
+            f"; HTTP taken by {'HAProxy' if args.haproxy else 'Serve’s Python proxy'}"
         )
         result.update(asyncio.run(phases(target, app_args, args)))
     finally:

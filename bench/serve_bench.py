@@ -44,7 +44,7 @@ from carclf.train import init_run
 from serve.app import AppArgs
 from serve.client import wait_ready
 from serve.ingress import decode_image
-from serve.launch import start_app
+from serve.launch import start_app, use_haproxy
 
 
 def photos(count: int, seed: int = 0) -> list[bytes]:
@@ -119,6 +119,7 @@ def stages(bundle_path: str, images: list[bytes], threads: int) -> dict[str, flo
 # Roles of the processes of this benchmark's own Ray, by process title (ray::…) or binary.
 ROLES = {
     "ProxyActor": "Serve proxy",
+    "bin/haproxy": "HAProxy",
     ":Ingress": "ingress replicas",
     ":classifier-": "classifier replica",
     ":explainer-": "explainer replica",
@@ -321,6 +322,8 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
 
     from bench.chaos import app_overrides, init_ray
 
+    if args.haproxy:
+        use_haproxy()  # before Ray starts: Serve's controller reads it then
     init_ray()
     try:
         app_args = AppArgs(
@@ -330,7 +333,7 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             **app_overrides(args.app),
         )
-        base = start_app(app_args, port=args.port, name="bench")
+        base = start_app(app_args, port=args.port, name="bench", haproxy=args.haproxy)
         wait_ready(base)
         predict = f"{base}/v1/models/{name}:predict"
         sequential(predict, images[:5])  # warm-up
@@ -422,7 +425,8 @@ def markdown(r: dict) -> str:
             f"{r['max_batch_size']} ({_wait(r['batch_wait_timeout_s'])}), "
             f"{app.get('ingress_replicas', 1)} ingress and {app.get('classifier_replicas')} "
             "classifier replica(s); "
-            f"the bundle's model.onnx is {r['precision']}.",
+            f"the bundle's model.onnx is {r['precision']}; HTTP taken by "
+            f"{'HAProxy' if r.get('haproxy') else 'Serve’s Python proxy'}.",
             "",
             *markdown_table(_measures(r), cell),
             "",
@@ -461,6 +465,9 @@ def parse_args() -> argparse.Namespace:
         "--app", action="append", default=[], metavar="KEY=VALUE", help="an AppArgs field"
     )
     p.add_argument("--out", default="bench/results")
+    p.add_argument(
+        "--haproxy", action="store_true", help="Serve's HAProxy ingress (carclf serve --haproxy)"
+    )
     args = p.parse_args()
     if bool(args.bundle) == bool(args.arch):
         p.error("give a bundle or --arch, not both")
@@ -493,6 +500,7 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "cpus": cpus,
+        "haproxy": args.haproxy,
         "precision": "int8" if info.metrics.get("quantization", {}).get("kept") else "fp32",
         "in_process": in_process(args.bundle, images, args.threads),
         "stages": stages(args.bundle, images[:60], args.threads),

@@ -184,7 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> str:
 
     settings = {"allowed_hosts": args.allowed_host, "max_images": args.max_images}
     url = start_app(
-        app_args(args.bundles, args.api_key, **settings), host=args.host, port=args.port
+        app_args(args.bundles, args.api_key, **settings),
+        host=args.host,
+        port=args.port,
+        haproxy=args.haproxy,
     )
     print(f"serving {', '.join(args.bundles)} at {url} (Ctrl-C to stop)", file=sys.stderr)
     try:
@@ -414,6 +417,12 @@ def _add_bundles(sub: argparse._SubParsersAction) -> None:
         " for subdomains); replaces the default localhost, 127.0.0.1, [::1]",
     )
     p.add_argument("--max-images", type=int, help="images in one request; more is a 413")
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="take HTTP with Serve's HAProxy ingress instead of its Python proxy (faster under "
+        "load; a Ray that carclf starts, or one started with RAY_SERVE_ENABLE_HA_PROXY=1)",
+    )
     p.set_defaults(func=cmd_serve)
 
 

@@ -27,7 +27,7 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def _cluster_to_join() -> str | None:
+def cluster_to_join() -> str | None:
     """The address ``ray.init()`` should join, or None to start a local instance.
 
     ``RAY_ADDRESS`` wins (``local`` forces a new instance); else the cluster that ``ray start``
@@ -61,7 +61,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
     if ray.is_initialized():
         return
     init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
-    address = _cluster_to_join()
+    address = cluster_to_join()
     if address:
         if "RAY_ADDRESS" not in os.environ:
             print(

