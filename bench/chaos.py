@@ -653,7 +653,7 @@ def start(bundle: str, args: argparse.Namespace) -> tuple[Target, Any]:
     if args.haproxy:
         use_haproxy()  # before Ray starts: Serve's controller reads it then
     init_ray()
-    base = start_app(app_args, host=HOST, port=args.port, name=APP, haproxy=args.haproxy)
+    base = start_app(app_args, host=HOST, port=args.port, name=APP)
     wait_ready(base)
     return Target(args.port, load_bundle(bundle).info.name, KEY), app_args
 
@@ -823,6 +823,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
     from ray import serve
 
     from carclf.bundle import load_bundle
+    from serve.launch import http_front
 
     info = load_bundle(bundle).info
     started = time.time()
@@ -841,7 +842,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         result["app_summary"] = (
             f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
-            f"; HTTP taken by {'HAProxy' if args.haproxy else 'Serve’s Python proxy'}"
+            f"; HTTP taken by {http_front(args.haproxy)}"
         )
         result.update(asyncio.run(phases(target, app_args, args)))
     finally:

@@ -44,7 +44,7 @@ from carclf.train import init_run
 from serve.app import AppArgs
 from serve.client import wait_ready
 from serve.ingress import decode_image
-from serve.launch import start_app, use_haproxy
+from serve.launch import http_front, start_app, use_haproxy
 
 
 def photos(count: int, seed: int = 0) -> list[bytes]:
@@ -333,7 +333,7 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             **app_overrides(args.app),
         )
-        base = start_app(app_args, port=args.port, name="bench", haproxy=args.haproxy)
+        base = start_app(app_args, port=args.port, name="bench")
         wait_ready(base)
         predict = f"{base}/v1/models/{name}:predict"
         sequential(predict, images[:5])  # warm-up
@@ -426,7 +426,7 @@ def markdown(r: dict) -> str:
             f"{app.get('ingress_replicas', 1)} ingress and {app.get('classifier_replicas')} "
             "classifier replica(s); "
             f"the bundle's model.onnx is {r['precision']}; HTTP taken by "
-            f"{'HAProxy' if r.get('haproxy') else 'Serve’s Python proxy'}.",
+            f"{http_front(r.get('haproxy', False))}.",
             "",
             *markdown_table(_measures(r), cell),
             "",

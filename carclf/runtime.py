@@ -21,7 +21,7 @@ from carclf.errors import UserInputError
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -73,7 +73,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, **init_kwargs)
         return
-    port = _free_loopback_port()
+    port = free_loopback_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     # "local", not None: None would join a cluster that `ray start` recorded in /tmp/ray.
     context = ray.init(

@@ -445,9 +445,6 @@ class Ingress:
         preprocess: dict[str, dict[str, Any]],
         settings: dict[str, Any] | None = None,
     ) -> None:
-        import torch
-
-        torch.set_num_threads(1)  # the transforms' tensor ops; the ingress has a sliver of a CPU
         self.classifiers = classifiers
         self.explainers = explainers
         specs = {n: Preprocess.model_validate(p) for n, p in preprocess.items()}

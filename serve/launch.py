@@ -60,6 +60,11 @@ def start_app(
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
+def http_front(haproxy: bool) -> str:
+    """What takes the app's HTTP, in words (for reports)."""
+    return "HAProxy" if haproxy else "Serve's Python proxy"
+
+
 def use_haproxy() -> None:
     """Have the Ray this process starts take HTTP with HAProxy instead of Serve's Python proxy.
 

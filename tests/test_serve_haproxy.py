@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ import psutil
 import pytest
 
 from carclf.errors import UserInputError
-from carclf.runtime import API_SERVER_ENV
+from carclf.runtime import API_SERVER_ENV, free_loopback_port
 from serve.client import wait_ready
 from serve.launch import HAPROXY_ENV, use_haproxy
 
 from .test_serve_inputs import encode, noise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listener(port: int) -> psutil.Process | None:
@@ -49,7 +42,7 @@ def test_haproxy_on_a_running_ray_needs_the_cluster_started_so(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_carclf_serve_haproxy_answers_through_haproxy(served_bundle) -> None:
-    port = free_port()
+    port = free_loopback_port()
     env = {k: v for k, v in os.environ.items() if k not in (API_SERVER_ENV, HAPROXY_ENV)}
     env["RAY_ADDRESS"] = "local"  # its own Ray: the switch only works where Ray starts
     carclf = Path(sys.executable).with_name("carclf")
