@@ -16,6 +16,7 @@ from collections import defaultdict
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from ray.serve.metrics import Counter, Histogram
 
 from serve.ingress import ApiError, Ingress
 from serve.metrics import (
@@ -24,6 +25,7 @@ from serve.metrics import (
     CONFIDENCE_BUCKETS,
     LATENCY_BUCKETS_S,
     UNKNOWN_MODEL,
+    Deferred,
 )
 
 from .conftest import SERVE_KEY
@@ -66,6 +68,40 @@ def observe(name: str | None, exc: BaseException | None = None) -> Recorder:
     except (Exception, asyncio.CancelledError) as got:
         assert got is exc
     return holder.metrics
+
+
+class CountingCounter(Counter):
+    def __init__(self) -> None:
+        super().__init__("carclf_test_counter", tag_keys=("a",))
+        self.calls: list[tuple[float, dict]] = []
+
+    def inc(self, value: float = 1.0, tags: dict | None = None) -> None:
+        self.calls.append((value, tags))
+
+
+class CountingHistogram(Histogram):
+    def __init__(self) -> None:
+        super().__init__("carclf_test_histogram", boundaries=[1.0], tag_keys=("a",))
+        self.calls: list[tuple[float, dict]] = []
+
+    def observe(self, value: float, tags: dict | None = None) -> None:
+        self.calls.append((value, tags))
+
+
+def test_deferred_hands_points_to_ray_from_its_thread_with_counters_summed() -> None:
+    counter, histogram = CountingCounter(), CountingHistogram()
+    deferred = Deferred(every_s=0.05)
+    for i in range(5):
+        deferred.inc(counter, {"a": "x"})
+        deferred.observe(histogram, float(i), {"a": "y"})
+    deferred.inc(counter, {"a": "z"}, 2.0)
+    assert counter.calls == [] and histogram.calls == []  # nothing on the caller's thread
+    deadline = time.monotonic() + 10
+    while len(histogram.calls) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # One call per counter series; every histogram point, in order.
+    assert sorted(counter.calls, key=repr) == [(2.0, {"a": "z"}), (5.0, {"a": "x"})]
+    assert histogram.calls == [(float(i), {"a": "y"}) for i in range(5)]
 
 
 def test_ingress_records_status_model_and_decode_error_kind() -> None:
