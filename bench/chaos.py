@@ -4,7 +4,8 @@ Everything goes to 127.0.0.1 only, and every phase is bounded in time (flags bel
 
 1. Overload: the saturation throughput of closed-loop clients, then open-loop arrivals at 1x and
    10x of it: how many requests were refused and how fast, the accepted throughput against
-   saturation, and the latency of ``/v2/health/live`` and ``/v2/health/ready`` meanwhile.
+   saturation, and the latency of the health probes meanwhile (``PROBES``: the app's
+   ``/v2/health/live`` and ``/ready``, and the HTTP front's own ``/-/healthz``).
 2. Replica kill: a classifier replica killed with ``ray.kill`` under closed-loop load: requests
    sent and failed and their p99 before, during and after, and the seconds until Serve reports a
    new replica running.
@@ -41,6 +42,9 @@ HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
 APP = "carclf-chaos"
 REFUSED = (429, 503)  # "come back later": what an overloaded server should answer
+# Probed during overload: the app's KServe V2 health, and the health that Serve's HTTP front
+# (its Python proxy, or HAProxy) answers itself, which KubeRay and load balancers probe.
+PROBES = {"live": "/v2/health/live", "ready": "/v2/health/ready", "front": "/-/healthz"}
 
 
 # --- a small HTTP/1.1 client: cheap enough to offer 10x load from one core, and able to send
@@ -224,13 +228,16 @@ async def open_loop(
 
 
 async def probe_health(target: Target, stop: asyncio.Event, every_s: float) -> list[Reply]:
-    """``/v2/health/live`` and ``/ready`` on new connections, as an orchestrator probes."""
+    """Every path of ``PROBES`` at once, on new connections, as independent probes would."""
     replies: list[Reply] = []
+
+    async def probe(path: str) -> None:
+        reply = await exchange(target.port, get_request(target, path), 5.0)
+        reply.headers["probe"] = path
+        replies.append(reply)
+
     while not stop.is_set():
-        for path in ("/v2/health/live", "/v2/health/ready"):
-            reply = await exchange(target.port, get_request(target, path), 5.0)
-            reply.headers["probe"] = path
-            replies.append(reply)
+        await asyncio.gather(*(probe(path) for path in PROBES.values()))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)
     return replies
@@ -264,9 +271,8 @@ def overload_summary(
         "refuse_latency": pct([r.seconds for r in refused]),
         "retry_after": sorted({r.headers.get("retry-after", "-") for r in refused}),
     }
-    for path in ("/v2/health/live", "/v2/health/ready"):
+    for name, path in PROBES.items():
         probes = [r for r in health if r.headers.get("probe") == path]
-        name = path.rsplit("/", 1)[1]
         row[name] = {"statuses": statuses(probes), **pct([r.seconds for r in probes])}
     return row
 
@@ -707,6 +713,7 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
             "ok p50 / p99 ms": _ms(sat),
             "live p50 / p99 ms": "-",
             "ready p50 / p99 ms (statuses)": "-",
+            "front p50 / p99 ms": "-",
         }
     ]
     for lv in o["levels"]:
@@ -724,6 +731,7 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
                 "ok p50 / p99 ms": _ms(lv["ok_latency"]),
                 "live p50 / p99 ms": _ms(lv["live"]),
                 "ready p50 / p99 ms (statuses)": f"{_ms(ready)} ({_counts(ready['statuses'])})",
+                "front p50 / p99 ms": _ms(lv["front"]) if "front" in lv else "-",
             }
         )
     return rows
@@ -756,6 +764,13 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if "overload" in r:
         lines += ["## Overload", "", *markdown_table(overload_rows(r["overload"]), cell), ""]
+        lines += [
+            "Probes, on new connections every "
+            f"{r['flags']['probe_every_s']:g} s during each level: live and ready are the app's "
+            "`/v2/health/live` and `/ready`; front is `/-/healthz`, answered by the HTTP front "
+            "itself (what KubeRay and load balancers probe).",
+            "",
+        ]
     if "replica_kill" in r:
         k = r["replica_kill"]
         new = k["seconds_to_new_running_replica"]
