@@ -36,6 +36,7 @@ away before its answer.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter as Tally
@@ -45,6 +46,7 @@ import numpy as np
 from ray.serve.metrics import Counter, Histogram
 
 Metric = Counter | Histogram
+log = logging.getLogger("ray.serve")
 
 # Seconds: a cached prediction takes a few ms, an explanation of 32 images tens of seconds.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -108,7 +110,10 @@ class Deferred:
     def _run(self) -> None:
         while True:
             time.sleep(self.every_s)
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a bad point costs its flush's points, not every later one
+                log.exception("carclf metrics: a flush to Ray failed; its points are lost")
 
     def flush(self) -> None:
         """Hand every queued point to Ray now."""

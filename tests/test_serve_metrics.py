@@ -104,6 +104,26 @@ def test_deferred_hands_points_to_ray_from_its_thread_with_counters_summed() -> 
     assert histogram.calls == [(float(i), {"a": "y"}) for i in range(5)]
 
 
+def test_deferred_keeps_flushing_after_ray_refuses_a_point(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Refusing(CountingCounter):
+        def inc(self, value: float = 1.0, tags: dict | None = None) -> None:
+            raise ValueError("unknown tag")
+
+    bad, good = Refusing(), CountingCounter()
+    deferred = Deferred(every_s=0.05)
+    deferred.inc(bad, {"a": "x"})
+    deadline = time.monotonic() + 10
+    while "flush to Ray failed" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deferred.inc(good, {"a": "x"})
+    while not good.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "flush to Ray failed" in caplog.text  # said, not swallowed
+    assert good.calls == [(1.0, {"a": "x"})]  # and the thread still runs
+
+
 def test_ingress_records_status_model_and_decode_error_kind() -> None:
     assert observe("body").requests == [("body", "v1_predict", 200)]
     refused = observe("body", ApiError(400, "not an image", kind="undecodable"))
