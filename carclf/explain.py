@@ -16,8 +16,6 @@ token-shaped activations of ViT-style models and channels-last ones (Swin) are t
 from __future__ import annotations
 
 import io
-import re
-import reprlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,65 +41,20 @@ from carclf.bundle import Bundle
 from carclf.config import ModelConfig
 from carclf.data.transforms import Preprocess, eval_transform
 from carclf.errors import UserInputError
+from carclf.explain_request import METHOD_NAMES, check_method, class_index
 from carclf.models import cam_target_layer, create_model
 
-METHODS = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-}
+# The names are carclf.explain_request's (checked there without torch); the classes in that order.
+METHODS = dict(
+    zip(
+        METHOD_NAMES,
+        (GradCAM, GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM, EigenCAM),
+        strict=True,
+    )
+)
 
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
-
-# A class index as clients write it: ASCII digits only, since str.isdigit() also accepts "²" or
-# "٣", which int() then refuses; at most 18 digits, as no model has more classes than that and
-# int() of a longer string costs time (and fails past 4,300 digits).
-_INDEX = re.compile(r"-?[0-9]+")
-_MAX_INDEX_DIGITS = 18
-
-
-def _shown(value: object) -> str:
-    """A client's value in an error message: its repr, cut short and at most 3 levels deep, so
-    a 900-deep list neither floods the message nor recurses."""
-    short = reprlib.Repr()  # Python 3.10 and 3.11 take no keyword arguments here
-    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 40, 40, 40
-    try:
-        return short.repr(value)
-    except ValueError:  # an int past Python's 4,300-digit limit for conversion to text
-        return "a number of more than 4300 digits"
-
-
-def class_index(target: object, labels: list[str]) -> int | None:
-    """The class index a client asks for: an index, a class name, or None (the predicted class).
-
-    Args:
-        target: an int, a class name, a string of ASCII digits, or None / "" for the prediction.
-        labels: class names in index order.
-
-    Raises:
-        UserInputError: anything else, or a class the model does not have.
-    """
-    if target is None or target == "":
-        return None
-    if isinstance(target, bool) or not isinstance(target, (int, str)):
-        raise UserInputError(f"target: a class name or index is needed, got {_shown(target)}")
-    if isinstance(target, str) and not _INDEX.fullmatch(target):
-        if target not in labels:
-            raise UserInputError(f"target: unknown class {_shown(target)}")
-        return labels.index(target)
-    if isinstance(target, str):
-        index = int(target) if len(target.lstrip("-")) <= _MAX_INDEX_DIGITS else len(labels)
-    else:
-        index = target
-    if not 0 <= index < len(labels):
-        raise UserInputError(
-            f"target: class index {_shown(target)} is outside 0..{len(labels) - 1}"
-        )
-    return index
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -233,8 +186,7 @@ class Explainer:
             method: a key of :data:`METHODS`.
             target: class to explain (name or index); None explains each predicted class.
         """
-        if not isinstance(method, str) or method not in METHODS:
-            raise UserInputError(f"method: unknown {_shown(method)}; one of {', '.join(METHODS)}")
+        check_method(method)
         index = class_index(target, self.labels)  # refused before any work
         batch = torch.stack([self.transform(img) for img in images])
         with self._lock:

@@ -85,7 +85,7 @@ from carclf.data.limits import SERVE_MAX_TEXT_BYTES as MAX_TEXT_BYTES
 from carclf.data.limits import SERVE_MIN_SIDE as MIN_SIDE
 from carclf.data.transforms import Preprocess, eval_resize_crop, load_image
 from carclf.errors import UserInputError
-from carclf.explain import METHODS, class_index
+from carclf.explain_request import check_method, class_index
 from serve import v2
 from serve.metrics import ALL_MODELS, CLIENT_GONE, UNKNOWN_MODEL, IngressMetrics
 
@@ -755,11 +755,8 @@ class Ingress:
             async with self._work(request, explain=True) as body:
                 labels = (await self._model_info(name))["labels"]
                 images, options = await self._images(request, body)
-                method = options.get("method", "gradcam")
-                if not isinstance(method, str) or method not in METHODS:
-                    shown = v2.shown(method)
-                    raise ApiError(422, f"unknown method {shown}; one of {', '.join(METHODS)}")
-                try:  # checked here, so a bad target costs no explainer slot
+                try:  # checked here, so a bad request costs no explainer slot
+                    method = check_method(options.get("method", "gradcam"))
                     target = class_index(options.get("target"), labels)
                 except UserInputError as exc:
                     raise ApiError(422, str(exc)) from None

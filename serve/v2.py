@@ -21,12 +21,13 @@ import base64
 import binascii
 import json
 import math
-import reprlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from carclf.errors import shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMPY_TYPES = {
@@ -79,13 +80,6 @@ class _ConstantError(ValueError):
 
 def _no_constant(name: str) -> Any:
     raise _ConstantError(f"{name} is not a JSON number")
-
-
-def shown(value: object) -> str:
-    """A client's value in an error message: its repr, short and at most 3 levels deep."""
-    short = reprlib.Repr()  # Python 3.10 and 3.11 take no keyword arguments here
-    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 40, 40, 40
-    return short.repr(value)
 
 
 @dataclass

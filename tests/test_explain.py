@@ -15,7 +15,8 @@ from torch import nn
 from carclf.config import ModelConfig
 from carclf.data.transforms import Preprocess, eval_transform
 from carclf.errors import UserInputError
-from carclf.explain import METHODS, Explainer, class_index, target_layer_for
+from carclf.explain import METHODS, Explainer, target_layer_for
+from carclf.explain_request import METHOD_NAMES, check_method, class_index
 from carclf.export import export_onnx
 from carclf.inference import onnx_session
 from carclf.models import create_model
@@ -98,7 +99,16 @@ def test_target_layer_override_and_bad_names(trained: nn.Module) -> None:
         Explainer(trained, PRE, LABELS, target_layer="features.99")
     with pytest.raises(UserInputError, match="unknown class"):
         first.explain([square_image(0, np.random.default_rng(3))[0]], target="sideways")
-    assert {"gradcam", "gradcam++"} <= set(METHODS) and len(METHODS) >= 4
+    assert tuple(METHODS) == METHOD_NAMES
+    with pytest.raises(UserInputError, match="method: unknown 'gradcam2'; one of gradcam, "):
+        first.explain([square_image(0, np.random.default_rng(3))[0]], method="gradcam2")
+
+
+def test_check_method_in_the_clients_terms() -> None:
+    assert check_method("eigencam") == "eigencam"
+    for bad in ("GradCAM", None, ["gradcam"], 10**5000):
+        with pytest.raises(UserInputError, match=r"^method: unknown .*; one of gradcam, "):
+            check_method(bad)
 
 
 def test_vit_tokens_become_a_2d_map() -> None:
