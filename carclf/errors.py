@@ -1,4 +1,5 @@
-"""The one exception type that means "the user's input is wrong" (exit code 2)."""
+"""The one exception type that means "the user's input is wrong" (exit code 2), and how a
+client's value is quoted in such a message."""
 
 from __future__ import annotations
 
