@@ -582,7 +582,7 @@ async def run_hostile(
     rows = []
     for name, raw in cases:
         reply = await exchange(target.port, raw, timeout_s)
-        ready = await exchange(target.port, get_request(target, "/v2/health/ready"), timeout_s)
+        ready = await exchange(target.port, get_request(target, PROBES["ready"]), timeout_s)
         try:
             error = json.loads(reply.body).get("error", "") if reply.body else reply.error
         except (ValueError, AttributeError):
@@ -731,7 +731,7 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
                 "ok p50 / p99 ms": _ms(lv["ok_latency"]),
                 "live p50 / p99 ms": _ms(lv["live"]),
                 "ready p50 / p99 ms (statuses)": f"{_ms(ready)} ({_counts(ready['statuses'])})",
-                "front p50 / p99 ms": _ms(lv["front"]) if "front" in lv else "-",
+                "front p50 / p99 ms": _ms(lv["front"]),
             }
         )
     return rows

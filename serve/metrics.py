@@ -79,15 +79,14 @@ DECODE_ERROR_KINDS = (
 class Deferred:
     """Metric points queued on the request path and handed to Ray by one background thread.
 
-    ``inc`` and ``observe`` only append to a deque; the thread starts with the first point.
+    ``inc`` and ``observe`` only append to a deque; the thread starts with the object.
     Counter increments with the same tags are summed, so a flush makes one Ray call per series.
     """
 
     def __init__(self, every_s: float = FLUSH_S) -> None:
         self.every_s = every_s
         self._points: deque[tuple[Metric, float, tuple[tuple[str, str], ...]]] = deque()
-        self._thread: threading.Thread | None = None
-        self._start = threading.Lock()
+        threading.Thread(target=self._run, name="carclf-metrics", daemon=True).start()
 
     def inc(self, counter: Counter, tags: dict[str, str], value: float = 1.0) -> None:
         """Queue ``counter.inc(value, tags)``."""
@@ -99,13 +98,6 @@ class Deferred:
 
     def _queue(self, metric: Metric, value: float, tags: dict[str, str]) -> None:
         self._points.append((metric, value, tuple(tags.items())))
-        if self._thread is None:
-            with self._start:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="carclf-metrics", daemon=True
-                    )
-                    self._thread.start()
 
     def _run(self) -> None:
         while True:
