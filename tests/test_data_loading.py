@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from carclf.config import Config
 from carclf.data.dataset import ManifestDataset, cache_bytes
@@ -57,19 +58,37 @@ def _draw(world: int, rank: int, epoch: int, seed: int = 7) -> list[int]:
     return list(sampler)
 
 
-@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def _odd_sized_images(seed: int = 0) -> list[Image.Image]:
+    """Noise images in portrait, landscape, square, tiny and exact-crop shapes."""
+    rng = np.random.default_rng(seed)
+    sizes = [(37, 90), (301, 123), (64, 64), (5, 7), (40, 32), (1000, 3)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.mark.parametrize("input_size", [(3, 32, 40), (3, 48, 48)])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875, 1.15])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos"])
 def test_the_eval_transform_split_in_two_gives_the_very_same_tensor(
-    crop_pct: float, toy_manifest: Path
+    input_size: tuple[int, int, int], crop_pct: float, interpolation: str, toy_manifest: Path
 ) -> None:
-    """Serving's split (PIL crop in the ingress, numpy normalisation in the classifier) is
-    bit-identical to the eval transform used in evaluation and export."""
-    pre = PRE.model_copy(update={"crop_pct": crop_pct, "interpolation": "bicubic"})
-    images = [load_image(r[0]) for r in read_manifest(toy_manifest).split("val")[:4]]
-    whole = np.stack([eval_transform(pre)(img).numpy() for img in images])
+    """Serving's split (a Pillow resize and crop in the ingress, numpy normalisation in the
+    classifier) is bit-identical to timm's eval transform used in evaluation and export: square
+    and non-square inputs, crops that pad (``crop_pct`` over 1), images of any shape."""
+    pre = PRE.model_copy(
+        update={"input_size": input_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    )
+    toy = [load_image(r[0]) for r in read_manifest(toy_manifest).split("val")[:2]]
     crop = eval_resize_crop(pre)
-    pixels = np.stack([np.asarray(crop(img)) for img in images])
-    assert pixels.dtype == np.uint8
-    assert np.array_equal(to_model_input(pixels, pre), whole)
+    for img in [*toy, *_odd_sized_images()]:
+        whole = eval_transform(pre)(img).numpy()[None]
+        pixels = np.asarray(crop(img))[None]
+        assert pixels.dtype == np.uint8
+        assert np.array_equal(to_model_input(pixels, pre), whole), img.size
+
+
+def test_the_eval_crop_refuses_an_interpolation_pillow_lacks() -> None:
+    with pytest.raises(UserInputError, match="interpolation"):
+        eval_resize_crop(PRE.model_copy(update={"interpolation": "random"}))
 
 
 def test_balanced_sampler_draws_classes_near_uniformly() -> None:

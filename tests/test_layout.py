@@ -94,15 +94,21 @@ def test_the_classifier_replica_starts_without_torch_or_timm() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_the_ingress_replica_loads_no_explanation_stack() -> None:
-    """An ingress replica checks explain requests (``carclf.explain_request``) but never
-    explains: pytorch-grad-cam, OpenCV, scikit-learn and matplotlib stay out of it. (It loads
-    torch and timm: its resize and crop are timm's eval transform.)"""
-    code = (
-        "import sys, serve.ingress; "
-        "print(sorted(m for m in ('pytorch_grad_cam', 'cv2', 'sklearn', 'matplotlib') "
-        "if m in sys.modules))"
-    )
+def test_the_ingress_replica_loads_no_model_libraries() -> None:
+    """An ingress replica decodes, crops and routes. Cropping an image as its replicas do
+    (``eval_resize_crop``: Pillow's, held to timm's by ``test_data_loading``), it has loaded
+    neither torch, torchvision nor timm, nor the explanation stack it only checks requests for
+    (``carclf.explain_request``): pytorch-grad-cam, OpenCV, scikit-learn, matplotlib."""
+    code = """
+import sys
+from PIL import Image
+import serve.ingress
+from carclf.data.transforms import Preprocess, eval_resize_crop
+pre = Preprocess(input_size=(3, 224, 224), mean=(.5,) * 3, std=(.5,) * 3, crop_pct=.875)
+assert eval_resize_crop(pre)(Image.new("RGB", (640, 480))).size == (224, 224)
+libraries = "torch torchvision timm pytorch_grad_cam cv2 sklearn matplotlib".split()
+print(sorted(m for m in libraries if m in sys.modules))
+"""
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict
 
+from carclf.errors import UserInputError
+
 if TYPE_CHECKING:
     import torch
     from torchvision import transforms as T
@@ -86,23 +88,65 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     )
 
 
-def eval_resize_crop(pre: Preprocess) -> T.Compose:
-    """The image half of :func:`eval_transform`: resize and centre-crop, still a PIL image.
+# timm's interpolation names → Pillow's filters (torchvision's ``pil_modes_mapping``).
+PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
-    With :func:`to_model_input` it gives the very same tensor as :func:`eval_transform`; the
-    split lets a server ship a crop's uint8 pixels between processes, a quarter of the float
-    tensor's bytes.
+
+class EvalResizeCrop:
+    """The image half of :func:`eval_transform` in Pillow alone: resize, then centre-crop.
+
+    With :func:`to_model_input` it gives the very same tensor as :func:`eval_transform` (a
+    test holds it to timm's transform, bit for bit), without torch, torchvision or timm: a
+    server's ingress ships a crop's uint8 pixels, a quarter of the float tensor's bytes, and
+    does not load 700 MB of libraries for a resize.
+
+    Args:
+        pre: the model's preprocessing (timm's ``center`` crop mode, as the bundle records it).
 
     Raises:
-        RuntimeError: timm's eval transform does not end with to-tensor and normalise.
+        UserInputError: an interpolation Pillow has no filter for.
     """
-    from torchvision import transforms as T
 
-    steps = eval_transform(pre).transforms
-    tail = [type(t).__name__ for t in steps[-2:]]
-    if tail != ["MaybeToTensor", "Normalize"]:
-        raise RuntimeError(f"timm's eval transform ends with {tail}, not to-tensor + normalise")
-    return T.Compose(steps[:-2])
+    def __init__(self, pre: Preprocess) -> None:
+        if pre.interpolation not in PIL_RESAMPLE:
+            raise UserInputError(
+                f"preprocess.interpolation: {pre.interpolation!r} is not one of "
+                f"{', '.join(PIL_RESAMPLE)}"
+            )
+        self.pre = pre
+        self.resample = PIL_RESAMPLE[pre.interpolation]
+        self.height, self.width = pre.input_size[1:]
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        size = resized_size(img.width, img.height, self.pre)
+        if size != img.size:  # torchvision returns an image of the asked size unchanged
+            img = img.resize(size, self.resample)
+        return self._centre_crop(img)
+
+    def _centre_crop(self, img: Image.Image) -> Image.Image:
+        """torchvision's ``center_crop``: zero padding where the image is smaller, then the
+        crop box rounded as it rounds it."""
+        w, h = img.size
+        if self.width > w or self.height > h:
+            pad_w, pad_h = max(self.width - w, 0), max(self.height - h, 0)
+            padded = Image.new(img.mode, (w + pad_w, h + pad_h))
+            padded.paste(img, (pad_w // 2, pad_h // 2))
+            img, (w, h) = padded, padded.size
+        top = round((h - self.height) / 2.0)
+        left = round((w - self.width) / 2.0)
+        return img.crop((left, top, left + self.width, top + self.height))
+
+
+def eval_resize_crop(pre: Preprocess) -> EvalResizeCrop:
+    """The image half of :func:`eval_transform` (:class:`EvalResizeCrop`), still a PIL image."""
+    return EvalResizeCrop(pre)
 
 
 def to_model_input(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
