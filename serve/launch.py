@@ -6,19 +6,37 @@ everything in Python goes through :func:`start_app`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from carclf.errors import UserInputError
-from carclf.runtime import cluster_to_join, ensure_ray
+from carclf.runtime import cluster_to_join, ensure_ray, free_loopback_port
 from serve.app import AppArgs, build_app
+
+log = logging.getLogger("carclf")
 
 # Read by Serve's controller when Ray starts: HAProxy, not the Python proxy, takes HTTP.
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# Where Ray puts HAProxy's files (each under a per-node folder). By default all sit in
+# /tmp/haproxy-serve, readable by every local user, with the admin socket at mode 666: any
+# local user could take servers out or read the config. carclf points them into a private folder.
+HAPROXY_FILE_ENVS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+}
+# HAProxy's statistics page and Prometheus exporter: Ray's template binds them on every
+# interface, whatever the HTTP host, at fixed ports unless these say otherwise.
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
 def app_args(bundles: Sequence[str], api_key: str | None = None, **settings: Any) -> AppArgs:
@@ -74,6 +92,9 @@ def use_haproxy() -> None:
     answers at full load from hundreds of ms to tens (``bench/results/haproxy/chaos.md``).
     Serve's controller reads the switch when Ray starts, so a cluster that is already running
     must have been started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray start``, the RayService).
+    On a Ray it starts, HAProxy's files (config, admin socket) go in a private folder
+    (``HAPROXY_FILE_ENVS``), its statistics and metrics ports are free ones, and a warning says
+    which: they listen on every interface. Values the caller set for those variables stay.
 
     Raises:
         UserInputError: no HAProxy binary, or a running Ray to join that was not started so.
@@ -95,4 +116,21 @@ def use_haproxy() -> None:
                 "it here too (or RAY_ADDRESS=local for a private Ray that carclf starts so)"
             )
         return
-    os.environ[HAPROXY_ENV] = "1"  # inherited by the Ray processes ray.init starts
+    # All inherited by the Ray processes ray.init starts.
+    os.environ[HAPROXY_ENV] = "1"
+    # Mode 0700. Short and in /tmp, as Ray's default is: HAProxy refuses a socket path over 97
+    # characters, and Ray adds a 56-character node id under this folder.
+    unset = [env for env in HAPROXY_FILE_ENVS if env not in os.environ]
+    private = tempfile.mkdtemp(prefix="carclf-hap-", dir="/tmp") if unset else ""
+    for env in unset:
+        os.environ[env] = str(Path(private, HAPROXY_FILE_ENVS[env]))  # "" is the folder
+    for env in HAPROXY_PORT_ENVS:  # free ones, so two such Rays on one machine can coexist
+        os.environ.setdefault(env, str(free_loopback_port()))
+    stats, metrics = (os.environ[e] for e in HAPROXY_PORT_ENVS)
+    log.warning(
+        "HAProxy takes HTTP; its statistics page (port %s) and Prometheus exporter (port %s) "
+        "listen on every interface (Ray's template): firewall them; its files are in %s",
+        stats,
+        metrics,
+        os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]),
+    )

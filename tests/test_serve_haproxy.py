@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import httpx
 import psutil
 import pytest
 
+import serve.launch
 from carclf.errors import UserInputError
 from carclf.runtime import API_SERVER_ENV, free_loopback_port
 from serve.client import wait_ready
-from serve.launch import HAPROXY_ENV, use_haproxy
+from serve.launch import HAPROXY_ENV, HAPROXY_FILE_ENVS, HAPROXY_PORT_ENVS, use_haproxy
 
 from .test_serve_inputs import encode, noise
 
@@ -39,21 +41,53 @@ def test_haproxy_on_a_running_ray_needs_the_cluster_started_so(
     use_haproxy()
 
 
+def test_haproxy_files_go_to_a_private_folder_and_its_open_ports_are_announced(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a Ray carclf starts, HAProxy's admin socket and config are not in Ray's shared
+    /tmp/haproxy-serve (mode 666 socket), and the ports it opens on every interface are free
+    ones, named in a warning. What the user set stays."""
+    monkeypatch.setattr(serve.launch, "cluster_to_join", lambda: None)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    ours = [HAPROXY_ENV, *HAPROXY_FILE_ENVS, *HAPROXY_PORT_ENVS]
+    # A copy, so that what use_haproxy sets leaves with the test (and no later Ray inherits it).
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ours})
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
+    with caplog.at_level("WARNING", logger="carclf"):
+        use_haproxy()
+    assert os.environ[HAPROXY_ENV] == "1"
+    folder = Path(os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    assert folder.stat().st_mode & 0o777 == 0o700
+    for env in HAPROXY_FILE_ENVS:
+        assert Path(os.environ[env]).is_relative_to(folder), env
+    stats = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
+    assert stats.isdigit() and stats != "8404"
+    assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+    assert f"port {stats}" in caplog.text and "port 19101" in caplog.text
+    assert "every interface" in caplog.text
+    folder.rmdir()
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_carclf_serve_haproxy_answers_through_haproxy(served_bundle) -> None:
     port = free_loopback_port()
-    env = {k: v for k, v in os.environ.items() if k not in (API_SERVER_ENV, HAPROXY_ENV)}
+    ours = (API_SERVER_ENV, HAPROXY_ENV, *HAPROXY_FILE_ENVS, *HAPROXY_PORT_ENVS)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env["RAY_ADDRESS"] = "local"  # its own Ray: the switch only works where Ray starts
     carclf = Path(sys.executable).with_name("carclf")
     cmd = [str(carclf), "serve", str(served_bundle.path), "--port", str(port), "--haproxy"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    haproxy = None
+    haproxy, private = None, None
     try:
         wait_ready(url, timeout_s=240)
         haproxy = listener(port)
         assert haproxy is not None and haproxy.name() == "haproxy", haproxy
+        config = Path(haproxy.cmdline()[haproxy.cmdline().index("-f") + 1])
+        private = config.parent.parent  # Ray adds a folder per node
+        assert private.name.startswith("carclf-hap-"), config
+        assert private.stat().st_mode & 0o777 == 0o700
         image = encode(noise(64, 48), "JPEG")
         r = httpx.post(
             f"{url}/v1/models/body:predict",
@@ -69,6 +103,8 @@ def test_carclf_serve_haproxy_answers_through_haproxy(served_bundle) -> None:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
         if haproxy is not None and haproxy.is_running():
             haproxy.kill()
             pytest.fail("HAProxy outlived the Ray that started it")
