@@ -631,6 +631,9 @@ def init_ray(attempts: int = 3) -> None:
     import psutil
     import ray
 
+    from carclf.runtime import use_serve_env
+
+    use_serve_env()  # the Serve mode of the Rays carclf starts
     for attempt in range(1, attempts + 1):
         try:
             ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -838,7 +841,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
     from ray import serve
 
     from carclf.bundle import load_bundle
-    from serve.launch import http_front
+    from serve.launch import http_front, serve_env
 
     info = load_bundle(bundle).info
     started = time.time()
@@ -857,7 +860,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         result["app_summary"] = (
             f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
-            f"; HTTP taken by {http_front(args.haproxy)}"
+            f"; HTTP taken by {http_front(args.haproxy, serve_env())}"
         )
         result.update(asyncio.run(phases(target, app_args, args)))
     finally:

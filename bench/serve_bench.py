@@ -44,7 +44,7 @@ from carclf.train import init_run
 from serve.app import AppArgs
 from serve.client import wait_ready
 from serve.ingress import decode_image
-from serve.launch import http_front, start_app, use_haproxy
+from serve.launch import http_front, serve_env, start_app, use_haproxy
 
 
 def photos(count: int, seed: int = 0) -> list[bytes]:
@@ -426,7 +426,7 @@ def markdown(r: dict) -> str:
             f"{app.get('ingress_replicas', 1)} ingress and {app.get('classifier_replicas')} "
             "classifier replica(s); "
             f"the bundle's model.onnx is {r['precision']}; HTTP taken by "
-            f"{http_front(r.get('haproxy', False))}.",
+            f"{http_front(r.get('haproxy', False), r.get('serve_env'))}.",
             "",
             *markdown_table(_measures(r), cell),
             "",
@@ -509,6 +509,7 @@ def main() -> None:
     }
     print("HTTP through Ray Serve …", file=sys.stderr)
     result.update(served(args, info.name, images))
+    result["serve_env"] = serve_env()  # as the Ray that served it got them
     result["http_over_in_process"] = (
         result["http"]["images_per_s"] / result["in_process"]["images_per_s"]
     )

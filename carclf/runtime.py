@@ -19,6 +19,12 @@ from carclf.errors import UserInputError
 
 # Read by Ray's state and job clients before RAY_ADDRESS (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Serve's throughput-optimised mode (Ray 2.55+, "Enable High Throughput on Ray Serve"): requests
+# go between the proxy and the replicas over direct gRPC instead of Ray actor calls through the
+# raylet and object store, the main cost of a request beside the model on a small machine
+# (``bench/results/serve.md``). Read when Ray starts, so it is set for a Ray carclf starts and in
+# the cluster manifests; a value already in the environment wins (``0`` turns it off).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def free_loopback_port() -> int:
@@ -41,14 +47,22 @@ def cluster_to_join() -> str | None:
     return address or find_bootstrap_address(None)
 
 
+def use_serve_env() -> None:
+    """Set ``SERVE_ENV`` in this process, where not set already, for the Ray it starts next (every
+    process of the instance inherits it)."""
+    for name, value in SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def ensure_ray(**init_kwargs: Any) -> None:
     """Join the Ray instance named by ``RAY_ADDRESS``, or start a local one pinned to itself.
 
     ``RAY_ADDRESS`` (as under ``ray job submit``) joins that cluster, as does a cluster that
     ``ray start`` recorded on this machine (said on stderr). Otherwise a new local
     single-node Ray starts, its dashboard on a free loopback port that this process and all of
-    the instance's workers use for the state API, whatever else runs on the machine. Workers log
-    at WARNING: Ray Train's per-report INFO lines would drown carclf's one line per epoch.
+    the instance's workers use for the state API, whatever else runs on the machine, and with
+    Serve's throughput-optimised mode (``SERVE_ENV``). Workers log at WARNING: Ray Train's
+    per-report INFO lines would drown carclf's one line per epoch.
 
     Args:
         init_kwargs: passed to ``ray.init`` (tests set ``num_cpus``).
@@ -75,6 +89,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
         return
     port = free_loopback_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    use_serve_env()
     # "local", not None: None would join a cluster that `ray start` recorded in /tmp/ray.
     context = ray.init(
         address="local",

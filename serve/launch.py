@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from carclf.errors import UserInputError
-from carclf.runtime import cluster_to_join, ensure_ray, free_loopback_port
+from carclf.runtime import SERVE_ENV, cluster_to_join, ensure_ray, free_loopback_port
 from serve.app import AppArgs, build_app
 
 log = logging.getLogger("carclf")
@@ -78,9 +78,17 @@ def start_app(
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def http_front(haproxy: bool) -> str:
-    """What takes the app's HTTP, in words (for reports)."""
-    return "HAProxy" if haproxy else "Serve's Python proxy"
+def http_front(haproxy: bool, serve_env: dict[str, str] | None = None) -> str:
+    """What takes the app's HTTP, and Serve's mode (``serve_env``, if given), in words."""
+    front = "HAProxy" if haproxy else "Serve's Python proxy"
+    if serve_env is None:
+        return front
+    return f"{front}; {', '.join(f'{k}={v}' for k, v in serve_env.items())}"
+
+
+def serve_env() -> dict[str, str]:
+    """The Serve mode variables (:data:`carclf.runtime.SERVE_ENV`) as this process has them."""
+    return {name: os.environ.get(name, "unset") for name in SERVE_ENV}
 
 
 def use_haproxy() -> None:
