@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from carclf.runtime import SERVE_ENV
+
 ROOT = Path(__file__).parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
 
@@ -84,3 +86,21 @@ def test_serve_config_args_reach_the_builder_as_app_args(served_bundle) -> None:
     args = {**app_cfg["args"], "bundles": [str(served_bundle.path)]}
     app = call_user_app_builder_with_args_if_necessary(build_app, args)
     assert isinstance(app, Application)
+
+
+def test_every_cluster_runs_serve_in_the_mode_carclf_starts_it_in() -> None:
+    """``SERVE_ENV`` is read when Ray starts: the RayService's containers, the launchers' start
+    commands and ``cluster/local.sh`` set it as :func:`carclf.runtime.ensure_ray` does."""
+    service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [service["headGroupSpec"], *service["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert SERVE_ENV.items() <= env.items(), container["name"]
+    for name in ["launcher-aws.yaml", "launcher-gcp.yaml"]:
+        doc = yaml.safe_load((ROOT / "cluster" / name).read_text())
+        for start in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]:
+            if "ray start" in start:
+                assert all(f"{k}={v}" in start for k, v in SERVE_ENV.items()), (name, start)
+    local = (ROOT / "cluster" / "local.sh").read_text()
+    assert all(f"export {k}=${{{k}:-{v}}}" in local for k, v in SERVE_ENV.items())
