@@ -13,12 +13,16 @@ class UserInputError(Exception):
     """
 
 
+# Cut short and at most 3 levels deep; built once (Python 3.10 and 3.11 take no keyword
+# arguments here).
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 3, 40, 40, 40
+
+
 def shown(value: object) -> str:
     """A client's value in an error message: its repr, cut short and at most 3 levels deep, so
     a 900-deep list neither floods the message nor recurses."""
-    short = reprlib.Repr()  # Python 3.10 and 3.11 take no keyword arguments here
-    short.maxlevel, short.maxstring, short.maxlong, short.maxother = 3, 40, 40, 40
     try:
-        return short.repr(value)
+        return _SHORT.repr(value)
     except ValueError:  # an int past Python's 4,300-digit limit for conversion to text
         return "a number of more than 4300 digits"

@@ -81,17 +81,22 @@ def test_no_function_is_longer_than_the_style_allows() -> None:
     assert not long, long
 
 
+def _loaded_after(code: str, modules: list[str]) -> tuple[str, str]:
+    """Which of ``modules`` a fresh Python has loaded after running ``code``, as a sorted list
+    printed; and its whole output, for the failure message."""
+    check = f"\nimport sys\nprint(sorted(m for m in {modules!r} if m in sys.modules))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code + check], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip(), out.stdout + out.stderr
+
+
 def test_the_classifier_replica_starts_without_torch_or_timm() -> None:
     """A classifier replica (onnxruntime only) must not pay torch's and timm's imports: they
     are most of the time before a replica that autoscaling or a restart adds can serve."""
-    code = (
-        "import sys, serve.deployments, carclf.inference, carclf.bundle; "
-        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    code = "import serve.deployments, carclf.inference, carclf.bundle"
+    loaded, out = _loaded_after(code, ["torch", "timm", "torchvision"])
+    assert loaded == "[]", out
 
 
 def test_the_ingress_replica_loads_no_model_libraries() -> None:
@@ -100,16 +105,12 @@ def test_the_ingress_replica_loads_no_model_libraries() -> None:
     neither torch, torchvision nor timm, nor the explanation stack it only checks requests for
     (``carclf.explain_request``): pytorch-grad-cam, OpenCV, scikit-learn, matplotlib."""
     code = """
-import sys
 from PIL import Image
 import serve.ingress
 from carclf.data.transforms import Preprocess, eval_resize_crop
 pre = Preprocess(input_size=(3, 224, 224), mean=(.5,) * 3, std=(.5,) * 3, crop_pct=.875)
 assert eval_resize_crop(pre)(Image.new("RGB", (640, 480))).size == (224, 224)
-libraries = "torch torchvision timm pytorch_grad_cam cv2 sklearn matplotlib".split()
-print(sorted(m for m in libraries if m in sys.modules))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    libraries = ["torch", "torchvision", "timm", "pytorch_grad_cam", "cv2", "sklearn", "matplotlib"]
+    loaded, out = _loaded_after(code, libraries)
+    assert loaded == "[]", out
