@@ -3,8 +3,8 @@
 1. HTTP ``:predict`` throughput and p50/p99 latency at each of ``--clients`` concurrent
    clients (4 and 8 by default), against the same model's in-process decode + preprocess +
    onnxruntime throughput at the same thread count. The headline is the best of the levels,
-   the saturation throughput, as a load tester's concurrency sweep reports it (on 2 cores, 8
-   clients got no more than 4: the clients' own CPU comes out of the same cores).
+   the saturation throughput, as a load tester's concurrency sweep reports it; each level's
+   throughput and latency are in the results too.
 2. onnxruntime against PyTorch eager on the same preprocessed batches, same threads: at
    ``--threads`` and batch 1 (the headline), and at 1 thread / every core × batch 1 / 8.
 3. ``:explain`` latency against ``:predict`` latency, one request at a time.

@@ -218,7 +218,7 @@ def cmd_pipeline(args: argparse.Namespace) -> str:
         # The app outlives this process (Serve's controller is detached). Its replicas load
         # the bundle from this path, so on several machines it must be on a shared filesystem.
         url = start_app(app_args([bundle.path]), port=args.serve_port, name=bundle.info.name)
-        progress(f"serving {bundle.info.name} at {url}")
+        progress(f"serving {bundle.info.name} at {url} through {front_in_use()}")
     return result.bundle_uri
 
 
@@ -236,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> str:
     base = Path(cfg.output_dir).resolve().parent
     try:
         result = run_pipeline(cfg)
-        progress(f"Ray Serve on http://127.0.0.1:{args.port}")
+        progress(f"Ray Serve on http://127.0.0.1:{args.port} through {front_in_use()}")
         url = start_app(app_args([result.bundle.path]), port=args.port)
         wait_ready(url)
         progress("HTTP predict and explain for a test image")

