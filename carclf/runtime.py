@@ -56,10 +56,18 @@ def cluster_to_join() -> str | None:
     return address or find_bootstrap_address(None)
 
 
+# Only for a Ray carclf starts on this machine. In that mode an ingress replica that stops stays
+# open at least this long (Ray's default: 30 s) so that load balancers pointed at its own port
+# can deregister it. Nothing outside points at replica ports here: HAProxy is reconfigured by
+# Serve's controller and retries a refused connection, and the Python proxy routes through
+# Serve. At 30 s every Ctrl-C, demo and test teardown waited half a minute for nothing.
+LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 def use_serve_env() -> None:
-    """Set ``SERVE_ENV`` in this process, where not set already, for the Ray it starts next (every
-    process of the instance inherits it)."""
-    for name, value in SERVE_ENV.items():
+    """Set ``SERVE_ENV`` and ``LOCAL_SERVE_ENV`` in this process, where not set already, for the
+    local Ray it starts next (every process of the instance inherits them)."""
+    for name, value in {**SERVE_ENV, **LOCAL_SERVE_ENV}.items():
         os.environ.setdefault(name, value)
 
 
@@ -241,7 +249,7 @@ def _use_haproxy(binary: str) -> None:
     unset = [env for env in HAPROXY_FILE_ENVS if env not in os.environ]
     if unset:
         private = tempfile.mkdtemp(prefix="carclf-hap-", dir="/tmp")  # mode 0700
-        atexit.register(shutil.rmtree, private, True)  # after Ray's own exit hook stops HAProxy
+        atexit.register(_remove_after_ray, private)
         for env in unset:
             os.environ[env] = str(Path(private, HAPROXY_FILE_ENVS[env]))
     for env in HAPROXY_PORT_ENVS:  # free ones, so two such Rays on one machine can coexist
@@ -260,3 +268,13 @@ def _use_haproxy(binary: str) -> None:
         stats,
         metrics,
     )
+
+
+def _remove_after_ray(folder: str) -> None:
+    """Shut Ray down (and with it HAProxy), then remove HAProxy's private ``folder``. Exit
+    hooks run last-registered first, and Ray registers its own when it is imported, before
+    this one: left to it, the folder would go while HAProxy still used it."""
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
