@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf.runtime import FRONTS, front_in_use, use_front
+from carclf.runtime import FRONTS, front_in_use
 
 HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
@@ -636,8 +636,7 @@ def init_ray(front: str = "auto", attempts: int = 3) -> None:
 
     from carclf.runtime import use_serve_env
 
-    use_serve_env()  # the Serve mode and front of the Rays carclf starts
-    use_front(front)
+    use_serve_env(front)  # the Serve mode and front of the Rays carclf starts
     for attempt in range(1, attempts + 1):
         try:
             ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))

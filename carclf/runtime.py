@@ -64,11 +64,13 @@ def cluster_to_join() -> str | None:
 LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
-def use_serve_env() -> None:
-    """Set ``SERVE_ENV`` and ``LOCAL_SERVE_ENV`` in this process, where not set already, for the
-    local Ray it starts next (every process of the instance inherits them)."""
+def use_serve_env(front: str = "auto") -> str:
+    """Set ``SERVE_ENV`` and ``LOCAL_SERVE_ENV`` in this process, where not set already, and
+    Serve's HTTP ``front`` (:func:`use_front`), for the local Ray it starts next (every process
+    of the instance inherits them); the front it will have, in words."""
     for name, value in {**SERVE_ENV, **LOCAL_SERVE_ENV}.items():
         os.environ.setdefault(name, value)
+    return use_front(front)
 
 
 def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
@@ -82,7 +84,8 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
     WARNING: Ray Train's per-report INFO lines would drown carclf's one line per epoch.
 
     Args:
-        front: Serve's HTTP front if a Ray starts here (:func:`use_front`).
+        front: Serve's HTTP front if a Ray starts here (:func:`use_front`); ``haproxy`` on a
+            running Ray is checked (:func:`check_joined_front`).
         init_kwargs: passed to ``ray.init`` (tests set ``num_cpus``).
 
     Raises:
@@ -92,10 +95,12 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
     import ray
 
     if ray.is_initialized():
+        check_joined_front(front)
         return
     init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
     address = cluster_to_join()
     if address:
+        check_joined_front(front)
         if "RAY_ADDRESS" not in os.environ:
             print(
                 f"[carclf] joining the Ray cluster that `ray start` left at {address} "
@@ -108,8 +113,7 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
         return
     port = free_loopback_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    use_serve_env()
-    use_front(front)
+    use_serve_env(front)
     # "local", not None: None would join a cluster that `ray start` recorded in /tmp/ray.
     context = ray.init(
         address="local",

@@ -10,10 +10,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import ray
 from ray import serve
 
-from carclf.runtime import SERVE_ENV, check_joined_front, cluster_to_join, ensure_ray
+from carclf.runtime import SERVE_ENV, ensure_ray
 from serve.app import AppArgs, build_app
 
 
@@ -48,8 +47,6 @@ def start_app(
     ``front`` is Serve's HTTP front on a Ray this process starts
     (:func:`carclf.runtime.use_front`); a running Ray keeps its own.
     """
-    if ray.is_initialized() or cluster_to_join():
-        check_joined_front(front)
     ensure_ray(front=front)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
