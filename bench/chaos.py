@@ -279,23 +279,41 @@ def overload_summary(
     return row
 
 
+def cores_used(roles: dict[int, str], before: dict[int, float], seconds: float) -> dict:
+    """Cores each role (:func:`bench.serve_bench.process_roles`) used since ``before``."""
+    from bench.serve_bench import cpu_by_role, cpu_seconds
+
+    return {
+        k: round(v, 3) for k, v in cpu_by_role(roles, before, cpu_seconds(roles), seconds).items()
+    }
+
+
 async def overload(target: Target, images: list[bytes], args: argparse.Namespace) -> dict:
-    """Saturation throughput, then open-loop arrivals at each multiple of it."""
+    """Saturation throughput, then open-loop arrivals at each multiple of it; the cores each
+    part of the system (and the load client, on the same machine) used at each."""
+    from bench.serve_bench import cpu_seconds, process_roles
+
+    roles = process_roles()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
     sat = await closed_loop(target, images, args.sat_clients, args.sat_s, args.timeout_s)
+    sat_cores = cores_used(roles, cpu0, time.perf_counter() - t0)
     saturation = sum(r.status == 200 for r in sat) / args.sat_s
     levels = []
     for factor in args.overload_factors:
         rate = max(saturation, 1.0) * factor
         stop = asyncio.Event()
         probes = asyncio.create_task(probe_health(target, stop, args.probe_every_s))
+        t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
         replies, skipped = await open_loop(
             target, images, rate, args.overload_s, args.timeout_s, args.max_in_flight
         )
+        cores = cores_used(roles, cpu0, time.perf_counter() - t0)
         stop.set()
         row = overload_summary(
             f"{factor:g}x", rate, args.overload_s, replies, skipped, await probes
         )
         row["accepted_over_saturation"] = row["accepted_rps"] / saturation if saturation else None
+        row["cores"] = cores
         levels.append(row)
         await asyncio.sleep(args.settle_s)  # let queues drain before the next level
     return {
@@ -305,6 +323,7 @@ async def overload(target: Target, images: list[bytes], args: argparse.Namespace
             "statuses": statuses(sat),
             "ok_rps": saturation,
             **pct([r.seconds for r in sat if r.status == 200]),
+            "cores": sat_cores,
         },
         "levels": levels,
     }
@@ -627,16 +646,16 @@ def app_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def init_ray(front: str = "auto", attempts: int = 3) -> None:
-    """``ray.init`` of a local Ray with Serve's ``front`` (:func:`carclf.runtime.use_front`),
-    retried: on a busy machine the raylet can miss Ray's fixed 30 s start-up limit; a failed
-    start's processes (this process's children) are ended."""
+def init_ray(front: str = "auto", limits: Any = None, attempts: int = 3) -> None:
+    """``ray.init`` of a local Ray with Serve's ``front`` and its ``limits``
+    (:func:`carclf.runtime.use_front`), retried: on a busy machine the raylet can miss Ray's
+    fixed 30 s start-up limit; a failed start's processes (this process's children) are ended."""
     import psutil
     import ray
 
     from carclf.runtime import use_serve_env
 
-    use_serve_env(front)  # the Serve mode and front of the Rays carclf starts
+    use_serve_env(front, limits)  # the Serve mode and front of the Rays carclf starts
     for attempt in range(1, attempts + 1):
         try:
             ray.init(include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
@@ -662,7 +681,7 @@ def start(bundle: str, args: argparse.Namespace) -> tuple[Target, Any]:
     overrides = app_overrides(args.app)
     settings = {"api_key": KEY, **overrides.pop("settings", {})}
     app_args = AppArgs(bundles=[bundle], settings=settings, **overrides)
-    init_ray(args.front)
+    init_ray(args.front, app_args.settings.front_limits())
     base = start_app(app_args, host=HOST, port=args.port, name=APP, front=args.front)
     wait_ready(base)
     return Target(args.port, load_bundle(bundle).info.name, KEY), app_args
@@ -741,6 +760,16 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def cores_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cores used at each overload level, by role (the load client shares the machine)."""
+    levels = [("saturation", o["saturation"]), *((lv["level"], lv) for lv in o["levels"])]
+    roles = list(dict.fromkeys(role for _, lv in levels for role in lv.get("cores", {})))
+    return [
+        {"load": name, **{role: lv.get("cores", {}).get(role, "-") for role in roles}}
+        for name, lv in levels
+    ]
+
+
 def kill_rows(k: dict[str, Any]) -> list[dict[str, Any]]:
     """The replica-kill table: before, during (kill to new replica running), after."""
     return [
@@ -773,6 +802,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"{r['flags']['probe_every_s']:g} s during each level: live and ready are the app's "
             "`/v2/health/live` and `/ready`; front is `/-/healthz`, answered by the HTTP front "
             "itself (what KubeRay and load balancers probe).",
+            "",
+            "Cores used during each level, by part (the load client runs on the same machine):",
+            "",
+            *markdown_table(cores_rows(r["overload"]), cell),
             "",
         ]
     if "replica_kill" in r:

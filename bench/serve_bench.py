@@ -136,7 +136,7 @@ ROLES = {
 def process_roles() -> dict[int, str]:
     """PID → role of this process and its descendants (another Ray on the machine is not ours)."""
     me = psutil.Process()
-    roles = {me.pid: "benchmark client (httpx)"}
+    roles = {me.pid: "load client (this process)"}
     for proc in me.children(recursive=True):
         try:
             title = " ".join(proc.cmdline())
@@ -188,14 +188,15 @@ def busy_threads(
     return out
 
 
-def cpu_per_request(
-    roles: dict[int, str], before: dict[int, float], after: dict[int, float], requests: int
+def cpu_by_role(
+    roles: dict[int, str], before: dict[int, float], after: dict[int, float], per: float = 1.0
 ) -> dict[str, float]:
-    """CPU milliseconds per request by role, between two :func:`cpu_seconds` readings."""
+    """CPU seconds by role between two :func:`cpu_seconds` readings, divided by ``per``
+    (requests, or seconds for cores), most first."""
     out: dict[str, float] = {}
     for pid, seconds in after.items():
         role = roles[pid]
-        out[role] = out.get(role, 0.0) + (seconds - before.get(pid, seconds)) * 1000 / requests
+        out[role] = out.get(role, 0.0) + (seconds - before.get(pid, seconds)) / per
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
@@ -350,7 +351,9 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
             "app": app_args.model_dump(mode="json", exclude={"settings"}),
             "http": best,
             "http_levels": levels,
-            "cpu_ms_per_request": cpu_per_request(roles, before, after, len(images) * len(levels)),
+            "cpu_ms_per_request": cpu_by_role(
+                roles, before, after, len(images) * len(levels) / 1000
+            ),
             "busy_threads": busy_threads(roles, threads, thread_seconds(roles)),
             "http_socket_client": asyncio.run(socket_load(predict, images, best["clients"])),
             "predict_latency": sequential(predict, images[: args.explain_requests]),

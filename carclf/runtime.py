@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,16 @@ def cluster_to_join() -> str | None:
 LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
-def use_serve_env(front: str = "auto") -> str:
+def use_serve_env(front: str = "auto", limits: FrontLimits | None = None) -> str:
     """Set ``SERVE_ENV`` and ``LOCAL_SERVE_ENV`` in this process, where not set already, and
-    Serve's HTTP ``front`` (:func:`use_front`), for the local Ray it starts next (every process
-    of the instance inherits them); the front it will have, in words."""
+    Serve's HTTP ``front`` (:func:`use_front`) with its ``limits``, for the local Ray it starts
+    next (every process of the instance inherits them); the front it will have, in words."""
     for name, value in {**SERVE_ENV, **LOCAL_SERVE_ENV}.items():
         os.environ.setdefault(name, value)
-    return use_front(front)
+    return use_front(front, limits)
 
 
-def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
+def ensure_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kwargs: Any) -> None:
     """Join the Ray instance named by ``RAY_ADDRESS``, or start a local one pinned to itself.
 
     ``RAY_ADDRESS`` (as under ``ray job submit``) joins that cluster, as does a cluster that
@@ -86,6 +87,7 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
     Args:
         front: Serve's HTTP front if a Ray starts here (:func:`use_front`); ``haproxy`` on a
             running Ray is checked (:func:`check_joined_front`).
+        limits: what HAProxy admits if a Ray starts here (default: the app's defaults).
         init_kwargs: passed to ``ray.init`` (tests set ``num_cpus``).
 
     Raises:
@@ -95,12 +97,12 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
     import ray
 
     if ray.is_initialized():
-        check_joined_front(front)
+        check_joined_front(front, limits)
         return
     init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
     address = cluster_to_join()
     if address:
-        check_joined_front(front)
+        check_joined_front(front, limits)
         if "RAY_ADDRESS" not in os.environ:
             print(
                 f"[carclf] joining the Ray cluster that `ray start` left at {address} "
@@ -113,7 +115,7 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
         return
     port = free_loopback_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    use_serve_env(front)
+    use_serve_env(front, limits)
     # "local", not None: None would join a cluster that `ray start` recorded in /tmp/ray.
     context = ray.init(
         address="local",
@@ -139,12 +141,16 @@ def ensure_ray(front: str = "auto", **init_kwargs: Any) -> None:
 # cores it took the serving benchmark from 0.87 of in-process throughput to 0.94, the chaos
 # suite's toy app from 90 to 149 requests per second, and at 10x load an efficientnet_b0 app's
 # 503s and readiness answers from seconds to about 20 ms (README, "Serving"). So every Ray carclf
-# starts runs HAProxy (``front="auto"``), with three things Ray's defaults lack:
+# starts runs HAProxy (``front="auto"``), with four things Ray's defaults lack:
 #
 # - HAProxy's files (config, admin socket at mode 666) go in a private 0700 folder instead of the
 #   shared ``/tmp/haproxy-serve`` (``HAPROXY_FILE_ENVS``);
 # - its statistics page and Prometheus exporter, which Ray's template binds on every interface,
-#   listen on free ports of 127.0.0.1 only: Ray runs HAProxy through ``haproxy-loopback.sh``;
+#   listen on free ports of 127.0.0.1 only: Ray runs HAProxy through ``haproxy-front.sh``;
+# - HAProxy does the ingress's admission (:class:`FrontLimits`): past the in-flight limit it
+#   answers the JSON 503 itself, in under a millisecond, so under overload the ingress replicas
+#   spend no CPU on refusals and health answers never queue behind them; slow uploads wait in
+#   HAProxy, not in an ingress slot;
 # - a value the user set for any of these variables stays.
 #
 # Serve's controller reads all of this when Ray starts, so it applies only to a Ray carclf starts
@@ -167,19 +173,55 @@ HAPROXY_FILE_ENVS = {
 }
 # HAProxy's statistics page and Prometheus exporter: fixed ports unless these say otherwise.
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-# The binary Ray runs (start and every reload); carclf puts LOOPBACK_WRAPPER there, which moves
-# those two ports to 127.0.0.1 and then runs the real binary, named by REAL_BINARY_ENV.
+# The binary Ray runs (start and every reload); carclf puts FRONT_WRAPPER there, which moves
+# those two ports to 127.0.0.1, adds the admission rules to Ray's config and then runs the real
+# binary, named by REAL_BINARY_ENV.
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 REAL_BINARY_ENV = "CARCLF_HAPROXY_BINARY"
-LOOPBACK_WRAPPER = Path(__file__).with_name("haproxy-loopback.sh")
+FRONT_WRAPPER = Path(__file__).with_name("haproxy-front.sh")
 
 
-def use_front(front: str = "auto") -> str:
+@dataclass(frozen=True)
+class FrontLimits:
+    """What HAProxy admits in front of the ingress replicas (``haproxy-front.sh``).
+
+    The same limits as the ingress's own ``ServeSettings`` (serve/ingress.py), whose defaults
+    these are, so HAProxy refuses what an ingress replica would refuse, without the replica
+    spending its CPU on it. Per Ray: set when carclf starts it, from the first app's settings.
+
+    Attributes:
+        max_inflight: POSTs at once per ingress replica that is up; past them a 503.
+        body_timeout_s: time to receive a request body; past it a 408.
+        max_body_bytes: the largest ``Content-Length`` a request may declare; over it a 413.
+        retry_after_s: the ``Retry-After`` of every 503.
+    """
+
+    max_inflight: int = 32
+    body_timeout_s: float = 10.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    retry_after_s: int = 1
+
+    def environ(self) -> dict[str, str]:
+        """The wrapper's variables for these limits."""
+        return {
+            "CARCLF_FRONT_MAX_INFLIGHT": str(self.max_inflight),
+            "CARCLF_FRONT_BODY_TIMEOUT_MS": str(max(1, round(self.body_timeout_s * 1000))),
+            "CARCLF_FRONT_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "CARCLF_FRONT_RETRY_AFTER_S": str(self.retry_after_s),
+        }
+
+
+FRONT_LIMIT_ENVS = tuple(FrontLimits().environ())
+
+
+def use_front(front: str = "auto", limits: FrontLimits | None = None) -> str:
     """Set up ``front`` for the Ray this process starts next; the front it will have, in words.
 
     Args:
         front: ``auto`` (HAProxy, unless ``RAY_SERVE_ENABLE_HA_PROXY=0`` or no binary: then the
             Python proxy and a warning that says why), ``haproxy`` or ``proxy``.
+        limits: what HAProxy admits (default :class:`FrontLimits`); values already in the
+            environment win.
 
     Raises:
         UserInputError: ``haproxy`` with no HAProxy binary, or an unknown front.
@@ -197,12 +239,13 @@ def use_front(front: str = "auto") -> str:
         log.warning("%s takes HTTP (slower under load; README, 'Serving'): %s", PYTHON_PROXY, e)
         os.environ[HAPROXY_ENV] = "0"
         return PYTHON_PROXY
-    _use_haproxy(binary)
+    _use_haproxy(binary, limits or FrontLimits())
     return HAPROXY
 
 
-def check_joined_front(front: str) -> None:
-    """Refuse ``front="haproxy"`` on a running Ray that this process was not told runs it.
+def check_joined_front(front: str, limits: FrontLimits | None = None) -> None:
+    """Refuse ``front="haproxy"`` on a running Ray that this process was not told runs it;
+    warn when the HAProxy it started admits by other ``limits`` than these.
 
     Raises:
         UserInputError: the switch is not set here (a cluster's front is fixed when it starts).
@@ -211,6 +254,19 @@ def check_joined_front(front: str) -> None:
         raise UserInputError(
             f"--front haproxy joins a running Ray: start that cluster with {HAPROXY_ENV}=1 and "
             "set it here too (or RAY_ADDRESS=local for a private Ray that carclf starts so)"
+        )
+    if limits is None or front_in_use() != HAPROXY:
+        return
+    differ = [
+        f"{name}={os.environ[name]} (this app: {value})"
+        for name, value in limits.environ().items()
+        if os.environ.get(name, value) != value
+    ]
+    if differ:
+        log.warning(
+            "HAProxy admits requests as set when this Ray started, not as this app's settings "
+            "say: %s; start the app on a Ray of its own for its limits",
+            ", ".join(differ),
         )
 
 
@@ -228,7 +284,7 @@ def haproxy_binary() -> str:
         UserInputError: none of them is an executable file.
     """
     named = os.environ.get(BINARY_ENV)
-    if named == str(LOOPBACK_WRAPPER):
+    if named == str(FRONT_WRAPPER):
         named = os.environ.get(REAL_BINARY_ENV)
     if not named:
         try:
@@ -245,8 +301,9 @@ def haproxy_binary() -> str:
     return named
 
 
-def _use_haproxy(binary: str) -> None:
-    """Point the Ray this process starts at HAProxy, its files private, its ports on loopback."""
+def _use_haproxy(binary: str, limits: FrontLimits) -> None:
+    """Point the Ray this process starts at HAProxy, its files private, its ports on loopback,
+    its admission at ``limits``."""
     os.environ[HAPROXY_ENV] = "1"  # all inherited by the Ray processes ray.init starts
     # Short and in /tmp, as Ray's default is: HAProxy refuses a socket path over 97 characters,
     # and Ray adds a 56-character node id under this folder.
@@ -258,15 +315,18 @@ def _use_haproxy(binary: str) -> None:
             os.environ[env] = str(Path(private, HAPROXY_FILE_ENVS[env]))
     for env in HAPROXY_PORT_ENVS:  # free ones, so two such Rays on one machine can coexist
         os.environ.setdefault(env, str(free_loopback_port()))
-    if os.environ.setdefault(BINARY_ENV, str(LOOPBACK_WRAPPER)) == str(LOOPBACK_WRAPPER):
-        if not os.access(LOOPBACK_WRAPPER, os.X_OK):  # a copy that lost its file modes
-            raise UserInputError(f"{LOOPBACK_WRAPPER} is not executable (chmod +x)")
+    if os.environ.setdefault(BINARY_ENV, str(FRONT_WRAPPER)) == str(FRONT_WRAPPER):
+        if not os.access(FRONT_WRAPPER, os.X_OK):  # a copy that lost its file modes
+            raise UserInputError(f"{FRONT_WRAPPER} is not executable (chmod +x)")
         os.environ[REAL_BINARY_ENV] = binary
+        for name, value in limits.environ().items():
+            os.environ.setdefault(name, value)
         return
     stats, metrics = (os.environ[e] for e in HAPROXY_PORT_ENVS)
     log.warning(
         "HAProxy runs as %s=%s: its statistics page (port %s) and Prometheus exporter "
-        "(port %s) listen on every interface (Ray's template); firewall them",
+        "(port %s) listen on every interface (Ray's template), firewall them; and the "
+        "ingress replicas refuse excess load themselves, slower than HAProxy would",
         BINARY_ENV,
         os.environ[BINARY_ENV],
         stats,

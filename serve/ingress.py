@@ -86,12 +86,15 @@ from carclf.data.limits import SERVE_MIN_SIDE as MIN_SIDE
 from carclf.data.transforms import Preprocess, eval_resize_crop, load_image
 from carclf.errors import UserInputError
 from carclf.explain_request import check_method, class_index
+from carclf.runtime import FrontLimits
 from serve import v2
 from serve.metrics import ALL_MODELS, CLIENT_GONE, UNKNOWN_MODEL, IngressMetrics
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 FORMATS = SERVE_FORMATS
 PAGE = Path(__file__).parent / "static" / "index.html"
+# HAProxy, where it is the front, applies the same four limits first (carclf.runtime).
+FRONT_DEFAULTS = FrontLimits()
 MAX_TOP_K = 1000  # top_k beyond the classes is clamped; this only keeps the number small
 T = TypeVar("T")
 log = logging.getLogger("ray.serve")
@@ -105,7 +108,7 @@ class ServeSettings(BaseModel):
     once, so the queue in front of the models stays short and health checks keep a slot.
     """
 
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_body_bytes: int = Field(FRONT_DEFAULTS.max_body_bytes, ge=1)
     api_key: str | None = None
     default_top_k: int = Field(5, ge=1)
     max_images: int = Field(32, ge=1, description="images in one request (V1 instances, V2 N)")
@@ -115,7 +118,9 @@ class ServeSettings(BaseModel):
         "any, '*.example.com' its subdomains",
     )
     max_inflight: int = Field(
-        32, ge=1, description="inference requests one ingress replica works on at once"
+        FRONT_DEFAULTS.max_inflight,
+        ge=1,
+        description="inference requests one ingress replica works on at once",
     )
     max_uploads: int = Field(
         64, ge=1, description="request bodies one ingress replica receives at once"
@@ -127,7 +132,9 @@ class ServeSettings(BaseModel):
         "max_inflight (default a quarter of it): the rest stays free for predictions",
     )
     body_timeout_s: float = Field(
-        10.0, gt=0, description="seconds to receive a whole request body; slower is a 408"
+        FRONT_DEFAULTS.body_timeout_s,
+        gt=0,
+        description="seconds to receive a whole request body; slower is a 408",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="deadline of a request without a `timeout` header; a 504 past it"
@@ -138,7 +145,9 @@ class ServeSettings(BaseModel):
     decode_threads: int = Field(
         2, ge=1, description="threads per ingress replica that parse, decode and preprocess"
     )
-    retry_after_s: int = Field(1, ge=1, description="the Retry-After of every 503")
+    retry_after_s: int = Field(
+        FRONT_DEFAULTS.retry_after_s, ge=1, description="the Retry-After of every 503"
+    )
     health_poll_s: float = Field(
         1.0, gt=0, description="how often readiness asks Serve which replicas are running"
     )
@@ -165,6 +174,13 @@ class ServeSettings(BaseModel):
                 f"max_request_timeout_s ({self.max_request_timeout_s:g})"
             )
         return self
+
+    def front_limits(self) -> FrontLimits:
+        """The limits HAProxy applies before a request reaches an ingress replica, where it is
+        Serve's HTTP front (:func:`carclf.runtime.use_front`)."""
+        return FrontLimits(
+            self.max_inflight, self.body_timeout_s, self.max_body_bytes, self.retry_after_s
+        )
 
 
 class ApiError(Exception):

@@ -45,9 +45,10 @@ def start_app(
     controller is detached, so on a cluster the app outlives the process that started it. A
     proxy already running keeps its address: a second app joins it under ``route_prefix``.
     ``front`` is Serve's HTTP front on a Ray this process starts
-    (:func:`carclf.runtime.use_front`); a running Ray keeps its own.
+    (:func:`carclf.runtime.use_front`), admitting requests as ``args.settings`` say; a running
+    Ray keeps its own (and a warning says when its limits differ from the app's).
     """
-    ensure_ray(front=front)
+    ensure_ray(front=front, limits=args.settings.front_limits())
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"

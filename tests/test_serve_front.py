@@ -4,10 +4,16 @@ binary, said out loud."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import http.server
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,13 +25,15 @@ from carclf.errors import UserInputError
 from carclf.runtime import (
     API_SERVER_ENV,
     BINARY_ENV,
+    FRONT_LIMIT_ENVS,
+    FRONT_WRAPPER,
     HAPROXY,
     HAPROXY_ENV,
     HAPROXY_FILE_ENVS,
     HAPROXY_PORT_ENVS,
-    LOOPBACK_WRAPPER,
     PYTHON_PROXY,
     REAL_BINARY_ENV,
+    FrontLimits,
     check_joined_front,
     free_loopback_port,
     haproxy_binary,
@@ -51,7 +59,14 @@ def listening(proc: psutil.Process) -> list:
 
 # Every variable the front sets; a test that sets them works on a copy of the environment, so
 # that what it sets leaves with it (and no later Ray inherits it).
-OURS = (HAPROXY_ENV, BINARY_ENV, REAL_BINARY_ENV, *HAPROXY_FILE_ENVS, *HAPROXY_PORT_ENVS)
+OURS = (
+    HAPROXY_ENV,
+    BINARY_ENV,
+    REAL_BINARY_ENV,
+    *HAPROXY_FILE_ENVS,
+    *HAPROXY_PORT_ENVS,
+    *FRONT_LIMIT_ENVS,
+)
 
 
 @pytest.fixture
@@ -61,15 +76,24 @@ def own_environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return environ
 
 
-def test_haproxy_on_a_running_ray_needs_the_cluster_started_so(own_environ: dict) -> None:
+def test_haproxy_on_a_running_ray_needs_the_cluster_started_so(
+    own_environ: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     """The switch is read when Ray starts: asking a joined Ray for HAProxy without it is a
-    clear error; auto and proxy take what the cluster has."""
+    clear error; auto and proxy take what the cluster has. An app whose limits differ from
+    those HAProxy started with is told so."""
     with pytest.raises(UserInputError, match=HAPROXY_ENV):
         check_joined_front("haproxy")
     check_joined_front("auto")
     check_joined_front("proxy")
     own_environ[HAPROXY_ENV] = "1"  # the user says the cluster was started so
     check_joined_front("haproxy")
+    own_environ.update(FrontLimits().environ())  # as this process started it
+    with caplog.at_level("WARNING", logger="carclf"):
+        check_joined_front("auto", FrontLimits())
+        assert not caplog.text
+        check_joined_front("auto", FrontLimits(max_inflight=4))
+    assert "CARCLF_FRONT_MAX_INFLIGHT=32 (this app: 4)" in caplog.text
 
 
 def test_haproxy_is_the_default_its_files_private_and_run_through_the_wrapper(
@@ -80,9 +104,12 @@ def test_haproxy_is_the_default_its_files_private_and_run_through_the_wrapper(
     Ray runs the real binary through the wrapper that binds those to loopback. What the user
     set stays."""
     own_environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = "19101"
+    own_environ["CARCLF_FRONT_RETRY_AFTER_S"] = "7"
     real = haproxy_binary()
     with caplog.at_level("WARNING", logger="carclf"):
-        assert use_front() == HAPROXY
+        assert use_front(limits=FrontLimits(max_inflight=5, body_timeout_s=2.5)) == HAPROXY
+    # The app's limits for HAProxy's admission, a value the user set kept.
+    assert [os.environ[e] for e in FRONT_LIMIT_ENVS] == ["5", "2500", str(10 << 20), "7"]
     assert os.environ[HAPROXY_ENV] == "1"
     folder = Path(os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     assert folder.stat().st_mode & 0o777 == 0o700
@@ -91,8 +118,8 @@ def test_haproxy_is_the_default_its_files_private_and_run_through_the_wrapper(
     stats = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
     assert stats.isdigit() and stats != "8404"
     assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
-    assert os.environ[BINARY_ENV] == str(LOOPBACK_WRAPPER)
-    assert os.environ[REAL_BINARY_ENV] == real != str(LOOPBACK_WRAPPER)
+    assert os.environ[BINARY_ENV] == str(FRONT_WRAPPER)
+    assert os.environ[REAL_BINARY_ENV] == real != str(FRONT_WRAPPER)
     assert haproxy_binary() == real  # a second start finds the real one behind the wrapper
     assert not caplog.text
     folder.rmdir()
@@ -146,7 +173,7 @@ def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_
         "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
     }
     args = ["-db", "-f", str(config), "-sf", "123"]
-    subprocess.run([str(LOOPBACK_WRAPPER), *args], env=env, check=True, timeout=30)
+    subprocess.run([str(FRONT_WRAPPER), *args], env=env, check=True, timeout=30)
     assert config.read_text() == (
         "frontend prometheus\n    bind 127.0.0.1:19101\n"
         "frontend http_frontend\n    bind 0.0.0.0:8000\n"
@@ -154,6 +181,126 @@ def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_
         "frontend other\n    bind 127.0.0.1:19101 v4v6\n"
     )
     assert echo.read_text().split() == args
+
+
+# Ray's template, cut to what the wrapper edits: Ray's 500 page for HAProxy's own 503, the HTTP
+# front, and app backends with Ray's `default-server` line (one up, one with no live server).
+RAY_LIKE_CONFIG = """global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    errorfile 503 {page}
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    acl is_down path_beg /down/
+    use_backend down if is_down
+    default_backend app
+backend app
+    option httpchk GET /-/healthz
+    default-server inter 100ms fall 1 rise 1
+    server a 127.0.0.1:{app} check
+backend down
+    option httpchk GET /-/healthz
+    default-server inter 100ms fall 1 rise 1
+    server b 127.0.0.1:{closed} check
+"""
+
+
+class SlowApp(http.server.ThreadingHTTPServer):
+    """A stand-in ingress replica: a POST takes 1 s; every GET is a quick 200."""
+
+    def __init__(self) -> None:
+        self.posts = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(h) -> None:
+                h.send_response(200)
+                h.send_header("content-length", "2")
+                h.end_headers()
+                h.wfile.write(b"ok")
+
+            def do_POST(h) -> None:
+                self.posts += 1
+                h.rfile.read(int(h.headers["content-length"]))
+                time.sleep(1.0)
+                h.do_GET()
+
+            def log_message(h, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def raw_post(port: int, declared: int, body: bytes) -> tuple[int, dict, bytes]:
+    """POST ``body`` under a declared ``Content-Length``; the status, headers and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head = f"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        reply = sock.makefile("rb")
+        status = int(reply.readline().split()[1])
+        headers = {}
+        while (line := reply.readline().decode().strip()) != "":
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
+        return status, headers, reply.read(int(headers.get("content-length", 0)))
+
+
+def test_the_wrappers_admission_refuses_in_haproxy_with_json(tmp_path: Path) -> None:
+    """Past MAX_INFLIGHT POSTs per server up, HAProxy's own JSON 503 with Retry-After while
+    GETs pass; a declared oversize body is a 413 and a slow one a 408, neither reaching the
+    app; no live server is a JSON 503, not Ray's 500 page."""
+    app = SlowApp()
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    port, config = free_loopback_port(), tmp_path / "haproxy.cfg"
+    (tmp_path / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    config.write_text(
+        RAY_LIKE_CONFIG.format(
+            page=tmp_path / "500.http",
+            port=port,
+            app=app.server_address[1],
+            closed=free_loopback_port(),
+        )
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        REAL_BINARY_ENV: haproxy_binary(),
+        "RAY_SERVE_HAPROXY_STATS_PORT": "1",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "2",
+        **FrontLimits(max_inflight=2, body_timeout_s=0.5, max_body_bytes=1000).environ(),
+    }
+    proc = subprocess.Popen([str(FRONT_WRAPPER), "-db", "-f", str(config)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready_get = time.monotonic() + 20
+        while time.monotonic() < wait_ready_get:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/-/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(raw_post, port, 2, b"{}") for _ in range(2)]
+            time.sleep(0.4)  # both at the app
+            status, headers, body = raw_post(port, 2, b"{}")
+            assert status == 503 and headers["retry-after"] == "1", (status, body)
+            assert json.loads(body)["error"] == "the server is busy; retry shortly"
+            assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+            assert [f.result()[0] for f in busy] == [200, 200]
+        status, headers, body = raw_post(port, 5000, b"")
+        assert status == 413 and headers["connection"] == "close", (status, body)
+        assert json.loads(body)["error"] == "request body over 1000 bytes"
+        status, headers, body = raw_post(port, 100, b"x")
+        assert status == 408 and "not received within 500 ms" in json.loads(body)["error"]
+        assert app.posts == 2  # neither reached the app
+        r = httpx.get(f"{url}/down/x", timeout=5)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"] == "no replica can take the request; retry shortly"
+    finally:
+        proc.kill()
+        proc.wait()
+        app.shutdown()
 
 
 class CarclfServe:
@@ -220,12 +367,13 @@ def test_carclf_serve_answers_through_haproxy_on_loopback_and_stops_on_sigterm(
         assert private.name.startswith("carclf-hap-"), config
         assert private.stat().st_mode & 0o777 == 0o700
         # The HTTP front, the statistics page and the Prometheus exporter, all on loopback
-        # (haproxy-loopback.sh: Ray's template binds the last two on every interface).
+        # (haproxy-front.sh: Ray's template binds the last two on every interface).
         ports = {c.laddr.port: c.laddr.ip for c in listening(haproxy)}
         stats, metrics = (int(haproxy.environ()[e]) for e in HAPROXY_PORT_ENVS)
         assert {port, stats, metrics} <= set(ports), ports
         assert set(ports.values()) == {"127.0.0.1"}, ports
         assert httpx.get(f"http://127.0.0.1:{stats}/stats", timeout=10).status_code == 200
+        assert "carclf admission" in config.read_text()  # Ray's real config took the rules
         predict_once(url)
     finally:
         server.stop(signal.SIGTERM)  # what docker stop and systemd send
