@@ -864,6 +864,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--soak-warmup-s", type=float, default=5.0)
     a("--rss-every-s", type=float, default=2.0)
     a("--skip", nargs="*", default=[], choices=["overload", "replica_kill", "soak"])
+    a("--client-nice", type=int, default=10, help="the load client's niceness (0: the server's)")
     a("--front", choices=FRONTS, default="auto", help="Serve's HTTP front (carclf serve --front)")
     a("--out", default="bench/results")
     return p.parse_args(argv)
@@ -896,6 +897,9 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
             f"; HTTP taken by {http_front(front_in_use(), serve_env())}"
         )
+        # The load client shares the machine with the server it measures; at a lower priority
+        # it takes CPU the server leaves idle, as a client on another machine would.
+        os.nice(args.client_nice)
         result.update(asyncio.run(phases(target, app_args, args)))
     finally:
         if ray.is_initialized():  # serve.shutdown() would start a Ray to shut down
