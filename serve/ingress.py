@@ -34,7 +34,10 @@ share of ``max_inflight``, so explains never take the slots predictions need); a
 received within ``body_timeout_s`` is a 408; a request past its deadline (its ``timeout``
 header, else ``request_timeout_s``) is a 504, with its model calls cancelled. A model call
 whose replica died is retried once before a 503. Health and readiness
-never wait on a model.
+never wait on a model. Where HAProxy is Serve's HTTP front, it applies ``max_inflight``,
+``body_timeout_s``, ``max_body_bytes`` and ``retry_after_s`` before a request gets here
+(``ServeSettings.front_limits``, carclf/haproxy-front.sh), so under overload these replicas
+rarely refuse anything themselves.
 
 Each inference request is counted and timed by model, endpoint and status, and each refused
 image or body by kind (:mod:`serve.metrics`, exported through Ray's metrics agent).
