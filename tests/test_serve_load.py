@@ -428,7 +428,8 @@ def test_slow_uploads_get_408_and_do_not_stop_other_clients(load_app: str) -> No
             sock.settimeout(10)
             replies.append(sock.recv(4096))
         statuses = [r.split(b" ", 2)[1] for r in replies if r]
-        # Each ingress replica takes 48 uploads: an unlucky split may refuse a few with 503.
+        # Through HAProxy the bodies wait there and all get its 408; through Serve's proxy each
+        # ingress replica takes 48 uploads, and an unlucky split may refuse a few with 503.
         assert set(statuses) <= {b"408", b"503"} and statuses.count(b"408") >= 60, statuses
     finally:
         for sock in socks:
