@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf.runtime import FRONTS, front_in_use
+from carclf.runtime import FRONTS, FrontLimits, front_in_use
 
 HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
@@ -646,7 +646,7 @@ def app_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def init_ray(front: str = "auto", limits: Any = None, attempts: int = 3) -> None:
+def init_ray(front: str = "auto", limits: FrontLimits | None = None, attempts: int = 3) -> None:
     """``ray.init`` of a local Ray with Serve's ``front`` and its ``limits``
     (:func:`carclf.runtime.use_front`), retried: on a busy machine the raylet can miss Ray's
     fixed 30 s start-up limit; a failed start's processes (this process's children) are ended."""

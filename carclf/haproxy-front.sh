@@ -16,6 +16,9 @@
 #    - a POST that declares a body over the size limit is a 413 at once, connection closed;
 #    - past MAX_INFLIGHT POSTs per ingress replica that is up, a JSON 503 with Retry-After, sent
 #      by HAProxy in well under a millisecond: the ingress never spends its CPU on refusals;
+#    - a request whose headers take longer than the body timeout is a 408 too (Ray leaves
+#      `timeout http-request` to `timeout client`, an hour: a slowloris would hold HAProxy's
+#      connections that long);
 #    - HAProxy's own 503 (no replica up) and 408 are JSON too, instead of Ray's 500 page.
 #    GETs (health, readiness, metadata, the page) are never refused here.
 #
@@ -52,15 +55,16 @@ if [ -n "$config" ] && [ -n "${CARCLF_FRONT_MAX_INFLIGHT:-}" ] &&
     json="content-type application/json"
     retry="$json hdr retry-after $CARCLF_FRONT_RETRY_AFTER_S"
     # Ray's `errorfile 503` turns HAProxy's own 503 into a 500 page; a JSON 503 replaces it.
-    # In the defaults: after Ray's line there. In the HTTP front: before Ray's rules, so a
-    # request is admitted before it is routed. In each app backend (the sections with Ray's
-    # `default-server` line): the count of its POSTs against MAX_INFLIGHT per server up.
+    # In the defaults: first, so a setting of Ray's own there wins. In the HTTP front: before
+    # Ray's rules, so a request is admitted before it is routed. In each app backend (the
+    # sections with Ray's `default-server` line): its POSTs against MAX_INFLIGHT per server up.
     flock "$config.lock" sed -i -E \
         -e "/^[[:space:]]*errorfile 503 /d" \
         -e "/^defaults/a\\
     # carclf admission (haproxy-front.sh)\\
+    timeout http-request ${body_ms}ms\\
     http-error status 503 $retry string '{\"error\": \"no replica can take the request; retry shortly\"}'\\
-    http-error status 408 $json hdr connection close string '{\"error\": \"request body not received within $body_ms ms\"}'" \
+    http-error status 408 $json hdr connection close string '{\"error\": \"request not received within $body_ms ms\"}'" \
         -e "/^frontend http_frontend/a\\
     http-request return status 413 $json hdr connection close string '{\"error\": \"request body over $max_body bytes\"}' if METH_POST { req.hdr_val(content-length) gt $max_body }\\
     http-request wait-for-body time ${body_ms}ms if METH_POST" \

@@ -87,7 +87,8 @@ def ensure_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kw
     Args:
         front: Serve's HTTP front if a Ray starts here (:func:`use_front`); ``haproxy`` on a
             running Ray is checked (:func:`check_joined_front`).
-        limits: what HAProxy admits if a Ray starts here (default: the app's defaults).
+        limits: what HAProxy admits if a Ray starts here (default: the app's defaults); on a
+            running Ray this process started, a warning if its HAProxy was set otherwise.
         init_kwargs: passed to ``ray.init`` (tests set ``num_cpus``).
 
     Raises:
@@ -140,7 +141,8 @@ def ensure_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kw
 # an ingress replica's own HTTP server, one Python process less per request. Side by side on 2
 # cores it took the serving benchmark from 0.87 of in-process throughput to 0.94, the chaos
 # suite's toy app from 90 to 149 requests per second, and at 10x load an efficientnet_b0 app's
-# 503s and readiness answers from seconds to about 20 ms (README, "Serving"). So every Ray carclf
+# 503s from seconds to about a millisecond once HAProxy refused for the ingress (README,
+# "Serving"). So every Ray carclf
 # starts runs HAProxy (``front="auto"``), with four things Ray's defaults lack:
 #
 # - HAProxy's files (config, admin socket at mode 666) go in a private 0700 folder instead of the

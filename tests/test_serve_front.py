@@ -251,7 +251,7 @@ def raw_post(port: int, declared: int, body: bytes) -> tuple[int, dict, bytes]:
 def test_the_wrappers_admission_refuses_in_haproxy_with_json(tmp_path: Path) -> None:
     """Past MAX_INFLIGHT POSTs per server up, HAProxy's own JSON 503 with Retry-After while
     GETs pass; a declared oversize body is a 413 and a slow one a 408, neither reaching the
-    app; no live server is a JSON 503, not Ray's 500 page."""
+    app, and so are slow headers; no live server is a JSON 503, not Ray's 500 page."""
     app = SlowApp()
     threading.Thread(target=app.serve_forever, daemon=True).start()
     port, config = free_loopback_port(), tmp_path / "haproxy.cfg"
@@ -294,6 +294,9 @@ def test_the_wrappers_admission_refuses_in_haproxy_with_json(tmp_path: Path) -> 
         status, headers, body = raw_post(port, 100, b"x")
         assert status == 408 and "not received within 500 ms" in json.loads(body)["error"]
         assert app.posts == 2  # neither reached the app
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slowloris:
+            slowloris.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            assert slowloris.recv(4096).startswith(b"HTTP/1.1 408")
         r = httpx.get(f"{url}/down/x", timeout=5)
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert r.json()["error"] == "no replica can take the request; retry shortly"
