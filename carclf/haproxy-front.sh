@@ -40,37 +40,39 @@ for arg in "$@"; do
 done
 
 if [ -n "$config" ]; then
+    exec 9>"$config.lock" # Ray's lock on CONFIG, held while both edits run
+    flock 9
     ports="${RAY_SERVE_HAPROXY_STATS_PORT}|${RAY_SERVE_HAPROXY_METRICS_PORT}"
     # `bind :P`, `bind *:P`, `bind 0.0.0.0:P`, `bind [::]:P` ... -> `bind 127.0.0.1:P`.
-    flock "$config.lock" sed -i -E \
+    sed -i -E \
         "s/^([[:space:]]*bind[[:space:]]+)[^[:space:]]*:(${ports})([[:space:]]|\$)/\\1127.0.0.1:\\2\\3/" \
         "$config"
-fi
-
-if [ -n "$config" ] && [ -n "${CARCLF_FRONT_MAX_INFLIGHT:-}" ] &&
-    ! grep -q "carclf admission" "$config"; then
-    inflight=$CARCLF_FRONT_MAX_INFLIGHT
-    body_ms=$CARCLF_FRONT_BODY_TIMEOUT_MS
-    max_body=$CARCLF_FRONT_MAX_BODY_BYTES
-    json="content-type application/json"
-    retry="$json hdr retry-after $CARCLF_FRONT_RETRY_AFTER_S"
-    # Ray's `errorfile 503` turns HAProxy's own 503 into a 500 page; a JSON 503 replaces it.
-    # In the defaults: first, so a setting of Ray's own there wins. In the HTTP front: before
-    # Ray's rules, so a request is admitted before it is routed. In each app backend (the
-    # sections with Ray's `default-server` line): its POSTs against MAX_INFLIGHT per server up.
-    flock "$config.lock" sed -i -E \
-        -e "/^[[:space:]]*errorfile 503 /d" \
-        -e "/^defaults/a\\
+    if [ -n "${CARCLF_FRONT_MAX_INFLIGHT:-}" ] && ! grep -q "carclf admission" "$config"; then
+        inflight=$CARCLF_FRONT_MAX_INFLIGHT
+        body_ms=$CARCLF_FRONT_BODY_TIMEOUT_MS
+        max_body=$CARCLF_FRONT_MAX_BODY_BYTES
+        json="content-type application/json"
+        retry="$json hdr retry-after $CARCLF_FRONT_RETRY_AFTER_S"
+        # Ray's `errorfile 503` turns HAProxy's own 503 into a 500 page; a JSON 503 replaces
+        # it. In the defaults: first, so a setting of Ray's own there wins. In the HTTP front:
+        # before Ray's rules, so a request is admitted before it is routed. In each app backend
+        # (the sections with Ray's `default-server` line): its POSTs against MAX_INFLIGHT per
+        # server up.
+        sed -i -E \
+            -e "/^[[:space:]]*errorfile 503 /d" \
+            -e "/^defaults/a\\
     # carclf admission (haproxy-front.sh)\\
     timeout http-request ${body_ms}ms\\
     http-error status 503 $retry string '{\"error\": \"no replica can take the request; retry shortly\"}'\\
     http-error status 408 $json hdr connection close string '{\"error\": \"request not received within $body_ms ms\"}'" \
-        -e "/^frontend http_frontend/a\\
+            -e "/^frontend http_frontend/a\\
     http-request return status 413 $json hdr connection close string '{\"error\": \"request body over $max_body bytes\"}' if METH_POST { req.hdr_val(content-length) gt $max_body }\\
     http-request wait-for-body time ${body_ms}ms if METH_POST" \
-        -e "/^[[:space:]]*default-server /a\\
+            -e "/^[[:space:]]*default-server /a\\
     http-request set-var(txn.carclf_slots) nbsrv,mul($inflight)\\
     http-request return status 503 $retry string '{\"error\": \"the server is busy; retry shortly\"}' if METH_POST { be_conn,sub(txn.carclf_slots) gt 0 }" \
-        "$config"
+            "$config"
+    fi
+    exec 9>&- # released: HAProxy must not inherit it, or Ray's next reload would wait on it
 fi
 exec "$CARCLF_HAPROXY_BINARY" "$@"

@@ -182,7 +182,10 @@ class ServeSettings(BaseModel):
         """The limits HAProxy applies before a request reaches an ingress replica, where it is
         Serve's HTTP front (:func:`carclf.runtime.use_front`)."""
         return FrontLimits(
-            self.max_inflight, self.body_timeout_s, self.max_body_bytes, self.retry_after_s
+            max_inflight=self.max_inflight,
+            body_timeout_s=self.body_timeout_s,
+            max_body_bytes=self.max_body_bytes,
+            retry_after_s=self.retry_after_s,
         )
 
 

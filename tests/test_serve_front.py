@@ -5,7 +5,6 @@ binary, said out loud."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import http.server
 import json
 import os
@@ -274,12 +273,7 @@ def test_the_wrappers_admission_refuses_in_haproxy_with_json(tmp_path: Path) -> 
     proc = subprocess.Popen([str(FRONT_WRAPPER), "-db", "-f", str(config)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready_get = time.monotonic() + 20
-        while time.monotonic() < wait_ready_get:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/healthz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+        wait_ready(url, timeout_s=20)  # the stand-in app answers every GET
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             busy = [pool.submit(raw_post, port, 2, b"{}") for _ in range(2)]
             time.sleep(0.4)  # both at the app
