@@ -367,22 +367,22 @@ def not_ready(
     return [n for n in names if running.get(n, 0) < 1]
 
 
-def running_replicas(app: str, deployments: dict[str, str]) -> dict[str, int]:
-    """Model name → running replicas of its deployment in ``app``, asked of Serve's controller.
+def running_replicas(app: str) -> dict[str, int]:
+    """Deployment name → running replicas in ``app``, asked of Serve's controller; empty when
+    ``app`` is not deployed.
 
     Reads the controller's instance details as the plain dict it sends: ``serve.status()``
     builds the same facts into pydantic models, pickling every deployment's request router on
-    the way, ~50 ms of CPU per call against ~1 ms; every ingress replica asks each
+    the way, ~50 ms of CPU per call against ~1 ms; every ingress and health replica asks each
     ``settings.health_poll_s``, idle or not. Blocking (a call to the controller): run it in a
     thread.
     """
     details = _get_global_client().get_serve_details()
     found = details.get("applications", {}).get(app, {}).get("deployments", {})
-    out = {}
-    for model, deployment in deployments.items():
-        replicas = found.get(deployment, {}).get("replicas", [])
-        out[model] = sum(getattr(r["state"], "value", r["state"]) == "RUNNING" for r in replicas)
-    return out
+    return {
+        name: sum(getattr(r["state"], "value", r["state"]) == "RUNNING" for r in d["replicas"])
+        for name, d in found.items()
+    }
 
 
 def _replay(request: Request, body: bytes) -> Request:
@@ -441,6 +441,7 @@ def _openapi_url(request: Request) -> str:
 # slots for ``max_uploads`` bodies and ``max_inflight`` requests at work with room to spare, so
 # health checks and fast 503s always find one.
 INGRESS_MAX_ONGOING = 128
+INGRESS_DEPLOYMENT = "Ingress"  # the class's name, Serve's default deployment name
 
 
 @serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
@@ -493,15 +494,15 @@ class Ingress:
             app_name = serve.get_replica_context().app_name
         except (RuntimeError, RayServeException):  # built outside a replica (unit tests)
             return None
-        deployments = {n: h.deployment_name for n, h in self.classifiers.items()}
-        return loop.create_task(self._watch(app_name, deployments))
+        return loop.create_task(self._watch(app_name))
 
-    async def _watch(self, app_name: str, deployments: dict[str, str]) -> None:
+    async def _watch(self, app_name: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
                 # The default executor, not the decode pool: a flood of images cannot delay it.
-                running = await loop.run_in_executor(None, running_replicas, app_name, deployments)
+                counts = await loop.run_in_executor(None, running_replicas, app_name)
+                running = {n: counts.get(h.deployment_name, 0) for n, h in self.classifiers.items()}
                 self._running, self._running_at = running, time.monotonic()
             except Exception as exc:  # the controller restarting: readiness turns 503 when stale
                 log.warning("cannot read the replicas' status: %s", clean_message(str(exc)))

@@ -14,6 +14,7 @@ from ray import serve
 
 from carclf.runtime import SERVE_ENV, ensure_ray
 from serve.app import AppArgs, build_app
+from serve.health import HealthArgs, build_health, health_route
 
 
 def app_args(bundles: Sequence[str], api_key: str | None = None, **settings: Any) -> AppArgs:
@@ -38,8 +39,12 @@ def start_app(
     name: str = "carclf",
     route_prefix: str = "/",
     front: str = "auto",
+    health: bool = True,
 ) -> str:
     """Join (or start) Ray, start Serve's proxy on ``host:port`` and run the app; its URL.
+
+    With ``health``, also the app's health app (``NAME-health`` under
+    ``route_prefix/v2/health``, :mod:`serve.health`), so probes never wait on a busy ingress.
 
     Returns without waiting for the replicas (:func:`serve.client.wait_ready` does). Serve's
     controller is detached, so on a cluster the app outlives the process that started it. A
@@ -51,7 +56,21 @@ def start_app(
     ensure_ray(front=front, limits=args.settings.front_limits())
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    if health:
+        app = build_health(HealthArgs.of(name, args.settings))
+        serve.run(app, name=health_name(name), route_prefix=health_route(route_prefix))
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def health_name(name: str) -> str:
+    """The Serve name of app ``name``'s health app."""
+    return f"{name}-health"
+
+
+def stop_app(name: str = "carclf") -> None:
+    """Delete app ``name`` and its health app, if it has one (what :func:`start_app` started)."""
+    serve.delete(health_name(name))  # a no-op where there is none
+    serve.delete(name)
 
 
 def http_front(front: str, serve_env: dict[str, str] | None = None) -> str:

@@ -98,11 +98,11 @@ def served_app(ray_session, served_bundle):
     from ray import serve
 
     from serve.client import wait_ready
-    from serve.launch import app_args, start_app
+    from serve.launch import app_args, start_app, stop_app
 
     url = f"http://127.0.0.1:{SERVE_PORT}"
     serve.shutdown()
     start_app(app_args([served_bundle.path], SERVE_KEY), port=SERVE_PORT, name="carclf-test")
     wait_ready(url)
     yield url
-    serve.delete("carclf-test")
+    stop_app("carclf-test")

@@ -50,6 +50,9 @@ def test_rayservice_embeds_serve_config_but_listens_on_the_pod_for_its_service()
     # Behind the serve Service, clients send its DNS names as Host (a laptop allows loopback only).
     settings = on_k8s["applications"][0]["args"]["settings"]
     assert "*.svc.cluster.local" in settings.pop("allowed_hosts")
+    # The health app allows the same names as the app it answers for.
+    health = on_k8s["applications"][1]["args"]
+    assert "*.svc.cluster.local" in health.pop("allowed_hosts")
     assert on_k8s == local
 
 
@@ -85,6 +88,24 @@ def test_serve_config_args_reach_the_builder_as_app_args(served_bundle) -> None:
     assert app_cfg["import_path"] == "serve.app:build_app"
     args = {**app_cfg["args"], "bundles": [str(served_bundle.path)]}
     app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert isinstance(app, Application)
+
+
+def test_serve_config_pairs_the_app_with_its_health_app() -> None:
+    """The health app answers for the carclf app under its prefix + /v2/health, and its
+    ``args`` reach its builder as ``HealthArgs``."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve.health import build_health, health_route
+
+    app_cfg, health_cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())[
+        "applications"
+    ]
+    assert health_cfg["import_path"] == "serve.health:build_health"
+    assert health_cfg["args"]["app"] == app_cfg["name"]
+    assert health_cfg["route_prefix"] == health_route(app_cfg["route_prefix"])
+    app = call_user_app_builder_with_args_if_necessary(build_health, health_cfg["args"])
     assert isinstance(app, Application)
 
 

@@ -17,7 +17,7 @@ from carclf.evaluate import evaluate
 from carclf.export import export_run
 from carclf.train import run_training
 from serve.client import query, wait_ready
-from serve.launch import app_args, start_app
+from serve.launch import app_args, start_app, stop_app
 
 from .conftest import SERVE_PORT, tiny_config
 
@@ -51,7 +51,7 @@ def served(trained, served_app: str, toy_manifest: Path):
     start_app(app_args([bundle.path]), port=SERVE_PORT, route_prefix=PREFIX)
     wait_ready(URL)
     yield bundle
-    serve.delete("carclf")
+    stop_app("carclf")
 
 
 def test_training_reports_each_epoch_and_keeps_the_best(trained) -> None:

@@ -112,10 +112,9 @@ def test_running_replicas_reads_serves_details(monkeypatch: pytest.MonkeyPatch) 
     details = {"applications": {"carclf": {"deployments": deployments}}}
     client = NS(get_serve_details=lambda: details)
     monkeypatch.setattr(serve.ingress, "_get_global_client", lambda: client)
-    wanted = {"body": "classifier-body", "brand": "classifier-brand", "gone": "classifier-gone"}
-    got = serve.ingress.running_replicas("carclf", wanted)
-    assert got == {"body": 2, "brand": 0, "gone": 0}
-    assert serve.ingress.running_replicas("other", wanted) == {"body": 0, "brand": 0, "gone": 0}
+    got = serve.ingress.running_replicas("carclf")
+    assert got == {"classifier-body": 2, "classifier-brand": 0}
+    assert serve.ingress.running_replicas("other") == {}  # not deployed
 
 
 def test_app_args_scaling_and_refusals() -> None:
@@ -281,7 +280,8 @@ def start(name: str, prefix: str, bundle: str, **args: Any) -> str:
     # Slivers of the 2 CPUs: these apps run beside the session's own.
     cpus = {"classifier_cpus": 0.15, "explainer_cpus": 0.05, "ingress_cpus": 0.05}
     app = AppArgs(bundles=[bundle], **{**cpus, **args})
-    start_app(app, port=SERVE_PORT, name=name, route_prefix=prefix)
+    # No health app: these apps test the ingress's own limits (the shared app has one).
+    start_app(app, port=SERVE_PORT, name=name, route_prefix=prefix, health=False)
     wait_ready(BASE + prefix, timeout_s=120)
     return BASE + prefix
 
