@@ -44,7 +44,6 @@ def trained(ray_session, toy_manifest: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="module")
 def served(trained, served_app: str, toy_manifest: Path):
-    from ray import serve
 
     result, out = trained
     bundle = export_run(result.run_dir, out / "bundle", name="body")
