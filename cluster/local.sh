@@ -35,8 +35,10 @@ WORKER_CPUS=${CARCLF_WORKER_CPUS:-1}
 WORKER_PORTS=${CARCLF_WORKER_PORTS:-20000}
 
 export RAY_AUTH_MODE=token
-# Serve's throughput-optimised mode, as in every Ray carclf starts (carclf.runtime.SERVE_ENV).
+# Serve's throughput-optimised mode and inline arguments up to 1 MiB, as in every Ray carclf
+# starts (carclf.runtime.SERVE_ENV).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}
+export RAY_max_direct_call_object_size=${RAY_max_direct_call_object_size:-1048576}
 # A job's entrypoint (`python -m jobs.pipeline …`) runs in the environment of the node that starts
 # it: this checkout's venv comes first, as carclf would be installed in a real cluster's image.
 PATH="$(dirname "$RAY"):$PATH"
