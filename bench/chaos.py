@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -229,20 +230,56 @@ async def open_loop(
     return list(await asyncio.gather(*tasks)), skipped
 
 
-async def probe_health(target: Target, stop: asyncio.Event, every_s: float) -> list[Reply]:
-    """Every path of ``PROBES`` at once, on new connections, as independent probes would."""
+async def _probe_rounds(conn: Any, target: Target, every_s: float) -> list[Reply]:
+    """Every path of ``PROBES`` on a new connection each, every ``every_s`` on a fixed schedule,
+    until ``conn`` says stop."""
     replies: list[Reply] = []
-
-    async def probe(path: str) -> None:
-        reply = await exchange(target.port, get_request(target, path), 5.0)
-        reply.headers["probe"] = path
-        replies.append(reply)
-
-    while not stop.is_set():
-        await asyncio.gather(*(probe(path) for path in PROBES.values()))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+    start, rounds = time.perf_counter(), 0
+    while not conn.poll():
+        for name, path in PROBES.items():
+            reply = await exchange(target.port, get_request(target, path), 5.0)
+            reply.headers["probe"] = name
+            replies.append(reply)
+        rounds += 1
+        await asyncio.sleep(max(start + rounds * every_s - time.perf_counter(), 0.0))
+    conn.recv()
     return replies
+
+
+def _prober(conn: Any, target: Target, every_s: float) -> None:
+    """The probing process: a round of probes per ``start``, its replies back at ``stop``."""
+    while conn.recv() == "start":
+        conn.send(asyncio.run(_probe_rounds(conn, target, every_s)))
+
+
+class Prober:
+    """Health probes from a process of their own, as a load balancer's would come.
+
+    Started before the load client lowers its priority, so the probes keep the server's; and
+    the client's event loop, thousands of connections a second at 10x, cannot delay them.
+    """
+
+    def __init__(self, target: Target, every_s: float) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # not fork: this process runs Ray's threads
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_prober, args=(child, target, every_s), daemon=True)
+        self.process.start()
+
+    def start(self) -> None:
+        """Begin probing."""
+        self.conn.send("start")
+
+    async def stop(self) -> list[Reply]:
+        """Stop probing; every probe's reply, ``headers["probe"]`` naming its ``PROBES`` key."""
+        self.conn.send("stop")
+        return await asyncio.to_thread(self.conn.recv)
+
+    def close(self) -> None:
+        """End the probing process."""
+        self.conn.send("exit")
+        self.process.join(10)
 
 
 def _span(replies: list[Reply], at_least: float) -> float:
@@ -273,8 +310,8 @@ def overload_summary(
         "refuse_latency": pct([r.seconds for r in refused]),
         "retry_after": sorted({r.headers.get("retry-after", "-") for r in refused}),
     }
-    for name, path in PROBES.items():
-        probes = [r for r in health if r.headers.get("probe") == path]
+    for name in PROBES:
+        probes = [r for r in health if r.headers.get("probe") == name]
         row[name] = {"statuses": statuses(probes), **pct([r.seconds for r in probes])}
     return row
 
@@ -288,9 +325,12 @@ def cores_used(roles: dict[int, str], before: dict[int, float], seconds: float) 
     }
 
 
-async def overload(target: Target, images: list[bytes], args: argparse.Namespace) -> dict:
+async def overload(
+    target: Target, images: list[bytes], args: argparse.Namespace, prober: Prober
+) -> dict:
     """Saturation throughput, then open-loop arrivals at each multiple of it; the cores each
-    part of the system (and the load client, on the same machine) used at each."""
+    part of the system (and the load client, on the same machine) used at each, and the health
+    probes' latency (``prober``) meanwhile."""
     from bench.serve_bench import cpu_seconds, process_roles
 
     roles = process_roles()
@@ -301,16 +341,14 @@ async def overload(target: Target, images: list[bytes], args: argparse.Namespace
     levels = []
     for factor in args.overload_factors:
         rate = max(saturation, 1.0) * factor
-        stop = asyncio.Event()
-        probes = asyncio.create_task(probe_health(target, stop, args.probe_every_s))
+        prober.start()
         t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
         replies, skipped = await open_loop(
             target, images, rate, args.overload_s, args.timeout_s, args.max_in_flight
         )
         cores = cores_used(roles, cpu0, time.perf_counter() - t0)
-        stop.set()
         row = overload_summary(
-            f"{factor:g}x", rate, args.overload_s, replies, skipped, await probes
+            f"{factor:g}x", rate, args.overload_s, replies, skipped, await prober.stop()
         )
         row["accepted_over_saturation"] = row["accepted_rps"] / saturation if saturation else None
         row["cores"] = cores
@@ -687,7 +725,9 @@ def start(bundle: str, args: argparse.Namespace) -> tuple[Target, Any]:
     return Target(args.port, load_bundle(bundle).info.name, KEY), app_args
 
 
-async def phases(target: Target, app_args: Any, args: argparse.Namespace) -> dict[str, Any]:
+async def phases(
+    target: Target, app_args: Any, args: argparse.Namespace, prober: Prober
+) -> dict[str, Any]:
     """The four phases in turn (hostile inputs last, so they meet a server that was abused)."""
     from bench.serve_bench import photos
     from carclf.bundle import load_bundle
@@ -695,7 +735,8 @@ async def phases(target: Target, app_args: Any, args: argparse.Namespace) -> dic
     images = photos(args.images)
     size = list(load_bundle(app_args.bundles[0]).info.input_size)
     out: dict[str, Any] = {}
-    for name, phase in (("overload", overload), ("replica_kill", replica_kill), ("soak", soak)):
+    overloaded = functools.partial(overload, prober=prober)
+    for name, phase in (("overload", overloaded), ("replica_kill", replica_kill), ("soak", soak)):
         if name in args.skip:
             continue
         print(f"chaos: {name} …", file=sys.stderr)
@@ -798,10 +839,10 @@ def markdown(r: dict[str, Any]) -> str:
     if "overload" in r:
         lines += ["## Overload", "", *markdown_table(overload_rows(r["overload"]), cell), ""]
         lines += [
-            "Probes, on new connections every "
-            f"{r['flags']['probe_every_s']:g} s during each level: live and ready are the app's "
-            "`/v2/health/live` and `/ready`; front is `/-/healthz`, answered by the HTTP front "
-            "itself (what KubeRay and load balancers probe).",
+            "Probes, from a process of their own at the server's priority, on new connections "
+            f"every {r['flags']['probe_every_s']:g} s during each level: live and ready are the "
+            "app's `/v2/health/live` and `/ready` (its health app, where it has one); front is "
+            "`/-/healthz`, answered by the HTTP front itself (what KubeRay probes).",
             "",
             "Cores used during each level, by part (the load client runs on the same machine):",
             "",
@@ -853,7 +894,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--overload-factors", type=float, nargs="+", default=[1.0, 10.0])
     a("--overload-s", type=float, default=10.0)
     a("--max-in-flight", type=int, default=2000, help="the load client's own bound")
-    a("--probe-every-s", type=float, default=0.5)
+    a("--probe-every-s", type=float, default=0.1)
     a("--settle-s", type=float, default=5.0)
     a("--kill-clients", type=int, default=4)
     a("--kill-before-s", type=float, default=8.0)
@@ -897,10 +938,14 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
             f"; HTTP taken by {http_front(front_in_use(), serve_env())}"
         )
+        prober = Prober(target, args.probe_every_s)
         # The load client shares the machine with the server it measures; at a lower priority
         # it takes CPU the server leaves idle, as a client on another machine would.
         os.nice(args.client_nice)
-        result.update(asyncio.run(phases(target, app_args, args)))
+        try:
+            result.update(asyncio.run(phases(target, app_args, args, prober)))
+        finally:
+            prober.close()
     finally:
         if ray.is_initialized():  # serve.shutdown() would start a Ray to shut down
             serve.shutdown()

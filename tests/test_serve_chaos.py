@@ -11,7 +11,9 @@ import json
 import pytest
 
 from bench.chaos import (
+    PROBES,
     REFUSED,
+    Prober,
     Target,
     exchange,
     get_request,
@@ -60,3 +62,26 @@ def test_a_short_overload_gets_no_500_and_leaves_the_server_ready(target: Target
             assert json.loads(reply.body)["error"], reply.body
     ready = asyncio.run(exchange(SERVE_PORT, get_request(target, "/v2/health/ready"), 30.0))
     assert ready.status == 200, ready.body
+
+
+def test_the_prober_probes_from_its_own_process_until_stopped(target: Target) -> None:
+    """Two rounds of probes, each path answered 200, then nothing more after ``stop``."""
+
+    async def rounds(prober: Prober) -> list:
+        prober.start()
+        await asyncio.sleep(1.0)
+        first = await prober.stop()
+        prober.start()  # a second level reuses the process
+        await asyncio.sleep(0.3)
+        return [first, await prober.stop()]
+
+    prober = Prober(target, every_s=0.2)
+    try:
+        first, second = asyncio.run(rounds(prober))
+    finally:
+        prober.close()
+    assert not prober.process.is_alive()
+    for replies in (first, second):
+        assert {r.headers["probe"] for r in replies} == set(PROBES)
+        assert all(r.status == 200 for r in replies), [(r.status, r.body) for r in replies]
+    assert len(first) >= 2 * len(PROBES)  # a fixed schedule: a round each 0.2 s
