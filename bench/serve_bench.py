@@ -127,6 +127,7 @@ ROLES = {
     ":Ingress": "ingress replicas",
     ":classifier-": "classifier replica",
     ":explainer-": "explainer replica",
+    ":Health": "health replicas",
     "ServeController": "Serve controller",
     "raylet/raylet ": "raylet",
     "gcs/gcs_server ": "GCS",
