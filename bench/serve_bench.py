@@ -362,7 +362,9 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
             "app": app_args.model_dump(mode="json", exclude={"settings"}),
             "rounds": rounds,
             **side_by_side(rounds, best),
-            "cpu_ms_per_request": cpu_by_role(roles, {}, used, requests / 1000),
+            "cpu_ms_per_request": cpu_by_role(
+                roles, dict.fromkeys(used, 0.0), used, requests / 1000
+            ),
             "busy_threads": busy_threads(roles, threads, thread_seconds(roles)),
             "http_socket_client": asyncio.run(socket_load(predict, images, best)),
             "predict_latency": sequential(predict, images[: args.explain_requests]),
@@ -414,6 +416,7 @@ def _wait(seconds: float | None) -> str:
 
 def _measures(r: dict) -> list[dict[str, str]]:
     http, local, fw = r["http"], r["in_process"], r["onnx_vs_eager"]
+    alone = r["in_process_alone"]
     pred, expl, sock = r["predict_latency"], r["explain_latency"], r["http_socket_client"]
     levels = [
         (
@@ -433,6 +436,11 @@ def _measures(r: dict) -> list[dict[str, str]]:
             f"**HTTP / in-process** (median of {len(r['rounds'])} rounds; each round)",
             f"**{r['http_over_in_process']:.2f}** "
             f"({', '.join(f'{x:.2f}' for x in r['http_over_in_process_rounds'])})",
+        ),
+        (
+            "in-process before Ray started; HTTP (the best level) over it",
+            f"{alone['images_per_s']:.1f} img/s; "
+            f"{http['images_per_s'] / alone['images_per_s']:.2f}",
         ),
         (
             f"HTTP predict throughput, bare socket client, {http['clients']} clients (diagnostic)",
@@ -579,6 +587,9 @@ def main() -> None:
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "cpus": cpus,
         "precision": "int8" if info.metrics.get("quantization", {}).get("kept") else "fp32",
+        # Before Ray starts, for comparison: the rounds' in-process runs have the idle app
+        # beside them, as the HTTP runs have.
+        "in_process_alone": in_process(args.bundle, images, args.threads),
         "stages": stages(args.bundle, images[:60], args.threads),
         "onnx_vs_eager": onnx_vs_eager(args.bundle, images[:40], args.threads),
         "onnx_vs_eager_grid": grid,
