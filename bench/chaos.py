@@ -374,16 +374,20 @@ def classifier_replicas(app: str) -> list[str]:
     """Names of the app's classifier replica actors (Serve names them ``SERVE_REPLICA::…``)."""
     import ray
 
+    from serve.ingress import CLASSIFIER_PREFIX
+
     return sorted(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(f"SERVE_REPLICA::{app}#classifier-")
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#{CLASSIFIER_PREFIX}")
     )
 
 
-def running(app: str, deployment_prefix: str = "classifier-") -> int:
+def running(app: str) -> int:
     """Replicas Serve reports RUNNING over the app's classifier deployments."""
     from ray import serve
+
+    from serve.ingress import CLASSIFIER_PREFIX
 
     status = serve.status().applications.get(app)
     if status is None:
@@ -391,7 +395,7 @@ def running(app: str, deployment_prefix: str = "classifier-") -> int:
     return sum(
         d.replica_states.get("RUNNING", 0)
         for name, d in status.deployments.items()
-        if name.startswith(deployment_prefix)
+        if name.startswith(CLASSIFIER_PREFIX)
     )
 
 

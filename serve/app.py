@@ -30,7 +30,13 @@ from serve.deployments import (
     ClassifierDeployment,
     ExplainerDeployment,
 )
-from serve.ingress import INGRESS_MAX_ONGOING, Ingress, ServeSettings
+from serve.ingress import (
+    CLASSIFIER_PREFIX,
+    EXPLAINER_PREFIX,
+    INGRESS_MAX_ONGOING,
+    Ingress,
+    ServeSettings,
+)
 
 # Set only with ``classifier_replicas: auto``: anywhere else they would be silently ignored.
 AUTOSCALING_FIELDS = (
@@ -169,7 +175,7 @@ def build_app(args: AppArgs) -> Application:
             raise UserInputError(f"two bundles are named {name!r}; model names must be unique")
         preprocess[name] = info.preprocess.model_dump(mode="json")
         classifiers[name] = ClassifierDeployment.options(
-            name=f"classifier-{name}",
+            name=CLASSIFIER_PREFIX + name,
             **args.classifier_scaling(),
             max_ongoing_requests=args.classifier_max_ongoing_requests,
             max_queued_requests=args.classifier_max_queued_requests,
@@ -182,7 +188,7 @@ def build_app(args: AppArgs) -> Application:
             },
         ).bind(path, use_gpu=args.use_gpu)
         explainers[name] = ExplainerDeployment.options(
-            name=f"explainer-{name}",
+            name=EXPLAINER_PREFIX + name,
             num_replicas=args.explainer_replicas,
             max_ongoing_requests=args.explainer_max_ongoing_requests,
             max_queued_requests=args.explainer_max_queued_requests,

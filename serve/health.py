@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serve.ingress import (
+    CLASSIFIER_PREFIX,
     INGRESS_DEPLOYMENT,
     ServeSettings,
     clean_message,
@@ -37,7 +38,6 @@ from serve.ingress import (
 )
 
 HEALTH_PATH = "/v2/health"  # under the carclf app's own route prefix
-CLASSIFIER_PREFIX = "classifier-"  # serve.app names each model's deployment so
 DEFAULTS = ServeSettings()
 log = logging.getLogger("ray.serve")
 

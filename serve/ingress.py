@@ -441,7 +441,10 @@ def _openapi_url(request: Request) -> str:
 # slots for ``max_uploads`` bodies and ``max_inflight`` requests at work with room to spare, so
 # health checks and fast 503s always find one.
 INGRESS_MAX_ONGOING = 128
+# Deployment names in an app (serve/app.py names them; readiness and the benchmarks read them).
 INGRESS_DEPLOYMENT = "Ingress"  # the class's name, Serve's default deployment name
+CLASSIFIER_PREFIX = "classifier-"  # + the model's name
+EXPLAINER_PREFIX = "explainer-"  # + the model's name
 
 
 @serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
