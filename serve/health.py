@@ -30,10 +30,11 @@ from starlette.responses import JSONResponse
 from serve.ingress import (
     CLASSIFIER_PREFIX,
     INGRESS_DEPLOYMENT,
+    WRONG_HOST,
     ServeSettings,
     clean_message,
-    host_allowed,
     not_ready,
+    request_host_allowed,
     running_replicas,
 )
 
@@ -122,14 +123,8 @@ class Health:
             await asyncio.sleep(self.args.health_poll_s)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        hosts = request.headers.getlist("host")
-        server = request.scope.get("server")
-        if not host_allowed(
-            hosts[0] if len(hosts) == 1 else None,
-            server[0] if server else None,
-            self.args.allowed_hosts,
-        ):
-            return JSONResponse({"error": "this server does not answer for that Host header"}, 421)
+        if not request_host_allowed(request, self.args.allowed_hosts):
+            return JSONResponse({"error": WRONG_HOST}, 421)
         if request.method not in ("GET", "HEAD"):
             return JSONResponse({"error": "method not allowed"}, 405, {"allow": "GET, HEAD"})
         stale_s = max(5 * self.args.health_poll_s, 5.0)

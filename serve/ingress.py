@@ -250,6 +250,18 @@ def host_allowed(host: str | None, server: str | None, allowed: list[str]) -> bo
     return False
 
 
+WRONG_HOST = "this server does not answer for that Host header"
+
+
+def request_host_allowed(request: Request, allowed: list[str]) -> bool:
+    """:func:`host_allowed` for a request: exactly one ``Host`` header, naming this server."""
+    hosts = request.headers.getlist("host")
+    server = request.scope.get("server")
+    return host_allowed(
+        hosts[0] if len(hosts) == 1 else None, server[0] if server else None, allowed
+    )
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode uploaded bytes into an upright RGB image, or raise a 400 that says why."""
     if not data:
@@ -519,14 +531,8 @@ class Ingress:
 
     def _authorise(self, request: Request, key_needed: bool = True) -> None:
         """The request policy that needs no body: the Host allow-list, then the API key."""
-        hosts = request.headers.getlist("host")
-        server = request.scope.get("server")
-        if not host_allowed(
-            hosts[0] if len(hosts) == 1 else None,
-            server[0] if server else None,
-            self.settings.allowed_hosts,
-        ):
-            raise ApiError(421, "this server does not answer for that Host header")
+        if not request_host_allowed(request, self.settings.allowed_hosts):
+            raise ApiError(421, WRONG_HOST)
         key = self.settings.api_key
         if not key or not key_needed:
             return
