@@ -357,11 +357,12 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
                 used[pid] = used.get(pid, 0.0) + seconds - before.get(pid, seconds)
             rounds.append({"in_process": local, "http_levels": levels})
         requests = len(images) * len(args.clients) * args.rounds
-        best = max(args.clients, key=lambda n: _median_rate(rounds, n))
+        figures = side_by_side(rounds)
+        best = figures["http"]["clients"]
         return {
             "app": app_args.model_dump(mode="json", exclude={"settings"}),
             "rounds": rounds,
-            **side_by_side(rounds, best),
+            **figures,
             "cpu_ms_per_request": cpu_by_role(
                 roles, dict.fromkeys(used, 0.0), used, requests / 1000
             ),
@@ -377,33 +378,27 @@ def served(args: argparse.Namespace, name: str, images: list[bytes]) -> dict[str
         ray.shutdown()
 
 
-def _median_rate(rounds: list[dict], clients: int) -> float:
-    rates = [
-        lv["images_per_s"] for r in rounds for lv in r["http_levels"] if lv["clients"] == clients
-    ]
-    return float(np.median(rates))
-
-
-def side_by_side(rounds: list[dict], best: int) -> dict[str, Any]:
-    """The headline figures of :func:`served`'s rounds: each level's median round, the
-    in-process median, and HTTP (at the ``best`` level) over in-process, round by round: its
-    median is the ratio, its range the spread between rounds."""
+def side_by_side(rounds: list[dict]) -> dict[str, Any]:
+    """The headline figures of :func:`served`'s rounds: each level's median round, the best of
+    those, the in-process median, and HTTP at the best level over in-process, round by round:
+    its median is the ratio, its range the spread between rounds."""
     levels = [
-        min(
-            (lv for r in rounds for lv in r["http_levels"] if lv["clients"] == n),
-            key=lambda lv: abs(lv["images_per_s"] - _median_rate(rounds, n)),
-        )
-        for n in (lv["clients"] for lv in rounds[0]["http_levels"])
+        sorted(
+            (lv for r in rounds for lv in r["http_levels"] if lv["clients"] == first["clients"]),
+            key=lambda lv: lv["images_per_s"],
+        )[len(rounds) // 2]
+        for first in rounds[0]["http_levels"]
     ]
+    best = max(levels, key=lambda lv: lv["images_per_s"])
     ratios = [
-        next(lv for lv in r["http_levels"] if lv["clients"] == best)["images_per_s"]
+        next(lv for lv in r["http_levels"] if lv["clients"] == best["clients"])["images_per_s"]
         / r["in_process"]["images_per_s"]
         for r in rounds
     ]
     local = float(np.median([r["in_process"]["images_per_s"] for r in rounds]))
     return {
         "http_levels": levels,
-        "http": next(lv for lv in levels if lv["clients"] == best),
+        "http": best,
         "in_process": {"images_per_s": local},
         "http_over_in_process": float(np.median(ratios)),
         "http_over_in_process_rounds": ratios,

@@ -8,7 +8,7 @@ readiness"). This small app sits under the carclf app's route prefix + ``/v2/hea
 HTTP fronts send a path to the longest prefix that matches, so the probes reach a process that
 is idle between them and answers at once.
 
-It reads the carclf app's state as the ingress does (:func:`serve.ingress.running_replicas`,
+It reads the carclf app's state as the ingress does (:class:`serve.ingress.ReplicaWatch`,
 polled every ``health_poll_s`` off the event loop): live while an ingress replica runs, ready
 while one does and every model has a running classifier replica, neither once Serve's
 controller has not answered for a while. Statuses and bodies are the ingress's own; the Host
@@ -17,10 +17,6 @@ allow-list applies as there.
 
 # No ``from __future__ import annotations``: Serve reads the builder's annotation at run time
 # to turn a config's ``args`` into ``HealthArgs`` (as in serve/app.py).
-
-import asyncio
-import logging
-import time
 
 from pydantic import BaseModel, Field
 from ray import serve
@@ -31,16 +27,15 @@ from serve.ingress import (
     CLASSIFIER_PREFIX,
     INGRESS_DEPLOYMENT,
     WRONG_HOST,
+    ReplicaWatch,
     ServeSettings,
-    clean_message,
     not_ready,
     request_host_allowed,
-    running_replicas,
+    unready_message,
 )
 
 HEALTH_PATH = "/v2/health"  # under the carclf app's own route prefix
 DEFAULTS = ServeSettings()
-log = logging.getLogger("ray.serve")
 
 
 class HealthArgs(BaseModel):
@@ -97,8 +92,7 @@ def verdict(
     }
     missing = not_ready(models, age_s, stale_s, sorted(models)) if models else ["(none)"]
     if missing:
-        shown = ", ".join(repr(m) for m in missing)
-        return 503, {"error": f"not ready: no running replica of model {shown}"}
+        return 503, {"error": unready_message(missing)}
     return 200, {"ready": True}
 
 
@@ -108,28 +102,15 @@ class Health:
 
     def __init__(self, args: dict) -> None:
         self.args = HealthArgs.model_validate(args)
-        self._counts: dict[str, int] | None = None
-        self._at = 0.0
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                counts = await loop.run_in_executor(None, running_replicas, self.args.app)
-                self._counts, self._at = counts, time.monotonic()
-            except Exception as exc:  # the controller restarting: readiness turns 503 when stale
-                log.warning("cannot read the replicas' status: %s", clean_message(str(exc)))
-            await asyncio.sleep(self.args.health_poll_s)
+        self.replicas = ReplicaWatch(self.args.app, self.args.health_poll_s).start()
 
     async def __call__(self, request: Request) -> JSONResponse:
         if not request_host_allowed(request, self.args.allowed_hosts):
             return JSONResponse({"error": WRONG_HOST}, 421)
         if request.method not in ("GET", "HEAD"):
             return JSONResponse({"error": "method not allowed"}, 405, {"allow": "GET, HEAD"})
-        stale_s = max(5 * self.args.health_poll_s, 5.0)
-        age = time.monotonic() - self._at
-        status, body = verdict(self._counts, age, stale_s, request.url.path.rstrip("/"))
+        r = self.replicas
+        status, body = verdict(r.counts, r.age_s, r.stale_s, request.url.path.rstrip("/"))
         headers = {"retry-after": str(self.args.retry_after_s)} if status == 503 else None
         return JSONResponse(body, status, headers)
 

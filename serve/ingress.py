@@ -397,6 +397,56 @@ def running_replicas(app: str) -> dict[str, int]:
     }
 
 
+def unready_message(models: list[str]) -> str:
+    """The 503's message when ``models`` have no running classifier replica."""
+    return f"not ready: no running replica of model {', '.join(repr(m) for m in models)}"
+
+
+class ReplicaWatch:
+    """A Serve app's running replicas per deployment, as its controller last reported them.
+
+    :meth:`watch` (started by :meth:`start`) asks every ``every_s``; a report older than
+    ``stale_s`` counts for nothing, so readiness turns 503 when the controller stops answering.
+    Shared by the ingress (model readiness) and the health app (:mod:`serve.health`).
+    """
+
+    def __init__(self, app: str, every_s: float) -> None:
+        self.app = app
+        self.every_s = every_s
+        self.stale_s = max(5 * every_s, 5.0)
+        self.counts: dict[str, int] | None = None  # None before the first report
+        self._at = 0.0
+
+    @property
+    def age_s(self) -> float:
+        """Seconds since the last report."""
+        return time.monotonic() - self._at
+
+    def not_ready(self, deployments: dict[str, str]) -> list[str]:
+        """The names of ``deployments`` (name → deployment) without a running replica."""
+        if self.counts is None:
+            return list(deployments)
+        running = {n: self.counts.get(d, 0) for n, d in deployments.items()}
+        return not_ready(running, self.age_s, self.stale_s, list(deployments))
+
+    def start(self) -> "ReplicaWatch":
+        """Run :meth:`watch` on this thread's event loop; the watch itself."""
+        self._task = asyncio.get_running_loop().create_task(self.watch())
+        return self
+
+    async def watch(self) -> None:
+        """Ask Serve's controller for the counts every ``every_s``, forever."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                # The default executor, not a decode pool: a flood of images cannot delay it.
+                self.counts = await loop.run_in_executor(None, running_replicas, self.app)
+                self._at = time.monotonic()
+            except Exception as exc:  # the controller restarting: readiness turns 503 when stale
+                log.warning("cannot read the replicas' status: %s", clean_message(str(exc)))
+            await asyncio.sleep(self.every_s)
+
+
 def _replay(request: Request, body: bytes) -> Request:
     """A request whose body is ``body`` again: the stream was consumed by the size check."""
 
@@ -498,34 +548,21 @@ class Ingress:
         self._inflight = 0  # requests past their body, at work (the event loop is one thread)
         self._explaining = 0  # of which explains
         self._uploads = 0  # bodies being received
-        self._running: dict[str, int] | None = None  # model → running classifier replicas
-        self._running_at = 0.0
-        self._watcher = self._start_watching()
+        self._replicas = self._start_watching()
 
-    def _start_watching(self) -> "asyncio.Task[None] | None":
-        """Start asking Serve for the classifiers' running replicas (inside a replica only)."""
+    def _start_watching(self) -> ReplicaWatch | None:
+        """Start asking Serve for the app's running replicas (inside a replica only)."""
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
             app_name = serve.get_replica_context().app_name
         except (RuntimeError, RayServeException):  # built outside a replica (unit tests)
             return None
-        return loop.create_task(self._watch(app_name))
-
-    async def _watch(self, app_name: str) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                # The default executor, not the decode pool: a flood of images cannot delay it.
-                counts = await loop.run_in_executor(None, running_replicas, app_name)
-                running = {n: counts.get(h.deployment_name, 0) for n, h in self.classifiers.items()}
-                self._running, self._running_at = running, time.monotonic()
-            except Exception as exc:  # the controller restarting: readiness turns 503 when stale
-                log.warning("cannot read the replicas' status: %s", clean_message(str(exc)))
-            await asyncio.sleep(self.settings.health_poll_s)
+        return ReplicaWatch(app_name, self.settings.health_poll_s).start()
 
     def _unready(self, names: list[str]) -> list[str]:
-        stale_s = max(5 * self.settings.health_poll_s, 5.0)
-        return not_ready(self._running, time.monotonic() - self._running_at, stale_s, names)
+        if self._replicas is None:
+            return list(names)
+        return self._replicas.not_ready({n: self.classifiers[n].deployment_name for n in names})
 
     # --- request plumbing ---------------------------------------------------------------
 
@@ -832,8 +869,7 @@ class Ingress:
         self._authorise(request, key_needed=False)
         missing = self._unready(sorted(self.classifiers))
         if missing:
-            shown = ", ".join(repr(m) for m in missing)
-            raise ApiError(503, f"not ready: no running replica of model {shown}", self._retry)
+            raise ApiError(503, unready_message(missing), self._retry)
         return {"ready": True}
 
     @app.get("/v2")

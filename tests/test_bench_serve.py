@@ -13,7 +13,7 @@ def test_the_ratio_is_the_median_round_and_each_level_its_median_round() -> None
         return {"in_process": {"images_per_s": local}, "http_levels": levels}
 
     rounds = [rnd(50, 40, 45), rnd(40, 44, 30), rnd(60, 42, 57)]
-    got = side_by_side(rounds, best=8)
+    got = side_by_side(rounds)
     assert got["http_over_in_process_rounds"] == pytest.approx([0.9, 0.75, 0.95])
     assert got["http_over_in_process"] == pytest.approx(0.9)  # the median round's, not a mean
     assert got["in_process"] == {"images_per_s": 50}
