@@ -194,11 +194,12 @@ def cpu_by_role(
     roles: dict[int, str], before: dict[int, float], after: dict[int, float], per: float = 1.0
 ) -> dict[str, float]:
     """CPU seconds by role between two :func:`cpu_seconds` readings, divided by ``per``
-    (requests, or seconds for cores), most first."""
+    (requests, or seconds for cores), most first. A process in ``after`` only started in
+    between (HAProxy's reloads start a new one): all its CPU counts."""
     out: dict[str, float] = {}
     for pid, seconds in after.items():
         role = roles[pid]
-        out[role] = out.get(role, 0.0) + (seconds - before.get(pid, seconds)) / per
+        out[role] = out.get(role, 0.0) + (seconds - before.get(pid, 0.0)) / per
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 

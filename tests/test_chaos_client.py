@@ -1,0 +1,98 @@
+"""The chaos suite's own HTTP client (bench/chaos.py): what it makes of each way a server can
+answer, against a small asyncio server on 127.0.0.1 (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from bench import chaos
+from bench.chaos import exchange, parse_reply, raw_request
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def run_against(handler: Handler, timeout_s: float = 5.0) -> chaos.Reply:
+    """One ``exchange`` with a server that answers as ``handler`` does."""
+
+    async def main() -> chaos.Reply:
+        server = await asyncio.start_server(handler, chaos.HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await exchange(port, raw_request("POST", "/x", port, body=b"abc"), timeout_s)
+
+    return asyncio.run(main())
+
+
+async def _request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    return await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split()[0]))
+
+
+def test_an_answer_with_a_length_is_read_without_waiting_for_the_close() -> None:
+    """A server that keeps the connection open after its answer: the client stops at the
+    declared length instead of waiting out its timeout."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await _request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-A: b\r\n\r\necho:" + body)
+        await writer.drain()
+        await reader.read()  # closes only after the client has
+
+    reply = run_against(handler, timeout_s=5.0)
+    assert (reply.status, reply.body, reply.headers["x-a"]) == (200, b"echo:abc", "b")
+    assert reply.seconds < 2.0
+
+
+def test_a_chunked_answer_read_to_the_close() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
+        writer.close()
+
+    reply = run_against(handler)
+    assert (reply.status, reply.body) == (503, b"abcde")
+
+
+def test_no_answer_is_status_0_and_says_why() -> None:
+    async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.close()
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        writer.close()
+
+    assert (run_against(closes).status, run_against(closes).error) == (0, "ConnectionError")
+    timed_out = run_against(never, timeout_s=0.3)
+    assert (timed_out.status, timed_out.error) == (0, "timeout")
+    assert 0.3 <= timed_out.seconds < 2.0
+    assert (run_against(cut_short).status, run_against(cut_short).error) == (0, "ValueError")
+
+
+def test_nothing_listening_is_status_0() -> None:
+    async def main() -> chaos.Reply:
+        server = await asyncio.start_server(lambda r, w: None, chaos.HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        return await exchange(port, b"GET / HTTP/1.1\r\n\r\n", 2.0)
+
+    reply = asyncio.run(main())
+    assert (reply.status, reply.error) == (0, "ConnectionRefusedError")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab", b"HTTP/1.1 200 OK\r\nContent-", b""],
+)
+def test_an_incomplete_response_is_an_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_reply(data)
