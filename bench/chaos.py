@@ -150,9 +150,9 @@ class _OneRequest(asyncio.Protocol):
     """One request on its own connection: written whole, the answer collected until its
     declared length is in or the server closes.
 
-    A protocol, not asyncio's streams: at 10x the load client makes thousands of connections a
-    second on the server's own cores, and this costs a third less CPU per connection
-    (docs/ARCHITECTURE.md, "The chaos suite").
+    A protocol, not asyncio's streams: at 10x the load client makes hundreds to thousands of
+    connections a second on the server's own cores, and this way each costs about a third less
+    CPU (0.12 cores instead of 0.21 at 10x on efficientnet_b0).
     """
 
     def __init__(self, raw: bytes, done: asyncio.Future) -> None:

@@ -1,10 +1,13 @@
-"""The chaos suite's own HTTP client (bench/chaos.py): what it makes of each way a server can
-answer, against a small asyncio server on 127.0.0.1 (no Ray)."""
+"""The chaos suite's own parts, without Ray (bench/chaos.py): what its HTTP client makes of
+each way a server can answer (a small asyncio server on 127.0.0.1), and how overload rounds
+are summed up."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -96,3 +99,26 @@ def test_nothing_listening_is_status_0() -> None:
 def test_an_incomplete_response_is_an_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         parse_reply(data)
+
+
+def test_overload_shows_the_round_with_the_median_ratio_at_the_highest_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each round's levels are divided by its own saturation; the table is the median round's
+    by the last level (10x), and every round's ratios are listed under it."""
+    ratios = iter([(40.0, 0.99, 0.76), (50.0, 1.0, 0.93), (45.0, 0.97, 0.88)])
+
+    async def one_round(*_: Any) -> dict:
+        sat, one, ten = next(ratios)
+        levels = [{"level": "1x", "accepted_over_saturation": one}]
+        levels.append({"level": "10x", "accepted_over_saturation": ten})
+        return {"saturation": {"ok_rps": sat}, "levels": levels}
+
+    monkeypatch.setattr(chaos, "overload_round", one_round)
+    args = argparse.Namespace(overload_rounds=3)
+    out = asyncio.run(chaos.overload(None, [], args, None))
+    assert out["round_shown"] == 3 and out["saturation"]["ok_rps"] == 45.0
+    assert [r["10x"] for r in out["rounds"]] == [0.76, 0.93, 0.88]
+    line = chaos._rounds_lines(out)[0]
+    assert "round 3, the median" in line
+    assert "40.0 req/s, 1x 0.99, 10x 0.76; 50.0 req/s" in line
