@@ -390,6 +390,19 @@ def overload_summary(
     return row
 
 
+def niceness() -> dict[str, list[int]]:
+    """Role → the niceness values of its processes (:func:`bench.serve_bench.process_roles`)."""
+    import psutil
+
+    from bench.serve_bench import process_roles
+
+    out: dict[str, set[int]] = {}
+    for pid, role in process_roles().items():
+        with contextlib.suppress(psutil.Error):
+            out.setdefault(role, set()).add(psutil.Process(pid).nice())
+    return {role: sorted(values) for role, values in sorted(out.items())}
+
+
 def cores_used(roles: dict[int, str], before: dict[int, float], seconds: float) -> dict:
     """Cores each role (:func:`bench.serve_bench.process_roles`) used since ``before``,
     processes started meanwhile included (Ray restarts HAProxy to reload its config)."""
@@ -978,6 +991,9 @@ def markdown(r: dict[str, Any]) -> str:
             *markdown_table(cores_rows(r["overload"]), cell),
             "",
         ]
+        if "niceness" in r:
+            nice = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in r["niceness"].items())
+            lines += [f"Niceness of each part: {nice}.", ""]
     if "replica_kill" in r:
         k = r["replica_kill"]
         new = k["seconds_to_new_running_replica"]
@@ -1035,7 +1051,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--soak-warmup-s", type=float, default=5.0)
     a("--rss-every-s", type=float, default=2.0)
     a("--skip", nargs="*", default=[], choices=["overload", "replica_kill", "soak"])
-    a("--client-nice", type=int, default=10, help="the load client's niceness (0: the server's)")
+    a("--client-nice", type=int, default=19, help="the load client's niceness")
     a("--front", choices=FRONTS, default="auto", help="Serve's HTTP front (carclf serve --front)")
     a("--out", default="bench/results")
     return p.parse_args(argv)
@@ -1081,8 +1097,11 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         )
         prober = Prober(target, args.probe_every_s)
         # The load client shares the machine with the server it measures; at a lower priority
-        # it takes CPU the server leaves idle, as a client on another machine would.
+        # it takes CPU the server leaves idle, as a client on another machine would. Lower than
+        # the server's: Ray runs its workers, every replica among them, at nice 15
+        # (RAY_worker_niceness), and a client at 10 had outranked them all.
         os.nice(args.client_nice)
+        result["niceness"] = niceness()
         try:
             result.update(run_loop(phases(target, app_args, args, prober)))
         finally:
