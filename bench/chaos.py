@@ -322,8 +322,9 @@ def _prober(conn: Any, target: Target, every_s: float) -> None:
 class Prober:
     """Health probes from a process of their own, as a load balancer's would come.
 
-    Started before the load client lowers its priority, so the probes keep the server's; and
-    the client's event loop, thousands of connections a second at 10x, cannot delay them.
+    Started before the load client lowers its priority, so the probes keep nice 0 (a load
+    balancer's are not slowed by the server's machine); and the client's event loop, thousands
+    of connections a second at 10x, cannot delay them.
     """
 
     def __init__(self, target: Target, every_s: float) -> None:
@@ -981,7 +982,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["## Overload", "", *markdown_table(overload_rows(o), cell), ""]
         lines += [
             *_rounds_lines(o),
-            "Probes, from a process of their own at the server's priority, on new connections "
+            "Probes, from a process of their own at nice 0, on new connections "
             f"every {r['flags']['probe_every_s']:g} s during each level: live and ready are the "
             "app's `/v2/health/live` and `/ready` (its health app, where it has one); front is "
             "`/-/healthz`, answered by the HTTP front itself (what KubeRay probes).",

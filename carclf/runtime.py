@@ -156,11 +156,6 @@ def ensure_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kw
 #   answers the JSON 503 itself, in under a millisecond, so under overload the ingress replicas
 #   spend no CPU on refusals and health answers never queue behind them; slow uploads wait in
 #   HAProxy, not in an ingress slot;
-# - HAProxy runs one thread per 8 CPUs (at least 1, at most Ray's default of 4;
-#   ``haproxy_threads``). Ray's 4 threads on a 2-core machine cost 0.15 cores at 1,200 refused
-#   requests a second where one thread costs 0.09, and the load client's kernel time fell
-#   with it; one thread forwards over 20,000 new connections a second (118,000 kept alive), far
-#   more than the Python replicas behind it on such a node can answer;
 # - a value the user set for any of these variables stays.
 #
 # Serve's controller reads all of this when Ray starts, so it applies only to a Ray carclf starts
@@ -187,7 +182,6 @@ HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_
 # those two ports to 127.0.0.1, adds the admission rules to Ray's config and then runs the real
 # binary, named by REAL_BINARY_ENV.
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
-THREADS_ENV = "RAY_SERVE_HAPROXY_NBTHREAD"
 REAL_BINARY_ENV = "CARCLF_HAPROXY_BINARY"
 FRONT_WRAPPER = Path(__file__).with_name("haproxy-front.sh")
 
@@ -312,14 +306,6 @@ def haproxy_binary() -> str:
     return named
 
 
-def haproxy_threads(cpus: int | None = None) -> int:
-    """HAProxy's threads on a node of ``cpus`` CPUs (default: this process's): one per 8, at
-    least 1, at most Ray's default of 4. It shares the node with the replicas that do the heavy
-    work, and threads beyond the cores it needs cost it and its clients CPU."""
-    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
-    return max(1, min(4, cpus // 8))
-
-
 def _use_haproxy(binary: str, limits: FrontLimits) -> None:
     """Point the Ray this process starts at HAProxy, its files private, its ports on loopback,
     its admission at ``limits``."""
@@ -332,7 +318,6 @@ def _use_haproxy(binary: str, limits: FrontLimits) -> None:
         atexit.register(_remove_after_ray, private)
         for env in unset:
             os.environ[env] = str(Path(private, HAPROXY_FILE_ENVS[env]))
-    os.environ.setdefault(THREADS_ENV, str(haproxy_threads()))
     for env in HAPROXY_PORT_ENVS:  # free ones, so two such Rays on one machine can coexist
         os.environ.setdefault(env, str(free_loopback_port()))
     if os.environ.setdefault(BINARY_ENV, str(FRONT_WRAPPER)) == str(FRONT_WRAPPER):

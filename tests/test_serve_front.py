@@ -32,12 +32,10 @@ from carclf.runtime import (
     HAPROXY_PORT_ENVS,
     PYTHON_PROXY,
     REAL_BINARY_ENV,
-    THREADS_ENV,
     FrontLimits,
     check_joined_front,
     free_loopback_port,
     haproxy_binary,
-    haproxy_threads,
     use_front,
 )
 from serve.client import wait_ready
@@ -67,7 +65,6 @@ OURS = (
     *HAPROXY_FILE_ENVS,
     *HAPROXY_PORT_ENVS,
     *FRONT_LIMIT_ENVS,
-    THREADS_ENV,
 )
 
 
@@ -122,7 +119,6 @@ def test_haproxy_is_the_default_its_files_private_and_run_through_the_wrapper(
     assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
     assert os.environ[BINARY_ENV] == str(FRONT_WRAPPER)
     assert os.environ[REAL_BINARY_ENV] == real != str(FRONT_WRAPPER)
-    assert os.environ[THREADS_ENV] == str(haproxy_threads())
     assert haproxy_binary() == real  # a second start finds the real one behind the wrapper
     assert not caplog.text
     folder.rmdir()
@@ -134,16 +130,6 @@ def test_haproxy_is_the_default_its_files_private_and_run_through_the_wrapper(
     assert os.environ[BINARY_ENV] == real
     assert f"port {stats}" in caplog.text and "port 19101" in caplog.text
     assert "every interface" in caplog.text
-
-
-def test_haproxy_runs_a_thread_per_8_cpus_within_rays_default_unless_the_user_says(
-    own_environ: dict,
-) -> None:
-    assert [haproxy_threads(n) for n in (1, 2, 8, 15, 16, 32, 128)] == [1, 1, 1, 1, 2, 4, 4]
-    own_environ[THREADS_ENV] = "3"
-    assert use_front() == HAPROXY
-    assert os.environ[THREADS_ENV] == "3"
-    Path(os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).rmdir()
 
 
 def test_the_python_proxy_on_request_or_said_out_loud_without_a_binary(
