@@ -51,6 +51,16 @@ def listener(port: int) -> psutil.Process | None:
     return None
 
 
+def edited(config: Path, within_s: float = 30.0) -> str:
+    """HAProxy's config once the wrapper has edited it. Ray writes it afresh for each reload
+    (the health app's deployment is one) and then starts HAProxy through the wrapper, which
+    edits it: read in between, it is Ray's own."""
+    deadline = time.monotonic() + within_s
+    while "carclf admission" not in (text := config.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return text
+
+
 def listening(proc: psutil.Process) -> list:
     """The TCP sockets ``proc`` listens on."""
     return [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
@@ -370,7 +380,7 @@ def test_carclf_serve_answers_through_haproxy_on_loopback_and_stops_on_sigterm(
         assert {port, stats, metrics} <= set(ports), ports
         assert set(ports.values()) == {"127.0.0.1"}, ports
         assert httpx.get(f"http://127.0.0.1:{stats}/stats", timeout=10).status_code == 200
-        assert "carclf admission" in config.read_text()  # Ray's real config took the rules
+        assert "carclf admission" in edited(config)  # Ray's real config took the rules
         predict_once(url)
     finally:
         server.stop(signal.SIGTERM)  # what docker stop and systemd send
