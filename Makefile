@@ -46,8 +46,12 @@ bench: install
 
 # The chaos suite (issue 14) on a toy bundle, into bench/results/chaos.{json,md}: overload at 1x
 # and 10x of the saturation throughput, a classifier replica killed under load, a short soak
-# (RSS of every Serve process), the hostile-input list; 127.0.0.1 only, at most ~6 min on 2 cores.
-# Every size is a flag: CHAOS_ARGS="--soak-s 120 --app ingress_replicas=1" make chaos.
+# (RSS of every Serve process), the hostile-input list; the load client on a CPU of its own.
+# Then the overload again with the client on the server's CPUs, into bench/results/shared-cpus.
+# 127.0.0.1 only, at most ~9 min on 2 cores. Every size is a flag:
+# CHAOS_ARGS="--soak-s 120 --app ingress_replicas=1" make chaos.
 CHAOS_ARGS ?=
 chaos: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.chaos $(CHAOS_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m bench.chaos $(CHAOS_ARGS) --client-cpus 0 \
+		--skip replica_kill soak --out bench/results/shared-cpus

@@ -14,6 +14,12 @@ Everything goes to 127.0.0.1 only, and every phase is bounded in time (flags bel
 4. Hostile inputs (:func:`hostile_cases`): each one's status, and whether the server is ready
    after it.
 
+The load client shares the machine with the server. At 10x it needs CPU of its own, which on a
+small machine the server then lacks. So ``--client-cpus N`` (by default 1, on a machine of 2 CPUs
+or more) keeps the last N CPUs for the client and its prober and pins the server (Ray, and every
+process Ray starts) to the rest: the server has the same CPUs at every level, as with a client
+on another machine. ``--client-cpus 0`` shares them all.
+
 Statuses are recorded as the app answers them (0 is no answer: a timeout or a dropped
 connection). Writes ``chaos.json`` and ``chaos.md`` under ``--out``; prints the Markdown path
 last. Usage: ``python -m bench.chaos [--bundle DIR] [--port 8783] [--app key=value …]``.
@@ -39,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf.runtime import FRONTS, FrontLimits, front_in_use
+from carclf.runtime import FRONTS, NBTHREAD_ENV, FrontLimits, front_in_use
 
 HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
@@ -426,7 +432,9 @@ async def overload_round(
     t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
     sat = await closed_loop(target, images, args.sat_clients, args.sat_s, args.timeout_s)
     sat_cores = cores_used(roles, cpu0, time.perf_counter() - t0)
-    saturation = sum(r.status == 200 for r in sat) / args.sat_s
+    # Over the same span as every level (first request sent to last answer), so that the
+    # answers still coming in after the clients stop count alike on both sides of the ratio.
+    saturation = sum(r.status == 200 for r in sat) / _span(sat, args.sat_s)
     levels = []
     for factor in args.overload_factors:
         rate = max(saturation, 1.0) * factor
@@ -966,6 +974,15 @@ def kill_rows(k: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _where_client(r: dict[str, Any]) -> str:
+    if "cpus_client" not in r:
+        return "the load client runs on the same machine, on the same CPUs"
+    return (
+        f"the server pinned to CPUs {r['cpus_server']}, the load client and its prober to "
+        f"{r['cpus_client']}: `--client-cpus`"
+    )
+
+
 def markdown(r: dict[str, Any]) -> str:
     """chaos.md: the settings, then a table per phase."""
     from carclf.tables import markdown_table, number_cell
@@ -987,7 +1004,7 @@ def markdown(r: dict[str, Any]) -> str:
             "app's `/v2/health/live` and `/ready` (its health app, where it has one); front is "
             "`/-/healthz`, answered by the HTTP front itself (what KubeRay probes).",
             "",
-            "Cores used during each level, by part (the load client runs on the same machine):",
+            f"Cores used during each level, by part ({_where_client(r)}):",
             "",
             *markdown_table(cores_rows(r["overload"]), cell),
             "",
@@ -1053,6 +1070,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--rss-every-s", type=float, default=2.0)
     a("--skip", nargs="*", default=[], choices=["overload", "replica_kill", "soak"])
     a("--client-nice", type=int, default=19, help="the load client's niceness")
+    a(
+        "--client-cpus",
+        type=int,
+        default=None,
+        help="CPUs kept for the load client and its prober, the server pinned to the rest; "
+        "0: all shared (default: 1 on a machine of 2 CPUs or more, else 0)",
+    )
     a("--front", choices=FRONTS, default="auto", help="Serve's HTTP front (carclf serve --front)")
     a("--out", default="bench/results")
     return p.parse_args(argv)
@@ -1067,6 +1091,34 @@ def run_loop(main: Any) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def default_client_cpus() -> int:
+    """One CPU for the load client where the server would keep one or more, else none."""
+    return 1 if len(os.sched_getaffinity(0)) >= 2 else 0
+
+
+def split_cpus(client_cpus: int) -> tuple[set[int], set[int]] | None:
+    """This process's CPUs split in two: the server's, then the load client's last
+    ``client_cpus`` of them; None where ``client_cpus`` is 0 (all shared).
+
+    Raises:
+        SystemExit: the split would leave the server no CPU.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if client_cpus <= 0:
+        return None
+    if client_cpus >= len(cpus):
+        raise SystemExit(f"--client-cpus {client_cpus} leaves the server none of {len(cpus)} CPUs")
+    return set(cpus[:-client_cpus]), set(cpus[-client_cpus:])
+
+
+def pin(cpus: set[int]) -> None:
+    """Every thread of this process to ``cpus``; processes it starts from now on inherit them
+    (Linux's affinity is per thread, and Ray's threads are already running)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
@@ -1088,13 +1140,24 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "flags": vars(args),
     }
+    split = split_cpus(default_client_cpus() if args.client_cpus is None else args.client_cpus)
+    if split:
+        result["cpus_server"], result["cpus_client"] = sorted(split[0]), sorted(split[1])
+        pin(split[0])  # Ray, started next, and every process it starts run on these
     try:
         target, app_args = start(bundle, args)
+        if split:
+            pin(split[1])  # the load client and its prober
         result["app"] = app_args.model_dump(mode="json")
         result["app_summary"] = (
             f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
             f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
             f"; HTTP taken by {http_front(front_in_use(), serve_env())}"
+            + (
+                f", HAProxy threads: {os.environ[NBTHREAD_ENV]}"
+                if NBTHREAD_ENV in os.environ
+                else ""
+            )
         )
         prober = Prober(target, args.probe_every_s)
         # The load client shares the machine with the server it measures; at a lower priority

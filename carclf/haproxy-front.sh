@@ -70,7 +70,9 @@ if [ -n "$config" ]; then
     http-request wait-for-body time ${body_ms}ms if METH_POST" \
             -e "/^[[:space:]]*default-server /a\\
     http-request set-var(txn.carclf_slots) nbsrv,mul($inflight)\\
-    http-request return status 503 $retry string '{\"error\": \"the server is busy; retry shortly\"}' if METH_POST { be_conn,sub(txn.carclf_slots) gt 0 }" \
+    http-request set-var(txn.carclf_busy) bool(1) if METH_POST { be_conn,sub(txn.carclf_slots) gt 0 }\\
+    http-request set-log-level silent if { var(txn.carclf_busy) -m bool }\\
+    http-request return status 503 $retry string '{\"error\": \"the server is busy; retry shortly\"}' if { var(txn.carclf_busy) -m bool }" \
             "$config"
     fi
     exec 9>&- # released: HAProxy must not inherit it, or Ray's next reload would wait on it

@@ -122,3 +122,14 @@ def test_overload_shows_the_round_with_the_median_ratio_at_the_highest_level(
     line = chaos._rounds_lines(out)[0]
     assert "round 3, the median" in line
     assert "40.0 req/s, 1x 0.99, 10x 0.76; 50.0 req/s" in line
+
+
+def test_the_client_cpus_are_the_last_ones_and_the_server_keeps_at_least_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(chaos.os, "sched_getaffinity", lambda pid: {3, 0, 2, 1})
+    assert chaos.split_cpus(0) is None  # all shared
+    assert chaos.split_cpus(1) == ({0, 1, 2}, {3})
+    assert chaos.split_cpus(3) == ({0}, {1, 2, 3})
+    with pytest.raises(SystemExit, match="leaves the server none of 4 CPUs"):
+        chaos.split_cpus(4)

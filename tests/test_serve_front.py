@@ -5,6 +5,7 @@ binary, said out loud."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.server
 import json
 import os
@@ -30,12 +31,14 @@ from carclf.runtime import (
     HAPROXY_ENV,
     HAPROXY_FILE_ENVS,
     HAPROXY_PORT_ENVS,
+    NBTHREAD_ENV,
     PYTHON_PROXY,
     REAL_BINARY_ENV,
     FrontLimits,
     check_joined_front,
     free_loopback_port,
     haproxy_binary,
+    usable_cpus,
     use_front,
 )
 from serve.client import wait_ready
@@ -74,6 +77,7 @@ OURS = (
     REAL_BINARY_ENV,
     *HAPROXY_FILE_ENVS,
     *HAPROXY_PORT_ENVS,
+    NBTHREAD_ENV,
     *FRONT_LIMIT_ENVS,
 )
 
@@ -127,6 +131,7 @@ def test_haproxy_is_the_default_its_files_private_and_run_through_the_wrapper(
     stats = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
     assert stats.isdigit() and stats != "8404"
     assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+    assert os.environ[NBTHREAD_ENV] == str(min(4, usable_cpus()))  # Ray's 4, at most one a CPU
     assert os.environ[BINARY_ENV] == str(FRONT_WRAPPER)
     assert os.environ[REAL_BINARY_ENV] == real != str(FRONT_WRAPPER)
     assert haproxy_binary() == real  # a second start finds the real one behind the wrapper
@@ -196,8 +201,11 @@ def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_
 # front, and app backends with Ray's `default-server` line (one up, one with no live server).
 RAY_LIKE_CONFIG = """global
     maxconn 100
+    log {log} local0 info
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 1s
     timeout client 30s
     timeout server 30s
@@ -271,8 +279,11 @@ def test_the_wrappers_admission_refuses_in_haproxy_with_json(tmp_path: Path) -> 
             port=port,
             app=app.server_address[1],
             closed=free_loopback_port(),
+            log=tmp_path / "log.sock",
         )
     )
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # HAProxy's access log, as Ray's
+    log.bind(str(tmp_path / "log.sock"))
     env = {
         "PATH": os.environ["PATH"],
         REAL_BINARY_ENV: haproxy_binary(),
@@ -304,10 +315,27 @@ def test_the_wrappers_admission_refuses_in_haproxy_with_json(tmp_path: Path) -> 
         r = httpx.get(f"{url}/down/x", timeout=5)
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert r.json()["error"] == "no replica can take the request; retry shortly"
+        # Each refusal for load goes unlogged: at 10x overload Ray's per-request log lines,
+        # parsed in Python for its metrics, cost as much CPU as the refusals themselves.
+        posts = [line for line in access_log(log) if '"POST /x ' in line]
+        assert sum(" 200 " in line for line in posts) == 2, posts
+        assert sum(" 413 " in line for line in posts) == 1, posts
+        assert not any(" 503 " in line for line in posts), posts
     finally:
         proc.kill()
         proc.wait()
         app.shutdown()
+        log.close()
+
+
+def access_log(sock: socket.socket, quiet_s: float = 1.0) -> list[str]:
+    """The log lines on a datagram ``sock`` until none comes for ``quiet_s``."""
+    sock.settimeout(quiet_s)
+    lines = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            lines.append(sock.recv(65536).decode(errors="replace"))
+    return lines
 
 
 class CarclfServe:
