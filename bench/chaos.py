@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from carclf.runtime import FRONTS, NBTHREAD_ENV, FrontLimits, front_in_use
+from carclf.runtime import FRONTS, HAPROXY, NBTHREAD_ENV, FrontLimits, front_in_use
 
 HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
@@ -391,10 +391,16 @@ def overload_summary(
         "refuse_latency": pct([r.seconds for r in refused]),
         "retry_after": sorted({r.headers.get("retry-after", "-") for r in refused}),
     }
+    return {**row, **probe_stats(health)}
+
+
+def probe_stats(health: list[Reply]) -> dict[str, dict[str, Any]]:
+    """Each probe's (``PROBES``) statuses and latency."""
+    out = {}
     for name in PROBES:
         probes = [r for r in health if r.headers.get("probe") == name]
-        row[name] = {"statuses": statuses(probes), **pct([r.seconds for r in probes])}
-    return row
+        out[name] = {"statuses": statuses(probes), **pct([r.seconds for r in probes])}
+    return out
 
 
 def niceness() -> dict[str, list[int]]:
@@ -429,9 +435,11 @@ async def overload_round(
     from bench.serve_bench import cpu_seconds, process_roles
 
     roles = process_roles()
+    prober.start()  # throughout, as a load balancer's: its cost is the same at every level
     t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
     sat = await closed_loop(target, images, args.sat_clients, args.sat_s, args.timeout_s)
     sat_cores = cores_used(roles, cpu0, time.perf_counter() - t0)
+    sat_probes = probe_stats(await prober.stop())
     # Over the same span as every level (first request sent to last answer), so that the
     # answers still coming in after the clients stop count alike on both sides of the ratio.
     saturation = sum(r.status == 200 for r in sat) / _span(sat, args.sat_s)
@@ -459,6 +467,7 @@ async def overload_round(
             "ok_rps": saturation,
             **pct([r.seconds for r in sat if r.status == 200]),
             "cores": sat_cores,
+            **sat_probes,
         },
         "levels": levels,
     }
@@ -907,13 +916,10 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
             "accepted rps": sat["ok_rps"],
             "accepted / saturation": 1.0,
             "ok p50 / p99 ms": _ms(sat),
-            "live p50 / p99 ms": "-",
-            "ready p50 / p99 ms (statuses)": "-",
-            "front p50 / p99 ms": "-",
+            **_probe_cells(sat),
         }
     ]
     for lv in o["levels"]:
-        ready = lv["ready"]
         rows.append(
             {
                 "load": f"{lv['level']} open-loop",
@@ -925,12 +931,24 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
                 "accepted rps": lv["accepted_rps"],
                 "accepted / saturation": lv["accepted_over_saturation"],
                 "ok p50 / p99 ms": _ms(lv["ok_latency"]),
-                "live p50 / p99 ms": _ms(lv["live"]),
-                "ready p50 / p99 ms (statuses)": f"{_ms(ready)} ({_counts(ready['statuses'])})",
-                "front p50 / p99 ms": _ms(lv["front"]),
+                **_probe_cells(lv),
             }
         )
     return rows
+
+
+def _probe_cells(level: dict[str, Any]) -> dict[str, str]:
+    """The probes' columns of a row ("-" for results written before saturation had them)."""
+    if "ready" not in level:
+        return dict.fromkeys(
+            ("live p50 / p99 ms", "ready p50 / p99 ms (statuses)", "front p50 / p99 ms"), "-"
+        )
+    ready = level["ready"]
+    return {
+        "live p50 / p99 ms": _ms(level["live"]),
+        "ready p50 / p99 ms (statuses)": f"{_ms(ready)} ({_counts(ready['statuses'])})",
+        "front p50 / p99 ms": _ms(level["front"]),
+    }
 
 
 def cores_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1000,9 +1018,10 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             *_rounds_lines(o),
             "Probes, from a process of their own at nice 0, on new connections "
-            f"every {r['flags']['probe_every_s']:g} s during each level: live and ready are the "
-            "app's `/v2/health/live` and `/ready` (its health app, where it has one); front is "
-            "`/-/healthz`, answered by the HTTP front itself (what KubeRay probes).",
+            f"every {r['flags']['probe_every_s']:g} s through saturation and each level: live "
+            "and ready are the app's `/v2/health/live` and `/ready` (its health app, where it "
+            "has one); front is `/-/healthz`, answered by the HTTP front itself (what KubeRay "
+            "probes).",
             "",
             f"Cores used during each level, by part ({_where_client(r)}):",
             "",
@@ -1121,13 +1140,26 @@ def pin(cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
+def app_summary(app_args: Any) -> str:
+    """The app's replicas and limits, and the HTTP front that serves it, in words."""
+    from serve.launch import http_front, serve_env
+
+    front = front_in_use()
+    threads = os.environ.get(NBTHREAD_ENV) if front == HAPROXY else None
+    return (
+        f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
+        f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
+        f"; HTTP taken by {http_front(front, serve_env())}"
+        + (f", HAProxy threads: {threads}" if threads else "")
+    )
+
+
 def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
     """Start Ray and the app, run the phases, shut both down; the results."""
     import ray
     from ray import serve
 
     from carclf.bundle import load_bundle
-    from serve.launch import http_front, serve_env
 
     info = load_bundle(bundle).info
     started = time.time()
@@ -1149,16 +1181,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         if split:
             pin(split[1])  # the load client and its prober
         result["app"] = app_args.model_dump(mode="json")
-        result["app_summary"] = (
-            f"{app_args.ingress_replicas} ingress and {app_args.classifier_replicas} classifier "
-            f"replica(s), settings max_inflight={getattr(app_args.settings, 'max_inflight', '-')}"
-            f"; HTTP taken by {http_front(front_in_use(), serve_env())}"
-            + (
-                f", HAProxy threads: {os.environ[NBTHREAD_ENV]}"
-                if NBTHREAD_ENV in os.environ
-                else ""
-            )
-        )
+        result["app_summary"] = app_summary(app_args)
         prober = Prober(target, args.probe_every_s)
         # The load client shares the machine with the server it measures; at a lower priority
         # it takes CPU the server leaves idle, as a client on another machine would. Lower than

@@ -70,7 +70,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.context import _get_global_client
 from ray.serve.exceptions import (
     BackPressureError,
@@ -675,6 +675,11 @@ class Ingress:
             if not timer.expired():
                 raise
             raise ApiError(408, f"request body not received within {seconds:g} s", close) from None
+        except TaskCancelledError:
+            # Serve's Python proxy cancels the body's transfer when the client leaves (or its
+            # own timeout passes), and Ray raises that here. No one waits for an answer: a 499,
+            # not an internal error, and the request ends without an error Ray logs.
+            raise ApiError(CLIENT_GONE, "the client left before its body was in") from None
         finally:
             self._uploads -= 1
         return bytes(body)

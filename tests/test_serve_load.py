@@ -50,13 +50,18 @@ def bare_ingress(**settings: Any) -> Any:
     return ingress
 
 
-def request(chunks: list[bytes], stall: bool = False, **headers: str) -> Request:
-    """A POST whose body arrives as ``chunks``, then (with ``stall``) never finishes."""
+def request(
+    chunks: list[bytes], stall: bool = False, fail: Exception | None = None, **headers: str
+) -> Request:
+    """A POST whose body arrives as ``chunks``, then (with ``stall``) never finishes, or
+    (with ``fail``) fails as Serve's ASGI receive does."""
     pending = list(chunks)
 
     async def receive() -> dict:
         if pending:
             return {"type": "http.request", "body": pending.pop(0), "more_body": True}
+        if fail is not None:
+            raise fail
         if stall:
             await asyncio.sleep(3600)
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -187,6 +192,20 @@ def test_a_slow_body_is_a_408_and_frees_its_upload_slot() -> None:
     assert 0.2 <= time.monotonic() - start < 1.0
     assert ingress._uploads == 0
     assert asyncio.run(ingress._body(request([b"ab", b"cd"]))) == b"abcd"
+
+
+def test_a_body_whose_transfer_serve_cancelled_is_a_client_gone_not_an_error() -> None:
+    """Serve's Python proxy cancels the body's transfer when its client leaves: a 499 (as
+    the metrics count it), not a 500 with Ray's error logged as unhandled."""
+    from ray.exceptions import TaskCancelledError
+
+    from serve.metrics import CLIENT_GONE
+
+    ingress = bare_ingress()
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ingress._body(request([b"x"], fail=TaskCancelledError())))
+    assert err.value.status == CLIENT_GONE == 499
+    assert ingress._uploads == 0
 
 
 def test_full_ingress_refuses_at_once_with_retry_after() -> None:
