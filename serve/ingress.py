@@ -79,6 +79,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from carclf import __version__
 from carclf.data.limits import SERVE_FORMATS
@@ -675,10 +676,10 @@ class Ingress:
             if not timer.expired():
                 raise
             raise ApiError(408, f"request body not received within {seconds:g} s", close) from None
-        except TaskCancelledError:
-            # Serve's Python proxy cancels the body's transfer when the client leaves (or its
-            # own timeout passes), and Ray raises that here. No one waits for an answer: a 499,
-            # not an internal error, and the request ends without an error Ray logs.
+        except (ClientDisconnect, TaskCancelledError):
+            # The client left mid-upload: Starlette says so, or Ray does where Serve's Python
+            # proxy cancelled the body's transfer. No one waits for an answer: a 499, not an
+            # internal error, and the request ends without an error Ray logs as unhandled.
             raise ApiError(CLIENT_GONE, "the client left before its body was in") from None
         finally:
             self._uploads -= 1

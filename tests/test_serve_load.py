@@ -194,18 +194,20 @@ def test_a_slow_body_is_a_408_and_frees_its_upload_slot() -> None:
     assert asyncio.run(ingress._body(request([b"ab", b"cd"]))) == b"abcd"
 
 
-def test_a_body_whose_transfer_serve_cancelled_is_a_client_gone_not_an_error() -> None:
-    """Serve's Python proxy cancels the body's transfer when its client leaves: a 499 (as
-    the metrics count it), not a 500 with Ray's error logged as unhandled."""
+def test_a_client_that_left_mid_upload_is_a_client_gone_not_an_error() -> None:
+    """Starlette's disconnect, or Serve's Python proxy cancelling the body's transfer: a 499
+    (as the metrics count it), not a 500 with Ray's error logged as unhandled."""
     from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
 
     from serve.metrics import CLIENT_GONE
 
     ingress = bare_ingress()
-    with pytest.raises(ApiError) as err:
-        asyncio.run(ingress._body(request([b"x"], fail=TaskCancelledError())))
-    assert err.value.status == CLIENT_GONE == 499
-    assert ingress._uploads == 0
+    for gone in (TaskCancelledError(), ClientDisconnect()):
+        with pytest.raises(ApiError) as err:
+            asyncio.run(ingress._body(request([b"x"], fail=gone)))
+        assert err.value.status == CLIENT_GONE == 499
+        assert ingress._uploads == 0
 
 
 def test_full_ingress_refuses_at_once_with_retry_after() -> None:
