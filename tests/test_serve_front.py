@@ -69,6 +69,25 @@ def listening(proc: psutil.Process) -> list:
     return [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
 
 
+def running_haproxy(port: int, within_s: float = 30.0) -> tuple[psutil.Process, Path, dict, list]:
+    """The HAProxy listening on ``port``: the process, its config, its listening ports (port
+    → address) and its statistics and metrics ports. Read again if Ray reloads HAProxy
+    meanwhile: the process found first then exits, and its successor takes the sockets."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            proc = listener(port)
+            assert proc is not None and proc.name() == "haproxy", proc
+            cmdline = proc.cmdline()
+            ports = {c.laddr.port: c.laddr.ip for c in listening(proc)}
+            sides = [int(proc.environ()[e]) for e in HAPROXY_PORT_ENVS]
+            return proc, Path(cmdline[cmdline.index("-f") + 1]), ports, sides
+        except psutil.NoSuchProcess:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 # Every variable the front sets; a test that sets them works on a copy of the environment, so
 # that what it sets leaves with it (and no later Ray inherits it).
 OURS = (
@@ -395,16 +414,12 @@ def test_carclf_serve_answers_through_haproxy_on_loopback_and_stops_on_sigterm(
     try:
         assert f"at {url} through {HAPROXY}" in server.started()
         wait_ready(url, timeout_s=60)
-        haproxy = listener(port)
-        assert haproxy is not None and haproxy.name() == "haproxy", haproxy
-        config = Path(haproxy.cmdline()[haproxy.cmdline().index("-f") + 1])
+        haproxy, config, ports, (stats, metrics) = running_haproxy(port)
         private = config.parent.parent  # Ray adds a folder per node
         assert private.name.startswith("carclf-hap-"), config
         assert private.stat().st_mode & 0o777 == 0o700
         # The HTTP front, the statistics page and the Prometheus exporter, all on loopback
         # (haproxy-front.sh: Ray's template binds the last two on every interface).
-        ports = {c.laddr.port: c.laddr.ip for c in listening(haproxy)}
-        stats, metrics = (int(haproxy.environ()[e]) for e in HAPROXY_PORT_ENVS)
         assert {port, stats, metrics} <= set(ports), ports
         assert set(ports.values()) == {"127.0.0.1"}, ports
         assert httpx.get(f"http://127.0.0.1:{stats}/stats", timeout=10).status_code == 200
