@@ -45,7 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from carclf.runtime import FRONTS, HAPROXY, NBTHREAD_ENV, FrontLimits, front_in_use
+from carclf.runtime import (
+    FRONTS,
+    HAPROXY,
+    NBTHREAD_ENV,
+    FrontLimits,
+    front_in_use,
+    usable_cpus,
+)
 
 HOST = "127.0.0.1"  # the suite never sends anywhere else
 KEY = "chaos-key"
@@ -1114,7 +1121,7 @@ def run_loop(main: Any) -> Any:
 
 def default_client_cpus() -> int:
     """One CPU for the load client where the server would keep one or more, else none."""
-    return 1 if len(os.sched_getaffinity(0)) >= 2 else 0
+    return 1 if usable_cpus() >= 2 else 0
 
 
 def split_cpus(client_cpus: int) -> tuple[set[int], set[int]] | None:
@@ -1167,7 +1174,7 @@ def run(args: argparse.Namespace, bundle: str) -> dict[str, Any]:
         "model": info.name,
         "arch": info.arch,
         "input_size": list(info.input_size),
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": usable_cpus(),
         "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "flags": vars(args),
