@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from carclf.bundle import BUNDLE_FILE, load_bundle
+from carclf.data.audit_report import read_report
 from carclf.data.manifest import read_manifest
 from carclf.data.transforms import load_image
 from carclf.errors import UserInputError
@@ -43,7 +44,7 @@ from carclf.plots import (
     plot_roc,
     plot_training_curves,
 )
-from carclf.report import audit_summary, write_html_report
+from carclf.report import write_html_report
 from carclf.runs import EPOCHS_FILE, load_run
 from carclf.scoring import (
     LogitsFn,
@@ -302,7 +303,7 @@ def evaluate(
         plots=plots,
         galleries=galleries,
         config=model.config,
-        audit=audit_summary(Path(manifest)),
+        audit=read_report(Path(manifest)),
         facts={"source": str(model.source), "manifest": str(manifest), "split": split},
         calibration=metrics["temperature_scaling"],
     )

@@ -26,12 +26,6 @@ pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
 """
 
 
-def audit_summary(manifest: Path) -> dict | None:
-    """The data audit written beside a manifest (``<manifest>.audit.json``), when there is one."""
-    path = manifest.with_suffix(".audit.json")
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"data:image/png;base64,{data}"
@@ -154,7 +148,7 @@ def write_html_report(
         plots: figure title → PNG file.
         galleries: :func:`carclf.evaluate.write_galleries`'s result (images relative to ``path``).
         config: the run's configuration or the bundle's metadata.
-        audit: the data audit (``audit_summary``), or None.
+        audit: the data audit (:func:`carclf.data.audit_report.read_report`), or None.
         facts: source, manifest, split and the like, shown first.
         calibration: ``{"temperature", "ece_before", "ece_after"}`` when fitted.
     """

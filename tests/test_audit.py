@@ -21,20 +21,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from carclf.cli import main
-from carclf.data.audit import (
-    assign_group_splits,
-    assign_splits,
-    audit_report,
-    audit_tree,
-    near_duplicate_groups,
-    near_duplicates,
-    report_markdown,
-    run_audit,
-    summary_lines,
-    write_audit,
-)
+from carclf.data.audit import audit_tree, run_audit, summary_lines, write_audit
+from carclf.data.audit_report import audit_report, report_markdown
 from carclf.data.dataset import ManifestDataset
+from carclf.data.duplicates import near_duplicates
 from carclf.data.manifest import read_manifest, write_manifest
+from carclf.data.splits import assign_splits
 from carclf.data.transforms import eval_transform, load_image, preprocess_for
 from carclf.errors import UserInputError
 from carclf.models import create_model
@@ -637,63 +629,6 @@ def test_a_class_that_is_one_cluster_is_too_small_to_split(tmp_path: Path) -> No
     ]
 
 
-@pytest.mark.parametrize(
-    "ratios", [(0.7, 0.15, 0.15), (0.6, 0.2, 0.2), (0.8, 0.2, 0.0), (0, 0.5, 0.5)]
-)
-def test_group_splits_of_single_images_are_assign_splits(ratios) -> None:
-    for n in range(40):
-        for seed, label in ((0, "cab"), (42, "limo"), (7, "Aston Martin DB9")):
-            assert assign_group_splits([1] * n, ratios, seed, label) == assign_splits(
-                n, ratios, seed, label
-            )
-
-
-def test_group_splits_count_images_not_groups() -> None:
-    sizes = [6, 1, 1, 1, 1, 1, 4, 1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 2]
-    for seed in range(20):
-        splits = assign_group_splits(sizes, (0.7, 0.15, 0.15), seed, "cab")
-        images = {s: sum(n for n, t in zip(sizes, splits, strict=True) if t == s) for s in splits}
-        assert images == {"train": 22, "val": 5, "test": 5}, seed  # 32 images: 22.4, 4.8, 4.8
-    # Too few groups for three splits; big groups still leave each split one.
-    assert assign_group_splits([10, 10], (0.7, 0.15, 0.15), 0, "x") is None
-    assert sorted(assign_group_splits([10, 1, 1], (0.7, 0.15, 0.15), 0, "x")) == [
-        "test",
-        "train",
-        "val",
-    ]
-    assert set(assign_group_splits([9, 8, 7, 6, 5], (0.6, 0.2, 0.2), 3, "x")) == {
-        "train",
-        "val",
-        "test",
-    }
-
-
-def test_near_duplicate_groups_join_chains_like_brute_force() -> None:
-    rng = np.random.default_rng(1)
-    base = rng.integers(0, 2**63, 30, dtype=np.uint64)
-    hashes = [
-        int(base[i % 30]) ^ sum(1 << int(b) for b in set(rng.integers(0, 64, rng.integers(0, 5))))
-        for i in range(3000)  # several blocks
-    ]
-    hashes += [0b0, 0b1111, 0b11111111, 0b111111111111]  # a chain: each 4 bits from the next
-    groups = near_duplicate_groups(hashes)
-    parent = list(range(len(hashes)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    h = np.array(hashes, dtype=np.uint64)
-    for i in range(len(hashes)):
-        for j in np.flatnonzero(np.bitwise_count(h[i] ^ h[i + 1 :]) <= 4) + i + 1:
-            parent[find(i)] = find(int(j))
-    roots = np.array([find(i) for i in range(len(hashes))])
-    assert (groups[:, None] == groups[None, :]).sum() == (roots[:, None] == roots[None, :]).sum()
-    assert all(len({roots[i] for i in np.flatnonzero(groups == g)}) == 1 for g in set(groups))
-    assert len(set(groups[-4:].tolist())) == 1
-
-
 # --- manifest readers say which column is wrong ---------------------------------------------------
 
 
@@ -765,31 +700,3 @@ def test_split_folder_aliases_and_conflicts(tmp_path: Path) -> None:
     (root / "validation" / "x").mkdir(parents=True)
     with pytest.raises(UserInputError, match="Valid and validation are both the 'val' split"):
         audit_tree(root)
-
-
-def test_near_duplicate_search_matches_brute_force() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, 40, dtype=np.uint64)
-    rows = []
-    for i in range(3000):  # many rows: the search runs in several blocks
-        flips = rng.integers(0, 64, rng.integers(0, 7))
-        value = int(base[i % 40]) ^ sum(1 << int(b) for b in set(flips.tolist()))
-        rows.append(
-            {
-                "path": f"{i}",
-                "split": ("train", "val", "test")[i % 3],
-                "sha256": str(i % 2000),
-                "dhash": value,
-            }
-        )
-    found = {tuple(p["paths"]) for p in near_duplicates(rows)}
-    sample = range(0, 3000, 7)
-    expected = {
-        (rows[i]["path"], rows[j]["path"])
-        for i in sample
-        for j in range(i + 1, 3000)
-        if rows[i]["split"] != rows[j]["split"]
-        and rows[i]["sha256"] != rows[j]["sha256"]
-        and bin(rows[i]["dhash"] ^ rows[j]["dhash"]).count("1") <= 4
-    }
-    assert expected and {p for p in found if int(p[0]) % 7 == 0} == expected

@@ -37,6 +37,8 @@ LABELS_KEY = b"carclf.labels"
 ROOT_KEY = b"carclf.root"
 # How the manifest was made (audit settings), so a reuse can tell whether it still fits the request.
 SETTINGS_KEY = b"carclf.audit"
+# The splits of a manifest, in the order the audit assigns and reports them.
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

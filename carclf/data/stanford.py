@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from carclf.data.audit import AuditRun, assign_splits, run_audit
+from carclf.data.audit import AuditRun, run_audit
+from carclf.data.splits import assign_splits
 from carclf.errors import UserInputError
 
 MULTI_WORD_MAKES: tuple[str, ...] = ("AM General", "Aston Martin", "Land Rover")
