@@ -44,13 +44,13 @@ from carclf.evaluate import (
 )
 from carclf.metrics import full_metrics, temperature_effect
 from carclf.models import build_model, model_preprocess
+from carclf.paths import ExperimentPaths
 from carclf.probe import C_GRID, MAX_ITER, Probe, backbone_features, fit_probe
 from carclf.runs import resolve_manifest, training_manifest
 from carclf.scoring import BATCH, Records, paths_of, targets_of
 from carclf.storage import is_uri
 from carclf.weights import WeightsReport
 
-BASELINE_DIR = "baseline"  # the default output, beside the config's output_dir
 # The probe's probabilities are what it serves: no temperature is fitted on top of them.
 NO_TEMPERATURE = "linear probe: logistic regression probabilities, no temperature"
 # Classes absent from train get probability 0; their log is floored so logits stay finite.
@@ -84,7 +84,7 @@ def default_out(cfg: Config) -> Path:
         raise UserInputError(
             f"output_dir {cfg.output_dir} is a URI: give the baseline a local --out directory"
         )
-    return Path(cfg.output_dir).resolve().parent / BASELINE_DIR
+    return ExperimentPaths.of(cfg).baseline
 
 
 def probe_splits(data: Manifest, split: str) -> dict[str, Records]:

@@ -6,11 +6,11 @@ step (``carclf`` never imports ``serve``). :func:`run_pipeline` checks the data 
 missing one fails in seconds, before Ray starts), audits ``data.root``, runs the ``tune``
 studies, trains the winner, exports and evaluates it.
 
-Outputs sit beside the final run directory: for ``output_dir: runs/x/train`` the manifest is
-``runs/x/manifest.parquet``, the search ``runs/x/tune``, the bundle ``runs/x/bundle`` and the
-evaluation ``runs/x/eval``. A URI ``output_dir`` (``s3://…``) gets the same layout there: Ray
-Train writes its checkpoints straight to it and the rest is written to a local staging
-directory and copied up (:mod:`carclf.storage`).
+Outputs sit beside the final run directory (:class:`carclf.paths.ExperimentPaths`): for
+``output_dir: runs/x/train`` the manifest is ``runs/x/manifest.parquet``, the search
+``runs/x/tune``, the bundle ``runs/x/bundle`` and the evaluation ``runs/x/eval``. A URI
+``output_dir`` (``s3://…``) gets the same layout there: Ray Train writes its checkpoints straight
+to it and the rest is written to a local staging directory and copied up (:mod:`carclf.storage`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pyarrow import fs as pafs
 
 from carclf.config import Config, load_config, save_config
 from carclf.errors import UserInputError
+from carclf.paths import BUNDLE_DIR, ExperimentPaths
 from carclf.storage import Storage, open_storage
 from carclf.tracking import log_bundle, with_store
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
     from carclf.bundle import Bundle
     from carclf.evaluate import EvalResult
     from carclf.train import TrainResult
-
-BUNDLE_DIR, EVAL_DIR, TUNE_DIR, DEMO_DATA_DIR = "bundle", "eval", "tune", "data"
 
 
 @dataclass
@@ -71,7 +70,7 @@ def with_data(cfg: Config, **data: object) -> Config:
 
 def winner_config(experiment: Path, output_dir: Path) -> Config:
     """The search's ``best_config.yaml``, retargeted to the final run directory."""
-    best = experiment / "best_config.yaml"
+    best = ExperimentPaths(experiment).best_config
     if not best.is_file():
         raise RuntimeError(f"{experiment}: the search found no healthy trial (no {best.name})")
     return load_config(best, [f"output_dir={output_dir}"])
@@ -95,15 +94,15 @@ def _audit(cfg: Config) -> Config:
     return with_data(cfg, manifest=str(resolve_manifest(cfg)))
 
 
-def _search(cfg: Config, base: Path, run_dir: Path) -> tuple[Config, Path | None]:
-    """Run the ``tune`` studies when the config has them; the winner's config for ``run_dir``."""
+def _search(cfg: Config, paths: ExperimentPaths) -> tuple[Config, Path | None]:
+    """Run the ``tune`` studies when the config has them; the winner's config for the run."""
     if cfg.tune is None:
         return cfg, None
     from carclf.search.tune import run_tune
 
-    progress(f"search: studies {', '.join(cfg.tune.studies)} → {base / TUNE_DIR}")
-    experiment = run_tune(cfg.model_copy(update={"output_dir": str(base / TUNE_DIR)}))
-    winner = winner_config(experiment, run_dir)
+    progress(f"search: studies {', '.join(cfg.tune.studies)} → {paths.tune}")
+    experiment = run_tune(cfg.model_copy(update={"output_dir": str(paths.tune)}))
+    winner = winner_config(experiment, paths.output_dir)
     progress(f"winner: {winner.model.name}, lr {winner.train.lr:.2e}")
     return winner, experiment
 
@@ -130,23 +129,23 @@ def run_pipeline(
 
     storage = open_storage(cfg.output_dir, filesystem)
     run_dir = _local_run_dir(storage, staging)
-    base = run_dir.parent
-    cfg = with_store(cfg.model_copy(update={"output_dir": str(run_dir)}), base)
-    cfg, experiment = _search(_audit(cfg), base, run_dir)
+    paths = ExperimentPaths(run_dir)  # as it is: a staging directory may be relative
+    cfg = with_store(cfg.model_copy(update={"output_dir": str(run_dir)}), paths.base)
+    cfg, experiment = _search(_audit(cfg), paths)
     progress(
         f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
         f"{cfg.train.epochs} epochs → {run_dir}"
     )
     trained = run_training(cfg, storage=storage)
     progress("export: ONNX + safetensors, parity check against PyTorch")
-    bundle = export_run(trained.run_dir, base / BUNDLE_DIR, name=bundle_name, settings=cfg.export)
+    bundle = export_run(trained.run_dir, paths.bundle, name=bundle_name, settings=cfg.export)
     progress("evaluate the bundle on the test split")
-    evaluation = evaluate(bundle.path, trained.manifest, "test", base / EVAL_DIR)
+    evaluation = evaluate(bundle.path, trained.manifest, "test", paths.eval)
     if trained.mlflow_run_id:
-        log_bundle(cfg, trained.mlflow_run_id, bundle.path, base / EVAL_DIR)
+        log_bundle(cfg, trained.mlflow_run_id, bundle.path, paths.eval)
     if not storage.is_local:
         progress(f"copy the outputs up to {storage.parent().uri}")
-        storage.parent().upload(base)
+        storage.parent().upload(paths.base)
     return PipelineResult(trained, bundle, evaluation, experiment, storage.sibling(BUNDLE_DIR).uri)
 
 
@@ -159,13 +158,14 @@ def demo_config(cfg: Config) -> Config:
     """
     from carclf.data.synth import write_toy_dataset
 
-    base = Path(cfg.output_dir).resolve().parent
-    data_root = base / DEMO_DATA_DIR
+    paths = ExperimentPaths.of(cfg)
+    data_root = paths.demo_data
     if not (data_root / "train").is_dir():
         progress(f"toy data set → {data_root}")
         write_toy_dataset(data_root, seed=cfg.seed)
-    for old in (Path(cfg.output_dir), base / BUNDLE_DIR, base / EVAL_DIR):
+    # Unresolved on purpose: rmtree refuses a symlinked run directory, never empties its target.
+    for old in (Path(cfg.output_dir), paths.bundle, paths.eval):
         shutil.rmtree(old, ignore_errors=True)
     cfg = with_data(cfg, root=str(data_root), manifest=None)
-    save_config(cfg, base)
+    save_config(cfg, paths.base)
     return cfg

@@ -15,8 +15,8 @@ A run directory (``output_dir`` of ``carclf train``) holds::
 
 A run without ``run.json`` is unfinished (still training, or stopped by Tune). When the data
 comes as ``data.root``, its audited manifest is ``manifest.parquet`` beside the run directory
-(:func:`manifest_path`), whichever command audits it. The trainer writes this format; export,
-evaluation and the search's report read it through the functions here.
+(:attr:`carclf.paths.ExperimentPaths.manifest`), whichever command audits it. The trainer writes
+this format; export, evaluation and the search's report read it through the functions here.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
 from carclf.metrics import Mode, best_of
 from carclf.models import create_model
+from carclf.paths import ExperimentPaths
 from carclf.weights import WeightsReport
 
 CHECKPOINT_WEIGHTS_FILE = "model.safetensors"
@@ -52,19 +53,9 @@ RUN_FILE = "run.json"
 EPOCHS_FILE = "epochs.csv"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow_run.json"  # the run's MLflow store and run id (tracking.mlflow)
-MANIFEST_FILE = "manifest.parquet"
 CHECKPOINT_GLOB = "checkpoint_*"
 INIT_CHECKPOINT = "checkpoint_init"  # the one checkpoint of a run written without training
 BEST_CHECKPOINT_DIR = "best_checkpoint"  # local copy of the best one when storage is remote
-
-
-def manifest_path(output_dir: str | Path) -> Path:
-    """Where the manifest audited from ``data.root`` goes: beside the run directory.
-
-    For ``output_dir: runs/x/train`` that is ``runs/x/manifest.parquet``, shared by the search
-    (``runs/x/tune``), the final run, the bundle and the evaluation beside it.
-    """
-    return Path(output_dir).resolve().parent / MANIFEST_FILE
 
 
 def training_manifest(path: str | Path, cfg: Config) -> Manifest:
@@ -77,13 +68,15 @@ def training_manifest(path: str | Path, cfg: Config) -> Manifest:
 
 def resolve_manifest(cfg: Config) -> Path:
     """The manifest a config trains on: ``data.manifest``, or ``data.root`` audited into
-    :func:`manifest_path` (an earlier audit of the same tree is reused, a different one refused).
+    :attr:`~carclf.paths.ExperimentPaths.manifest`, beside the run directory (for ``output_dir:
+    runs/x/train``, ``runs/x/manifest.parquet``; an earlier audit of the same tree is reused, a
+    different one refused).
 
     The one place where ``data.root`` becomes a manifest, for every command.
     """
     if cfg.data.manifest:
         return Path(cfg.data.manifest).resolve()
-    return write_audit(cfg.data.root, manifest_path(cfg.output_dir), seed=cfg.seed).resolve()
+    return write_audit(cfg.data.root, ExperimentPaths.of(cfg).manifest, seed=cfg.seed).resolve()
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 
 from carclf import runs
 from carclf.config import Config
+from carclf.paths import ExperimentPaths
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -203,7 +204,7 @@ def log_study(
     """
     mlflow = client(cfg)
     exp = experiment_id(mlflow, cfg)
-    tags = {"carclf.search": str(Path(cfg.output_dir).resolve()), "carclf.study": study}
+    tags = {"carclf.search": str(ExperimentPaths.of(cfg).output_dir), "carclf.study": study}
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     for old in mlflow.search_runs([exp], filter_string=query):
         mlflow.delete_run(old.info.run_id)

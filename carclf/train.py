@@ -29,6 +29,7 @@ from carclf.data.transforms import Preprocess, cache_resize, eval_transform, tra
 from carclf.errors import UserInputError
 from carclf.metrics import best_of, core_metrics, metric_mode, softmax
 from carclf.models import build_model, check_model_name, model_preprocess, preflight_pretrained
+from carclf.paths import ExperimentPaths
 from carclf.probe import backbone_features, fit_probe, load_probe_into_head
 from carclf.recipes import (
     EarlyStopping,
@@ -415,7 +416,7 @@ def check_resume_state(run_dir: Path) -> None:
 def prepare_run(cfg: Config) -> PreparedRun:
     """Validate everything a run needs before any worker starts, and resolve it once."""
     check_model_name(cfg.model.name)  # before any audit or worker: fail in a second
-    run_dir = Path(cfg.output_dir).resolve()
+    run_dir = ExperimentPaths.of(cfg).output_dir
     manifest = runs.training_manifest(runs.resolve_manifest(cfg), cfg)
     check_training_input(cfg, manifest)
     check_resume_state(run_dir)
@@ -430,7 +431,7 @@ def _run_config(cfg: Config, storage: Storage, callbacks: Sequence[Any]) -> Any:
     """Ray Train's ``RunConfig``: where checkpoints go, how many are kept, who sees reports."""
     import ray.train
 
-    run_dir = Path(cfg.output_dir).resolve()
+    run_dir = ExperimentPaths.of(cfg).output_dir
     threads = str(max(int(cfg.scaling.cpus_per_worker), 1))
     return ray.train.RunConfig(
         name=run_dir.name,
@@ -566,7 +567,7 @@ def run_training(cfg: Config, storage: Storage | None = None) -> TrainResult:
     """
     from carclf.tracking import with_store
 
-    cfg = with_store(cfg, Path(cfg.output_dir).resolve().parent)
+    cfg = with_store(cfg, ExperimentPaths.of(cfg).base)
     run = prepare_run(cfg)
     ensure_ray()
     return fit_run(cfg, run, storage=storage)

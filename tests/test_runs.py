@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from carclf.metrics import best_of, metric_mode
-from carclf.runs import MANIFEST_FILE, best_checkpoint, read_epochs, resolve_manifest
+from carclf.paths import MANIFEST_FILE
+from carclf.runs import best_checkpoint, read_epochs, resolve_manifest
 
 from .conftest import tiny_config
 

@@ -27,6 +27,7 @@ from carclf.collapse import CollapseRule, collapse_label, detect_collapse
 from carclf.config import Config, save_config
 from carclf.errors import UserInputError
 from carclf.metrics import best_of
+from carclf.paths import BEST_CONFIG_FILE, ExperimentPaths
 from carclf.runtime import ensure_ray
 from carclf.search.report import write_report
 from carclf.search.space import (
@@ -66,7 +67,8 @@ def _trial(params: dict[str, Any], *, cfg_json: dict, study: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = Config.model_validate(cfg_json)
-    trial_dir = Path(cfg.output_dir) / study / tune.get_context().get_trial_name()
+    paths = ExperimentPaths(Path(cfg.output_dir))  # absolute already: run_tune resolved it
+    trial_dir = paths.trials(study) / tune.get_context().get_trial_name()
     spec = cfg.tune.studies[study]
     trial_cfg = trial_config(cfg, spec, decode_params(spec, params), trial_dir)
     # The search's driver logs every trial to MLflow once its study ends (one writer).
@@ -174,13 +176,14 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = cfg.tune
-    out = Path(cfg.output_dir).resolve()
-    base = trial_config(cfg, t.studies[study], {}, out)  # the study's overrides, no sample
+    paths = ExperimentPaths.of(cfg)
+    # The study's overrides, no sample.
+    base = trial_config(cfg, t.studies[study], {}, paths.output_dir)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, cfg_json=cfg.model_dump(mode="json"), study=study),
         {"CPU": trial_cpus(base, t.trial_cpus)},
     )
-    path = out / "tune" / study
+    path = paths.tuner_study(study)
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
     scheduler = (
@@ -205,7 +208,7 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
         ),
         run_config=tune.RunConfig(
             name=study,
-            storage_path=str(out / "tune"),
+            storage_path=str(paths.tuner),
             stop=_collapse_stopper(t.collapse, num_classes) if t.stop_collapsed else None,
             # Explicit, not left to Tune's defaults: `tensorboard --logdir output_dir` shows the
             # trials (tune/<study>/<trial>/events.*) beside each run's own curves.
@@ -225,10 +228,10 @@ def trial_history(result: Any) -> list[dict[str, Any]]:
     return list(by_epoch.values())
 
 
-def _run_dir(out: Path, study: str, result: Any) -> str:
+def _run_dir(paths: ExperimentPaths, study: str, result: Any) -> str:
     """The trial's Ray Train run directory (``<output_dir>/<study>/<trial name>``)."""
     trial_id = (result.metrics or {}).get("trial_id")
-    found = sorted((out / study).glob(f"*_{trial_id}")) if trial_id else []
+    found = sorted(paths.trials(study).glob(f"*_{trial_id}")) if trial_id else []
     return str(found[0]) if found else ""
 
 
@@ -248,8 +251,8 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
     epoch (``curve``), epochs, state and the collapse label."""
     t = cfg.tune
     spec = t.studies[study]
-    out = Path(cfg.output_dir).resolve()
-    epochs = trial_config(cfg, spec, {}, out).train.epochs  # the study's own budget
+    paths = ExperimentPaths.of(cfg)
+    epochs = trial_config(cfg, spec, {}, paths.output_dir).train.epochs  # the study's own budget
     rows = []
     for result in grid:
         history = trial_history(result)
@@ -271,7 +274,7 @@ def trial_rows(study: str, grid: Any, cfg: Config, num_classes: int) -> list[dic
                 "curve": curve,
                 **_startup(history),
                 "started": history[0].get("timestamp", math.inf) if history else math.inf,
-                "run_dir": _run_dir(out, study, result),
+                "run_dir": _run_dir(paths, study, result),
             }
         )
     rows.sort(key=lambda r: r["started"])
@@ -291,7 +294,7 @@ def best_train_config(cfg: Config, row: dict[str, Any]) -> Config:
     """The winning trial as a plain train config (no ``tune`` section), into ``best_run``."""
     params = {k.removeprefix("param:"): v for k, v in row.items() if k.startswith("param:")}
     study = cfg.tune.studies[row["study"]]
-    return study_config(cfg, study, params, Path(cfg.output_dir).resolve() / "best_run")
+    return study_config(cfg, study, params, ExperimentPaths.of(cfg).best_run)
 
 
 def run_tune(cfg: Config) -> Path:
@@ -304,7 +307,7 @@ def run_tune(cfg: Config) -> Path:
     from carclf.data.manifest import read_manifest
 
     check_studies(cfg)
-    out = Path(cfg.output_dir).resolve()
+    out = ExperimentPaths.of(cfg).output_dir
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(runs.resolve_manifest(cfg))
     # Absolute paths: each trial runs in its own working directory (Tune's trial directory).
@@ -333,5 +336,5 @@ def run_tune(cfg: Config) -> Path:
     write_csv(rows, out / "trials.csv")
     best = write_report(rows, cfg, manifest, out)
     if best is not None:
-        save_config(best_train_config(cfg, best), out, "best_config.yaml")
+        save_config(best_train_config(cfg, best), out, BEST_CONFIG_FILE)
     return out
