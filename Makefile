@@ -8,7 +8,7 @@ endif
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench chaos clean
+.PHONY: install demo test lint format bench chaos clean manifests
 
 .venv/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -33,6 +33,10 @@ format: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# cluster/kuberay/rayservice.yaml from serve/config.yaml (the tests check it is up to date).
+manifests: install
+	$(PY) -m serve.kuberay
 
 # Benchmarks, JSON and Markdown into bench/results/: the data loader against the training step,
 # and serving (HTTP against in-process, onnxruntime against eager) on efficientnet_b0 at 224 px,

@@ -2,7 +2,9 @@
 
 The entry layer (docs/ARCHITECTURE.md): the only carclf module that imports ``serve``, to start
 the Serve app (``serve/launch.py``) for ``carclf serve``, ``carclf demo`` and
-``carclf pipeline --deploy``; ``python -m jobs.pipeline`` is this module's ``pipeline`` command.
+``carclf pipeline --deploy``, whose Ray starts with Serve's HTTP front before training does
+(``serve.launch.start_ray``; ``train`` and ``tune`` never set one up). ``python -m
+jobs.pipeline`` is this module's ``pipeline`` command.
 Exit codes: 0 success, 2 bad input or configuration (one-line reason on stderr), 1 anything
 else. Each command prints the path of what it wrote as the last line of standard output.
 """
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from carclf import __version__
 from carclf.errors import UserInputError
-from carclf.runtime import FRONTS, front_in_use
+from serve.front import FRONTS, front_in_use
 
 if TYPE_CHECKING:  # the library is imported by each command, where it runs
     from carclf.pipeline import PipelineResult
@@ -209,11 +211,14 @@ def cmd_pipeline(args: argparse.Namespace) -> str:
     from carclf.config import load_config
     from carclf.pipeline import progress, run_pipeline
 
-    result = run_pipeline(load_config(args.config, args.set), staging=args.staging)
+    cfg = load_config(args.config, args.set)
+    if args.deploy:  # the Ray that trains is the one that serves: it starts with the front
+        from serve.launch import app_args, start_app, start_ray
+
+        start_ray()
+    result = run_pipeline(cfg, staging=args.staging)
     print(f"test accuracy: {result.evaluation.metrics['summary']['acc']:.4f}")
     if args.deploy:
-        from serve.launch import app_args, start_app
-
         bundle = result.bundle
         # The app outlives this process (Serve's controller is detached). Its replicas load
         # the bundle from this path, so on several machines it must be on a shared filesystem.
@@ -228,26 +233,28 @@ def cmd_demo(args: argparse.Namespace) -> str:
 
     from carclf.config import load_config
     from carclf.data.manifest import read_manifest
+    from carclf.paths import ExperimentPaths
     from carclf.pipeline import demo_config, progress, run_pipeline
     from serve.client import query, wait_ready
-    from serve.launch import app_args, start_app
+    from serve.launch import app_args, start_app, start_ray
 
     cfg = demo_config(load_config(args.config, args.set))
-    base = Path(cfg.output_dir).resolve().parent
+    paths = ExperimentPaths.of(cfg)
     try:
+        start_ray()  # the Ray that trains serves next: it starts with Serve's HTTP front
         result = run_pipeline(cfg)
         progress(f"Ray Serve on http://127.0.0.1:{args.port} through {front_in_use()}")
         url = start_app(app_args([result.bundle.path]), port=args.port)
         wait_ready(url)
         progress("HTTP predict and explain for a test image")
         image = Path(read_manifest(result.trained.manifest).split("test")[0][0])
-        answer = query(url, result.bundle.info.name, image, base / "demo_overlay.png")
+        answer = query(url, result.bundle.info.name, image, paths.demo_overlay)
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-    _demo_summary(result, image, answer, base / "demo_overlay.png")
-    return str(base)
+    _demo_summary(result, image, answer, paths.demo_overlay)
+    return str(paths.base)
 
 
 def _demo_summary(

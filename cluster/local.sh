@@ -36,7 +36,7 @@ WORKER_PORTS=${CARCLF_WORKER_PORTS:-20000}
 
 export RAY_AUTH_MODE=token
 # Serve's throughput-optimised mode and inline arguments up to 1 MiB, as in every Ray carclf
-# starts (carclf.runtime.SERVE_ENV).
+# starts (serve.front.SERVE_ENV).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}
 export RAY_max_direct_call_object_size=${RAY_max_direct_call_object_size:-1048576}
 # A job's entrypoint (`python -m jobs.pipeline …`) runs in the environment of the node that starts

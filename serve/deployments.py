@@ -32,6 +32,14 @@ from carclf.bundle import load_ref
 from carclf.data.transforms import to_model_input
 from carclf.inference import OnnxClassifier
 from serve.metrics import ModelMetrics
+from serve.settings import (
+    BATCH_WAIT_TIMEOUT_S,
+    CLASSIFIER_MAX_ONGOING,
+    CLASSIFIER_MAX_QUEUED,
+    EXPLAINER_MAX_ONGOING,
+    EXPLAINER_MAX_QUEUED,
+    MAX_BATCH_SIZE,
+)
 
 if TYPE_CHECKING:
     from carclf.explain import Explanation
@@ -51,24 +59,6 @@ def _replica_cpus() -> int:
     return max(int(cpus), 1)
 
 
-# Dynamic batching defaults: the app's arguments and ``user_config`` start from these. On a CPU
-# replica the batch does not wait: onnxruntime at one thread runs a batch of 8 no faster per
-# image than 8 batches of 1, so waiting only idles the core (bench/results/serve.md); requests
-# that queue while a batch runs still go together. A GPU runs a batch nearly as fast as one
-# image, so there it waits a little for company.
-MAX_BATCH_SIZE = 8
-BATCH_WAIT_TIMEOUT_S = {"cpu": 0.0, "gpu": 0.01}
-# The explainer's pool (the app's arguments start from these). Passes run one at a time per
-# replica anyway; a second ongoing request waits on the lock, so the next one starts without a
-# round trip. The queue is short because an explanation takes ~10x a prediction: a client
-# waiting behind 8 of them is better told 503 and Retry-After.
-EXPLAINER_MAX_ONGOING = 2
-EXPLAINER_MAX_QUEUED = 8
-# The classifier's slots per replica and each caller's queue in front of it (the app's
-# arguments start from these): 32 ongoing keep four batches of 8 ready; past 64 queued a
-# request would wait seconds on a CPU replica, and a 503 with Retry-After serves it better.
-CLASSIFIER_MAX_ONGOING = 32
-CLASSIFIER_MAX_QUEUED = 64
 # Images explained in one pass: a request's images (at most the ingress's per-request cap) go
 # in chunks of this many, so one request's activations and gradients stay small.
 EXPLAIN_CHUNK = 8

@@ -8,57 +8,55 @@ readiness"). This small app sits under the carclf app's route prefix + ``/v2/hea
 HTTP fronts send a path to the longest prefix that matches, so the probes reach a process that
 is idle between them and answers at once.
 
-It reads the carclf app's state as the ingress does (:class:`serve.ingress.ReplicaWatch`,
-polled every ``health_poll_s`` off the event loop): live while an ingress replica runs, ready
-while one does and every model has a running classifier replica, neither once Serve's
+It reads the carclf app's state as the ingress does (:class:`serve.readiness.ReplicaWatch`,
+polled every ``ingress.health_poll_s`` off the event loop): live while an ingress replica runs,
+ready while one does and every model has a running classifier replica, neither once Serve's
 controller has not answered for a while. Statuses and bodies are the ingress's own; the Host
-allow-list applies as there.
+allow-list applies as there. Its arguments are the carclf app's own (``serving``, a YAML alias
+of them in serve/config.yaml), so its hosts, retry and poll values cannot differ from the app's.
 """
 
 # No ``from __future__ import annotations``: Serve reads the builder's annotation at run time
 # to turn a config's ``args`` into ``HealthArgs`` (as in serve/app.py).
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import Field, model_validator
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serve.ingress import (
+from serve.errors import WRONG_HOST, request_host_allowed
+from serve.readiness import ReplicaWatch, not_ready, unready_message
+from serve.settings import (
     CLASSIFIER_PREFIX,
     INGRESS_DEPLOYMENT,
-    WRONG_HOST,
-    ReplicaWatch,
-    ServeSettings,
-    not_ready,
-    request_host_allowed,
-    unready_message,
+    AppArgs,
+    IngressSettings,
+    Strict,
+    refuse_renamed,
 )
 
 HEALTH_PATH = "/v2/health"  # under the carclf app's own route prefix
-DEFAULTS = ServeSettings()
+# The keys of the health app's own earlier schema and where each went.
+RENAMED = {
+    "replicas": "serving.health.num_replicas",
+    "allowed_hosts": "serving.ingress.allowed_hosts",
+    "retry_after_s": "serving.ingress.retry_after_s",
+    "health_poll_s": "serving.ingress.health_poll_s",
+}
 
 
-class HealthArgs(BaseModel):
+class HealthArgs(Strict):
     """Arguments of the health app (``serve.health:build_health``)."""
 
     app: str = Field("carclf", description="the carclf app it answers for (its Serve name)")
-    replicas: int = Field(2, ge=1, description="two: one dying does not fail the probes")
-    allowed_hosts: list[str] = Field(
-        default_factory=lambda: list(DEFAULTS.allowed_hosts),
-        description="as the carclf app's settings.allowed_hosts",
-    )
-    retry_after_s: int = Field(DEFAULTS.retry_after_s, ge=1)
-    health_poll_s: float = Field(DEFAULTS.health_poll_s, gt=0)
+    serving: AppArgs = Field(description="the carclf app's own arguments")
 
+    @model_validator(mode="before")
     @classmethod
-    def of(cls, app: str, settings: ServeSettings) -> "HealthArgs":
-        """The health app's arguments for the carclf app ``app`` with these ``settings``."""
-        return cls(
-            app=app,
-            allowed_hosts=settings.allowed_hosts,
-            retry_after_s=settings.retry_after_s,
-            health_poll_s=settings.health_poll_s,
-        )
+    def _no_flat_keys(cls, raw: Any) -> Any:
+        return refuse_renamed(raw, RENAMED)
 
 
 def health_route(route_prefix: str) -> str:
@@ -100,21 +98,24 @@ def verdict(
 class Health:
     """Answers the carclf app's server health from the replica counts Serve reports."""
 
-    def __init__(self, args: dict) -> None:
-        self.args = HealthArgs.model_validate(args)
-        self.replicas = ReplicaWatch(self.args.app, self.args.health_poll_s).start()
+    def __init__(self, app: str, settings: dict) -> None:
+        self.settings = IngressSettings.model_validate(settings)
+        self.replicas = ReplicaWatch(app, self.settings.health_poll_s).start()
 
     async def __call__(self, request: Request) -> JSONResponse:
-        if not request_host_allowed(request, self.args.allowed_hosts):
+        if not request_host_allowed(request, self.settings.allowed_hosts):
             return JSONResponse({"error": WRONG_HOST}, 421)
         if request.method not in ("GET", "HEAD"):
             return JSONResponse({"error": "method not allowed"}, 405, {"allow": "GET, HEAD"})
         r = self.replicas
         status, body = verdict(r.counts, r.age_s, r.stale_s, request.url.path.rstrip("/"))
-        headers = {"retry-after": str(self.args.retry_after_s)} if status == 503 else None
+        headers = self.settings.retry_headers if status == 503 else None
         return JSONResponse(body, status, headers)
 
 
 def build_health(args: HealthArgs) -> serve.Application:
     """The health app for the carclf app ``args.app`` (``serve.health:build_health``)."""
-    return Health.options(num_replicas=args.replicas).bind(args.model_dump())
+    serving = args.serving
+    return Health.options(num_replicas=serving.health.num_replicas).bind(
+        args.app, serving.ingress.model_dump()
+    )

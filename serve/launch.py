@@ -12,24 +12,51 @@ from typing import Any
 
 from ray import serve
 
-from carclf.runtime import SERVE_ENV, ensure_ray
-from serve.app import AppArgs, build_app
+from carclf.runtime import cluster_to_join, ensure_ray
+from serve.app import build_app
+from serve.front import SERVE_ENV, FrontLimits, check_joined_front, front_in_use, use_serve_env
 from serve.health import HealthArgs, build_health, health_route
+from serve.settings import AppArgs
 
 
-def app_args(bundles: Sequence[str], api_key: str | None = None, **settings: Any) -> AppArgs:
+def app_args(bundles: Sequence[str], api_key: str | None = None, **ingress: Any) -> AppArgs:
     """The app's arguments for ``bundles``, with an API key when one is given.
 
     Args:
         bundles: bundle directories, one model each.
         api_key: the key every endpoint but health and the page then needs.
-        **settings: further ingress settings (``allowed_hosts``, ``max_images``, ...); None
+        **ingress: further ingress settings (``allowed_hosts``, ``max_images``, ...); None
             values keep the defaults.
     """
-    given = {k: v for k, v in settings.items() if v is not None}
+    given = {k: v for k, v in ingress.items() if v is not None}
     if api_key:
         given["api_key"] = api_key
-    return AppArgs(bundles=[str(b) for b in bundles], settings=given)
+    return AppArgs(bundles=[str(b) for b in bundles], ingress=given)
+
+
+def start_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kwargs: Any) -> str:
+    """Join or start Ray for serving; the HTTP front it has, in words.
+
+    A Ray that starts here gets Serve's throughput-optimised mode and the HTTP ``front``
+    (:func:`serve.front.use_serve_env`) admitting requests by ``limits``; a running one keeps
+    its own, and ``front="haproxy"`` there is checked (:func:`serve.front.check_joined_front`).
+
+    Args:
+        front: ``auto``, ``haproxy`` or ``proxy`` (:data:`serve.front.FRONTS`).
+        limits: what HAProxy admits (default: the ingress's defaults).
+        init_kwargs: passed to ``ray.init`` through :func:`carclf.runtime.ensure_ray`.
+
+    Raises:
+        UserInputError: the front cannot be had, or Ray did not start where it was pinned.
+    """
+    import ray
+
+    if ray.is_initialized() or cluster_to_join():
+        check_joined_front(front, limits)
+    else:
+        use_serve_env(front, limits)
+    ensure_ray(**init_kwargs)
+    return front_in_use()
 
 
 def start_app(
@@ -49,15 +76,15 @@ def start_app(
     Returns without waiting for the replicas (:func:`serve.client.wait_ready` does). Serve's
     controller is detached, so on a cluster the app outlives the process that started it. A
     proxy already running keeps its address: a second app joins it under ``route_prefix``.
-    ``front`` is Serve's HTTP front on a Ray this process starts
-    (:func:`carclf.runtime.use_front`), admitting requests as ``args.settings`` say; a running
-    Ray keeps its own (and a warning says when its limits differ from the app's).
+    ``front`` is Serve's HTTP front on a Ray this process starts (:func:`start_ray`), admitting
+    requests as ``args.ingress`` says; a running Ray keeps its own (and a warning says when its
+    limits differ from the app's).
     """
-    ensure_ray(front=front, limits=args.settings.front_limits())
+    start_ray(front, FrontLimits.of(args.ingress))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     if health:
-        app = build_health(HealthArgs.of(name, args.settings))
+        app = build_health(HealthArgs(app=name, serving=args))
         serve.run(app, name=health_name(name), route_prefix=health_route(route_prefix))
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
@@ -74,7 +101,7 @@ def stop_app(name: str = "carclf") -> None:
 
 
 def http_front(front: str, serve_env: dict[str, str] | None = None) -> str:
-    """The app's HTTP ``front`` (:func:`carclf.runtime.front_in_use`), and Serve's mode
+    """The app's HTTP ``front`` (:func:`serve.front.front_in_use`), and Serve's mode
     (``serve_env``, if given), in words."""
     if serve_env is None:
         return front
@@ -82,5 +109,5 @@ def http_front(front: str, serve_env: dict[str, str] | None = None) -> str:
 
 
 def serve_env() -> dict[str, str]:
-    """The Serve mode variables (:data:`carclf.runtime.SERVE_ENV`) as this process has them."""
+    """The Serve mode variables (:data:`serve.front.SERVE_ENV`) as this process has them."""
     return {name: os.environ.get(name, "unset") for name in SERVE_ENV}

@@ -36,14 +36,20 @@ away before its answer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter as Tally
 from collections import deque
+from collections.abc import AsyncIterator, Collection
 
 import numpy as np
 from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
+
+from serve.errors import ApiError
 
 Metric = Counter | Histogram
 log = logging.getLogger("ray.serve")
@@ -191,3 +197,36 @@ class ModelMetrics:
         for p in np.asarray(probabilities).max(axis=-1).ravel():
             if np.isfinite(p):
                 self.deferred.observe(self.confidence, float(p), {})
+
+
+@contextlib.asynccontextmanager
+async def observed(
+    metrics: IngressMetrics, endpoint: str, name: str | None, served: Collection[str]
+) -> AsyncIterator[None]:
+    """Count the request its block answers, time it, and count a refused image or body.
+
+    Args:
+        metrics: the replica's series.
+        endpoint: the ``endpoint`` tag (:data:`ENDPOINTS`).
+        name: the model named in the path; None for every model (``/v1/analyze``).
+        served: the served models' names: only these become tag values, so random names
+            cannot grow the series.
+    """
+    model = ALL_MODELS if name is None else name if name in served else UNKNOWN_MODEL
+    start, status = time.perf_counter(), 500
+    try:
+        yield
+        status = 200
+    except ApiError as exc:
+        status = exc.status
+        if exc.kind:
+            metrics.decode_error(endpoint, exc.kind)
+        raise
+    except HTTPException as exc:  # e.g. Starlette's 400 for a broken multipart body
+        status = exc.status_code
+        raise
+    except asyncio.CancelledError:  # the client went away; no answer is sent
+        status = CLIENT_GONE
+        raise
+    finally:
+        metrics.request(model, endpoint, status, time.perf_counter() - start)

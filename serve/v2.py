@@ -190,6 +190,37 @@ def encode_response(
     return header + b"".join(blobs), len(header)
 
 
+def the_input(req: InferRequest) -> tuple[np.ndarray, str]:
+    """The request's one input ``input`` and its datatype; BYTES must have shape ``[N]``.
+
+    Raises:
+        ProtocolError: another input, an empty one, or BYTES of another shape.
+    """
+    if set(req.inputs) != {"input"}:
+        raise ProtocolError(f"the model takes one input named 'input', got {sorted(req.inputs)}")
+    tensor, datatype = req.inputs["input"], req.datatypes["input"]
+    if tensor.size == 0:
+        raise ProtocolError("input 'input' is empty")
+    if datatype == "BYTES" and tensor.ndim != 1:
+        raise ProtocolError(f"BYTES input must have shape [N], got {list(tensor.shape)}")
+    return tensor, datatype
+
+
+def check_tensor(tensor: np.ndarray, datatype: str, size: list[int]) -> None:
+    """Refuse a tensor input that is not FP32 ``[N, *size]`` of finite values.
+
+    Raises:
+        ProtocolError: another datatype or shape, or a NaN or infinite value.
+    """
+    if datatype != "FP32" or tensor.ndim != 4 or list(tensor.shape[1:]) != size:
+        raise ProtocolError(
+            f"input 'input' must be FP32 [N, {', '.join(map(str, size))}] or BYTES [N]; "
+            f"got {datatype} {list(tensor.shape)}"
+        )
+    if not np.isfinite(tensor).all():
+        raise ProtocolError("input 'input' holds NaN or infinite values")
+
+
 def model_metadata(
     name: str, input_size: list[int], num_classes: int, parameters: dict[str, Any] | None = None
 ) -> dict[str, Any]:

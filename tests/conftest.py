@@ -60,11 +60,12 @@ def ray_session():
     """One local Ray for every test that needs it; shut down at the end of the session."""
     import ray
 
-    from carclf.runtime import ensure_ray
+    from serve.launch import start_ray
 
-    # carclf's own start-up: the dashboard (the state API that Ray Train's placement-group
-    # cleaner needs) on a pinned loopback port.
-    ensure_ray(num_cpus=2)
+    # carclf's own start-up (the dashboard, the state API that Ray Train's placement-group
+    # cleaner needs, on a pinned loopback port), as a server starts it: the session's Serve
+    # apps run behind the same HTTP front as `carclf serve`'s.
+    start_ray(num_cpus=2)
     yield ray
     from ray import serve
 

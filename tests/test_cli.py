@@ -88,9 +88,9 @@ def test_serve_flags_become_the_ingress_settings() -> None:
     args = build_parser().parse_args(["serve", "b1", *hosts, "--max-images", "8", "--api-key", "k"])
     settings = {"allowed_hosts": args.allowed_host, "max_images": args.max_images}
     app = app_args(args.bundles, args.api_key, **settings)
-    assert app.settings.allowed_hosts == ["cars.example.com", "*.lan"]
-    assert (app.settings.max_images, app.settings.api_key) == (8, "k")
-    defaults = app_args(["b1"], None, allowed_hosts=None, max_images=None).settings
+    assert app.ingress.allowed_hosts == ["cars.example.com", "*.lan"]
+    assert (app.ingress.max_images, app.ingress.api_key) == (8, "k")
+    defaults = app_args(["b1"], None, allowed_hosts=None, max_images=None).ingress
     assert (
         defaults.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"] and defaults.max_images == 32
     )

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carclf.runtime import SERVE_ENV
+from serve.front import SERVE_ENV
+from serve.kuberay import MANIFEST, SERVE_CONFIG, TEMPLATE, rayservice
 
 ROOT = Path(__file__).parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
@@ -48,12 +49,22 @@ def test_rayservice_embeds_serve_config_but_listens_on_the_pod_for_its_service()
     assert on_k8s["http_options"].pop("host") == "0.0.0.0"  # the serve Service reaches the pod
     local["http_options"].pop("host")
     # Behind the serve Service, clients send its DNS names as Host (a laptop allows loopback only).
-    settings = on_k8s["applications"][0]["args"]["settings"]
-    assert "*.svc.cluster.local" in settings.pop("allowed_hosts")
-    # The health app allows the same names as the app it answers for.
-    health = on_k8s["applications"][1]["args"]
-    assert "*.svc.cluster.local" in health.pop("allowed_hosts")
+    ingress = on_k8s["applications"][0]["args"]["ingress"]
+    assert "*.svc.cluster.local" in ingress.pop("allowed_hosts")
+    local["applications"][0]["args"]["ingress"].pop("allowed_hosts")
+    # The health app allows the same names as the app it answers for: its args are the app's.
+    assert on_k8s["applications"][1]["args"]["serving"] is on_k8s["applications"][0]["args"]
     assert on_k8s == local
+
+
+def test_the_committed_rayservice_is_generated_from_the_serve_config() -> None:
+    """`make manifests` wrote it from serve/config.yaml: a change there reaches Kubernetes."""
+    generated = rayservice(SERVE_CONFIG.read_text(), TEMPLATE.read_text())
+    assert MANIFEST.read_text() == generated, "run `make manifests`"
+    with pytest.raises(ValueError, match="host"):
+        rayservice(
+            SERVE_CONFIG.read_text().replace("  host: 127.0.0.1\n", ""), TEMPLATE.read_text()
+        )
 
 
 @pytest.mark.parametrize("name", ["launcher-aws.yaml", "launcher-gcp.yaml"])
@@ -111,7 +122,7 @@ def test_serve_config_pairs_the_app_with_its_health_app() -> None:
 
 def test_every_cluster_runs_serve_in_the_mode_carclf_starts_it_in() -> None:
     """``SERVE_ENV`` is read when Ray starts: the RayService's containers, the launchers' start
-    commands and ``cluster/local.sh`` set it as :func:`carclf.runtime.ensure_ray` does."""
+    commands and ``cluster/local.sh`` set it as :func:`serve.launch.start_ray` does."""
     service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
     groups = [service["headGroupSpec"], *service["workerGroupSpecs"]]
     for group in groups:

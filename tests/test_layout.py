@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-PACKAGES = ("carclf", "serve", "jobs")
+PACKAGES = ("carclf", "serve", "jobs", "bench")
 ENTRY = {"carclf.cli", "carclf.__main__"}  # the entry layer may import serve
 MAX_FUNCTION_LINES = 60
+MAX_CLASS_LINES = 250
+MAX_MODULE_LINES = 600  # in the library and the serving side
+MAX_INGRESS_LINES = 400  # the routes only: every HTTP concern beside them has its own module
 
 
 def _module_name(path: Path) -> str:
@@ -79,6 +82,35 @@ def test_no_function_is_longer_than_the_style_allows() -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
+
+
+def test_no_class_is_longer_than_the_style_allows() -> None:
+    long = [
+        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, tree in _sources().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES
+    ]
+    assert not long, long
+
+
+def test_no_module_of_the_library_or_the_server_is_a_warehouse() -> None:
+    lines = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+        for package in ("carclf", "serve")
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    long = {path: n for path, n in lines.items() if n > MAX_MODULE_LINES}
+    assert not long, long
+    assert lines["serve/ingress.py"] <= MAX_INGRESS_LINES
+
+
+def test_the_library_sets_up_no_http_front() -> None:
+    """Joining or starting Ray is the library's; Serve's HTTP front is the server's
+    (``serve/front.py``), so training never sets up an HTTP proxy."""
+    assert "haproxy" not in (ROOT / "carclf" / "runtime.py").read_text().lower()
+    scripts = [p for p in (ROOT / "carclf").rglob("*") if p.suffix in (".sh", ".bash")]
+    assert not scripts, scripts
 
 
 def _loaded_after(code: str, modules: list[str]) -> tuple[str, str]:

@@ -10,18 +10,10 @@ import json
 
 import pytest
 
-from bench.chaos import (
-    PROBES,
-    REFUSED,
-    Prober,
-    Target,
-    exchange,
-    get_request,
-    hostile_cases,
-    open_loop,
-    run_hostile,
-)
-from serve.ingress import ServeSettings
+from bench.hostile import hostile_cases, run_hostile
+from bench.loadclient import Target, exchange, get_request, open_loop
+from bench.overload import PROBES, REFUSED, Prober
+from serve.settings import IngressSettings
 
 from .conftest import SERVE_KEY, SERVE_PORT
 from .test_serve_inputs import JPEG
@@ -38,8 +30,8 @@ def target(served_app: str) -> Target:
 def test_every_hostile_input_gets_a_4xx_and_the_server_stays_ready(
     target: Target, served_bundle
 ) -> None:
-    """The whole list of bench/chaos.py, each case followed by a readiness check."""
-    settings = ServeSettings()  # the session app runs with the default limits
+    """The whole list of bench/hostile.py, each case followed by a readiness check."""
+    settings = IngressSettings()  # the session app runs with the default limits
     size = list(served_bundle.info.input_size)
     cases = hostile_cases(target, JPEG, size, settings.max_images, settings.max_body_bytes)
     assert len(cases) == 19

@@ -22,8 +22,9 @@ import psutil
 import pytest
 
 from carclf.errors import UserInputError
-from carclf.runtime import (
-    API_SERVER_ENV,
+from carclf.runtime import API_SERVER_ENV, free_loopback_port, usable_cpus
+from serve.client import wait_ready
+from serve.front import (
     BINARY_ENV,
     FRONT_LIMIT_ENVS,
     FRONT_WRAPPER,
@@ -36,12 +37,9 @@ from carclf.runtime import (
     REAL_BINARY_ENV,
     FrontLimits,
     check_joined_front,
-    free_loopback_port,
     haproxy_binary,
-    usable_cpus,
     use_front,
 )
-from serve.client import wait_ready
 
 from .test_serve_inputs import encode, noise
 

@@ -31,6 +31,15 @@ def test_verdicts_follow_the_apps_running_replicas() -> None:
     assert health_route("/") == "/v2/health" and health_route("/cars/") == "/cars/v2/health"
 
 
+def test_health_args_are_the_apps_own_and_refuse_the_old_keys() -> None:
+    from pydantic import ValidationError
+
+    args = HealthArgs(app="cars", serving={"bundles": ["b"], "ingress": {"retry_after_s": 4}})
+    assert args.serving.ingress.retry_after_s == 4 and args.serving.health.num_replicas == 2
+    with pytest.raises(ValidationError, match=r"'replicas' is now 'serving\.health\.num_replicas'"):
+        HealthArgs(app="cars", replicas=1, serving={"bundles": ["b"]})
+
+
 @pytest.mark.integration
 def test_serve_routes_health_to_the_health_app(served_app: str) -> None:
     from ray import serve
@@ -45,7 +54,8 @@ def test_serve_routes_health_to_the_health_app(served_app: str) -> None:
     assert r.status_code == 421
     assert httpx.post(f"{served_app}/v2/health/ready", timeout=30).status_code == 405
     # One for an app that is not there: 503 with Retry-After, as a load balancer needs.
-    args = HealthArgs(app="absent", replicas=1, retry_after_s=3)
+    serving = {"bundles": ["b"], "health": {"num_replicas": 1}, "ingress": {"retry_after_s": 3}}
+    args = HealthArgs(app="absent", serving=serving)
     serve.run(build_health(args), name="absent-health", route_prefix=health_route("/absent"))
     try:
         r = httpx.get(f"{BASE}/absent/v2/health/ready", timeout=30)

@@ -27,16 +27,11 @@ from carclf.data.transforms import load_image
 from carclf.errors import UserInputError
 from carclf.inference import OnnxClassifier
 from carclf.metrics import softmax
+from serve.calls import remote
 from serve.deployments import EXPLAIN_CHUNK, ClassifierDeployment, ExplainerDeployment
-from serve.ingress import (
-    MAX_ASPECT,
-    ApiError,
-    Ingress,
-    ServeSettings,
-    clean_message,
-    decode_image,
-    host_allowed,
-)
+from serve.errors import ApiError, clean_message, host_allowed
+from serve.images import MAX_ASPECT, decode_image
+from serve.settings import IngressSettings
 
 from .conftest import SERVE_KEY
 
@@ -237,7 +232,7 @@ def test_explainer_deployment_serialises_concurrent_requests(served_bundle) -> N
     ],
 )
 def test_host_allow_list(host: str | None, allowed: bool) -> None:
-    defaults = ServeSettings().allowed_hosts
+    defaults = IngressSettings().allowed_hosts
     assert host_allowed(host, "10.0.0.5", defaults) is allowed
 
 
@@ -389,9 +384,9 @@ def _remote(exc: BaseException) -> ApiError:
     async def failing() -> None:
         raise exc
 
-    holder = type("Holder", (), {"_retry": {"retry-after": "1"}})()
+    retry = {"retry-after": "1"}
     with pytest.raises(ApiError) as err:
-        asyncio.run(Ingress.func_or_class._remote(holder, failing(), "the explainer of 'body'"))
+        asyncio.run(remote(failing(), "the explainer of 'body'", retry))
     return err.value
 
 

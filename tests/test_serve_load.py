@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import socket
 import statistics
 import threading
@@ -23,8 +24,11 @@ from pydantic import ValidationError
 from ray.exceptions import ActorDiedError
 from starlette.requests import Request
 
-from serve.app import AppArgs
-from serve.ingress import ApiError, Ingress, ServeSettings, deadline_s, not_ready
+from serve.admission import Admission, deadline_s
+from serve.calls import ask
+from serve.errors import ApiError
+from serve.readiness import not_ready
+from serve.settings import AppArgs, IngressSettings
 
 from .conftest import SERVE_PORT
 from .test_serve_inputs import JPEG
@@ -33,21 +37,12 @@ BASE = f"http://127.0.0.1:{SERVE_PORT}"
 PREDICT_BODY = json.dumps({"instances": [{"image_b64": base64.b64encode(JPEG).decode()}]})
 JSON = {"content-type": "application/json"}
 
-# --- unit: the ingress's plumbing, without Ray ----------------------------------------------
+# --- unit: the ingress's admission and model calls, without Ray ----------------------------
 
 
-class _Bare(Ingress.func_or_class):
-    def __del__(self) -> None:  # Serve's wrapper shuts an ASGI app down that this one lacks
-        pass
-
-
-def bare_ingress(**settings: Any) -> Any:
-    """An ingress object with settings and counters only: enough for its request plumbing."""
-    ingress = object.__new__(_Bare)
-    ingress.settings = ServeSettings(**settings)
-    ingress._retry = {"retry-after": str(ingress.settings.retry_after_s)}
-    ingress._inflight = ingress._uploads = ingress._explaining = 0
-    return ingress
+def bare_ingress(**settings: Any) -> Admission:
+    """An ingress replica's admission with these settings: its request plumbing."""
+    return Admission(IngressSettings(**settings))
 
 
 def request(
@@ -105,7 +100,7 @@ def test_readiness_needs_a_fresh_report_with_a_running_replica() -> None:
 def test_running_replicas_reads_serves_details(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace as NS
 
-    import serve.ingress
+    import serve.readiness
 
     def replicas(*states: str) -> dict:
         return {"replicas": [{"state": s} for s in states]}
@@ -116,33 +111,52 @@ def test_running_replicas_reads_serves_details(monkeypatch: pytest.MonkeyPatch) 
     }
     details = {"applications": {"carclf": {"deployments": deployments}}}
     client = NS(get_serve_details=lambda: details)
-    monkeypatch.setattr(serve.ingress, "_get_global_client", lambda: client)
-    got = serve.ingress.running_replicas("carclf")
+    monkeypatch.setattr(serve.readiness, "_get_global_client", lambda: client)
+    got = serve.readiness.running_replicas("carclf")
     assert got == {"classifier-body": 2, "classifier-brand": 0}
-    assert serve.ingress.running_replicas("other") == {}  # not deployed
+    assert serve.readiness.running_replicas("other") == {}  # not deployed
 
 
 def test_app_args_scaling_and_refusals() -> None:
-    auto = AppArgs(bundles=["b"], classifier_replicas="auto", classifier_max_replicas=3)
-    scaling = auto.classifier_scaling()
+    auto = AppArgs(
+        bundles=["b"],
+        classifier={"num_replicas": "auto", "autoscaling_config": {"max_replicas": 3}},
+    )
+    scaling = auto.classifier.serve_options()
     assert scaling["num_replicas"] == "auto"
     assert scaling["autoscaling_config"]["min_replicas"] == 1
     assert scaling["autoscaling_config"]["max_replicas"] == 3
-    assert AppArgs(bundles=["b"]).classifier_scaling() == {"num_replicas": 1}
-    assert AppArgs(bundles=["b"]).ingress_replicas == 2
+    assert AppArgs(bundles=["b"]).classifier.serve_options()["num_replicas"] == 1
+    assert "autoscaling_config" not in AppArgs(bundles=["b"]).classifier.serve_options()
+    assert AppArgs(bundles=["b"]).ingress.num_replicas == 2
     refused = {
-        "needs classifier_replicas: auto": {"classifier_max_replicas": 3},
-        "is over classifier_max_replicas": {
-            "classifier_replicas": "auto",
-            "classifier_min_replicas": 3,
+        "needs classifier.num_replicas: auto": {
+            "classifier": {"autoscaling_config": {"max_replicas": 3}}
         },
-        "health checks and fast 503s": {"ingress_max_ongoing_requests": 50},
+        "must be greater than or equal to min_replicas": {
+            "classifier": {"num_replicas": "auto", "autoscaling_config": {"min_replicas": 3}}
+        },
+        "health checks and fast 503s": {"ingress": {"max_ongoing_requests": 50}},
         "cut off requests": {"graceful_shutdown_timeout_s": 5},
-        "is over max_request_timeout_s": {"settings": {"request_timeout_s": 500}},
+        "is over max_request_timeout_s": {"ingress": {"request_timeout_s": 500}},
+        "Extra inputs are not permitted": {"ingress": {"max_inflite": 5}},
     }
     for message, args in refused.items():
         with pytest.raises(ValidationError, match=message):
             AppArgs(bundles=["b"], **args)
+
+
+def test_a_key_of_the_flat_schema_names_the_key_that_replaced_it() -> None:
+    renamed = {
+        "classifier_replicas": ("classifier.num_replicas", 2),
+        "classifier_upscale_delay_s": ("classifier.autoscaling_config.upscale_delay_s", 1),
+        "ingress_max_ongoing_requests": ("ingress.max_ongoing_requests", 64),
+        "max_batch_size": ("classifier.max_batch_size", 4),
+        "settings": ("ingress", {"max_inflight": 4}),
+    }
+    for old, (new, value) in renamed.items():
+        with pytest.raises(ValidationError, match=re.escape(f"'{old}' is now '{new}'")):
+            AppArgs(bundles=["b"], **{old: value})
 
 
 def test_build_app_bounds_and_scales_every_deployment(served_bundle) -> None:
@@ -150,9 +164,11 @@ def test_build_app_bounds_and_scales_every_deployment(served_bundle) -> None:
 
     args = AppArgs(
         bundles=[str(served_bundle.path)],
-        classifier_replicas="auto",
-        classifier_max_replicas=3,
-        classifier_health_check_period_s=2,
+        classifier={
+            "num_replicas": "auto",
+            "autoscaling_config": {"max_replicas": 3},
+            "health_check_period_s": 2,
+        },
     )
     ingress = build_app(args)._bound_deployment  # Serve's bound deployment (no public view)
     assert (ingress.num_replicas, ingress.max_ongoing_requests) == (2, 128)
@@ -187,11 +203,11 @@ def test_a_slow_body_is_a_408_and_frees_its_upload_slot() -> None:
     ingress = bare_ingress(body_timeout_s=0.2)
     start = time.monotonic()
     with pytest.raises(ApiError) as err:
-        asyncio.run(ingress._body(request([b"x" * 10], stall=True)))
+        asyncio.run(ingress.body(request([b"x" * 10], stall=True)))
     assert err.value.status == 408 and err.value.headers == {"connection": "close"}
     assert 0.2 <= time.monotonic() - start < 1.0
-    assert ingress._uploads == 0
-    assert asyncio.run(ingress._body(request([b"ab", b"cd"]))) == b"abcd"
+    assert ingress.uploads == 0
+    assert asyncio.run(ingress.body(request([b"ab", b"cd"]))) == b"abcd"
 
 
 def test_a_client_that_left_mid_upload_is_a_client_gone_not_an_error() -> None:
@@ -205,17 +221,17 @@ def test_a_client_that_left_mid_upload_is_a_client_gone_not_an_error() -> None:
     ingress = bare_ingress()
     for gone in (TaskCancelledError(), ClientDisconnect()):
         with pytest.raises(ApiError) as err:
-            asyncio.run(ingress._body(request([b"x"], fail=gone)))
+            asyncio.run(ingress.body(request([b"x"], fail=gone)))
         assert err.value.status == CLIENT_GONE == 499
-        assert ingress._uploads == 0
+        assert ingress.uploads == 0
 
 
 def test_full_ingress_refuses_at_once_with_retry_after() -> None:
     ingress = bare_ingress(max_inflight=2, retry_after_s=3)
-    ingress._inflight = 2
+    ingress.inflight = 2
 
     async def work() -> None:
-        async with ingress._work(request([b"{}"])):
+        async with ingress.work(request([b"{}"])):
             raise AssertionError("admitted past max_inflight")
 
     start = time.monotonic()
@@ -224,9 +240,9 @@ def test_full_ingress_refuses_at_once_with_retry_after() -> None:
     assert (err.value.status, err.value.headers) == (503, {"retry-after": "3"})
     assert time.monotonic() - start < 0.1
     ingress = bare_ingress(max_uploads=1)
-    ingress._uploads = 1
+    ingress.uploads = 1
     with pytest.raises(ApiError) as err:
-        asyncio.run(ingress._body(request([b"x"])))
+        asyncio.run(ingress.body(request([b"x"])))
     assert err.value.status == 503
 
 
@@ -236,21 +252,21 @@ def test_explains_are_capped_within_the_slots_so_predictions_are_still_admitted(
 
     async def admitted(explain: bool) -> bool:
         try:
-            async with ingress._work(request([b"{}"]), explain=explain):
+            async with ingress.work(request([b"{}"]), explain=explain):
                 return True
         except ApiError as err:
             assert (err.status, err.headers) == (503, {"retry-after": "1"})
             return False
 
-    ingress._inflight = ingress._explaining = 2  # two explains at work
+    ingress.inflight = ingress.explaining = 2  # two explains at work
     assert not asyncio.run(admitted(explain=True))
     assert asyncio.run(admitted(explain=False))
-    assert (ingress._inflight, ingress._explaining) == (2, 2)  # released on the way out
-    ingress._explaining = 1
+    assert (ingress.inflight, ingress.explaining) == (2, 2)  # released on the way out
+    ingress.explaining = 1
     assert asyncio.run(admitted(explain=True))
-    assert ingress._explaining == 1
+    assert ingress.explaining == 1
     with pytest.raises(ValueError, match="max_explains"):
-        ServeSettings(max_inflight=8, max_explains=8)
+        IngressSettings(max_inflight=8, max_explains=8)
 
 
 def test_deadline_is_a_504_that_cancels_the_model_call() -> None:
@@ -258,16 +274,16 @@ def test_deadline_is_a_504_that_cancels_the_model_call() -> None:
     call = Hanging()
 
     async def work() -> None:
-        async with ingress._work(request([b"{}"], timeout="0.2")):
-            assert ingress._inflight == 1
-            await ingress._ask(lambda: call, "model 'body'")
+        async with ingress.work(request([b"{}"], timeout="0.2")):
+            assert ingress.inflight == 1
+            await ask(lambda: call, "model 'body'", ingress.retry)
 
     start = time.monotonic()
     with pytest.raises(ApiError) as err:
         asyncio.run(work())
     assert err.value.status == 504 and "0.2 s" in err.value.message
     assert 0.2 <= time.monotonic() - start < 1.0
-    assert call.cancelled and ingress._inflight == 0
+    assert call.cancelled and ingress.inflight == 0
 
 
 def test_a_call_whose_replica_died_is_retried_once() -> None:
@@ -283,11 +299,11 @@ def test_a_call_whose_replica_died_is_retried_once() -> None:
 
         return call
 
-    assert asyncio.run(ingress._ask(make(1), "model 'body'")) == "ok"
+    assert asyncio.run(ask(make(1), "model 'body'", ingress.retry)) == "ok"
     assert len(attempts) == 2
     attempts.clear()
     with pytest.raises(ApiError) as err:
-        asyncio.run(ingress._ask(make(2), "model 'body'"))
+        asyncio.run(ask(make(2), "model 'body'", ingress.retry))
     assert err.value.status == 503 and err.value.headers and len(attempts) == 2
 
 
@@ -299,8 +315,12 @@ def start(name: str, prefix: str, bundle: str, **args: Any) -> str:
     from serve.launch import start_app
 
     # Slivers of the 2 CPUs: these apps run beside the session's own.
-    cpus = {"classifier_cpus": 0.15, "explainer_cpus": 0.05, "ingress_cpus": 0.05}
-    app = AppArgs(bundles=[bundle], **{**cpus, **args})
+    cpus = {"classifier": 0.15, "explainer": 0.05, "ingress": 0.05}
+    sections = {
+        name: {"ray_actor_options": {"num_cpus": n}, **args.pop(name, {})}
+        for name, n in cpus.items()
+    }
+    app = AppArgs(bundles=[bundle], **sections, **args)
     # No health app: these apps test the ingress's own limits (the shared app has one).
     start_app(app, port=SERVE_PORT, name=name, route_prefix=prefix, health=False)
     wait_ready(BASE + prefix, timeout_s=120)
@@ -312,15 +332,13 @@ def load_app(served_app: str, served_bundle):
     """Two classifier replicas behind two ingress replicas with small, known limits."""
     from ray import serve
 
-    settings = {"max_inflight": 4, "max_uploads": 48, "body_timeout_s": 3.0}
+    ingress = {"max_inflight": 4, "max_uploads": 48, "body_timeout_s": 3.0}
     url = start(
         "carclf-load",
         "/load",
         str(served_bundle.path),
-        classifier_replicas=2,
-        classifier_health_check_period_s=1.0,
-        ingress_max_ongoing_requests=64,
-        settings=settings,
+        classifier={"num_replicas": 2, "health_check_period_s": 1.0},
+        ingress={**ingress, "max_ongoing_requests": 64},
     )
     yield url
     serve.delete("carclf-load")
@@ -506,7 +524,7 @@ def test_killing_a_classifier_replica_under_load_fails_no_request(load_app: str)
 @pytest.mark.integration
 @pytest.mark.slow
 def test_classifier_autoscales_up_under_a_burst_and_back_down(served_app: str, served_bundle):
-    """``classifier_replicas: auto``: a burst grows the classifier from 1 replica to 2 (the new
+    """``classifier.num_replicas: auto``: a burst grows the classifier from 1 replica to 2 (the new
     one serving), and it shrinks back to 1 once the burst is over."""
     from ray import serve
 
@@ -514,15 +532,19 @@ def test_classifier_autoscales_up_under_a_burst_and_back_down(served_app: str, s
         "carclf-auto",
         "/auto",
         str(served_bundle.path),
-        ingress_replicas=1,
-        classifier_replicas="auto",
-        classifier_min_replicas=1,
-        classifier_max_replicas=2,
-        classifier_target_ongoing_requests=0.5,
-        classifier_upscale_delay_s=1,
-        classifier_downscale_delay_s=3,
-        classifier_look_back_period_s=2,
-        classifier_metrics_interval_s=0.5,
+        ingress={"num_replicas": 1},
+        classifier={
+            "num_replicas": "auto",
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 0.5,
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 3,
+                "look_back_period_s": 2,
+                "metrics_interval_s": 0.5,
+            },
+        },
     )
 
     def running() -> int:

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.metrics import Counter, Histogram
 
-from serve.ingress import ApiError, Ingress
+from serve.errors import ApiError
 from serve.metrics import (
     ALL_MODELS,
     BATCH_BUCKETS,
@@ -26,6 +26,7 @@ from serve.metrics import (
     LATENCY_BUCKETS_S,
     UNKNOWN_MODEL,
     Deferred,
+    observed,
 )
 
 from .conftest import SERVE_KEY
@@ -55,11 +56,11 @@ class Recorder:
 
 
 def observe(name: str | None, exc: BaseException | None = None) -> Recorder:
-    """Run one ``_observed`` block for model ``name`` that raises ``exc`` (or succeeds)."""
-    holder = type("Holder", (), {"classifiers": {"body": None}, "metrics": Recorder()})()
+    """Run one ``observed`` block for model ``name`` that raises ``exc`` (or succeeds)."""
+    recorder = Recorder()
 
     async def block() -> None:
-        async with Ingress.func_or_class._observed(holder, "v1_predict", name):
+        async with observed(recorder, "v1_predict", name, {"body"}):
             if exc is not None:
                 raise exc
 
@@ -67,7 +68,7 @@ def observe(name: str | None, exc: BaseException | None = None) -> Recorder:
         asyncio.run(block())
     except (Exception, asyncio.CancelledError) as got:
         assert got is exc
-    return holder.metrics
+    return recorder
 
 
 class CountingCounter(Counter):

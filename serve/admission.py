@@ -1,0 +1,136 @@
+"""Admission: what an ingress replica lets in, how long it may take, and its body.
+
+Load policy (every limit per ingress replica, from the ``ingress`` settings): past
+``max_inflight`` requests at work, or ``max_uploads`` bodies being received, a request gets a
+JSON 503 with ``Retry-After`` at once, and so does an explain past ``max_explains`` explains at
+work (a share of ``max_inflight``, so explains never take the slots predictions need); a
+declared ``Content-Length`` over ``max_body_bytes`` is a 413 that closes the connection; a body
+not received within ``body_timeout_s`` is a 408; a request past its deadline (its ``timeout``
+header, else ``request_timeout_s``) is a 504, with its model calls cancelled. Where HAProxy is
+Serve's HTTP front it applies the first four limits before a request gets here
+(:mod:`serve.front`), so under overload these replicas rarely refuse anything themselves.
+
+One :class:`Admission` per replica owns the counters; the replica's event loop is one thread,
+so they need no lock.
+"""
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+
+from ray.exceptions import TaskCancelledError
+from starlette.requests import ClientDisconnect, Request
+
+from serve.errors import ApiError
+from serve.metrics import CLIENT_GONE
+from serve.settings import IngressSettings
+
+
+def deadline_s(header: str | None, default_s: float, max_s: float) -> float:
+    """Seconds a request may take: its ``timeout`` header (capped at ``max_s``) or the default.
+
+    Raises:
+        ApiError: 422 for a header that is not a positive, finite number of seconds.
+    """
+    if header is None:
+        return default_s
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ApiError(422, "the timeout header must be a positive number of seconds")
+    return min(seconds, max_s)
+
+
+class Admission:
+    """One ingress replica's admission: its counters, the deadlines and body reading.
+
+    Args:
+        settings: the ingress's limits.
+    """
+
+    def __init__(self, settings: IngressSettings) -> None:
+        self.settings = settings
+        self.retry = settings.retry_headers
+        self.inflight = 0  # requests past their body, at work
+        self.explaining = 0  # of which explains
+        self.uploads = 0  # bodies being received
+
+    @contextlib.asynccontextmanager
+    async def work(self, request: Request, explain: bool = False) -> AsyncIterator[bytes]:
+        """An inference request's deadline, body and admission; yields the body.
+
+        The deadline (the ``timeout`` header, else ``request_timeout_s``) covers everything
+        from here on and cancels the model calls it interrupts (504). A request is refused
+        with 503 while ``max_inflight`` others are at work (an explain also while
+        ``max_explains`` explains are): before its body is read, and again after, since others
+        may have been admitted meanwhile.
+        """
+        s = self.settings
+        seconds = deadline_s(
+            request.headers.get("timeout"), s.request_timeout_s, s.max_request_timeout_s
+        )
+        try:
+            async with asyncio.timeout(seconds) as timer:
+                self.refuse_if_busy(explain)
+                body = await self.body(request)
+                self.refuse_if_busy(explain)
+                self.inflight += 1
+                self.explaining += explain
+                try:
+                    yield body
+                finally:
+                    self.inflight -= 1
+                    self.explaining -= explain
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise ApiError(
+                504, f"no answer within the request's deadline ({seconds:g} s)"
+            ) from None
+
+    def refuse_if_busy(self, explain: bool) -> None:
+        """A 503 while every slot (or, for an explain, every explain slot) is taken."""
+        if self.inflight >= self.settings.max_inflight:
+            raise ApiError(503, "the server is busy; retry shortly", self.retry)
+        # Explains hold their slot for a backward pass each: capped apart, they cannot take
+        # the slots predictions need.
+        if explain and self.explaining >= self.settings.explain_slots:
+            raise ApiError(503, "too many explanations in progress; retry shortly", self.retry)
+
+    async def body(self, request: Request) -> bytes:
+        """The request's body within ``max_body_bytes`` (413) and ``body_timeout_s`` (408)."""
+        limit = self.settings.max_body_bytes
+        # Closing the connection stops the client's upload: otherwise the server would read
+        # (and drop) the rest of the body to keep the connection alive for the next request.
+        close = {"connection": "close"}
+        too_large = ApiError(413, f"request body over {limit} bytes", close, "body_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise too_large  # refused on the header, before a byte of the body is read
+        if self.uploads >= self.settings.max_uploads:
+            raise ApiError(503, "too many uploads in progress; retry shortly", self.retry)
+        self.uploads += 1
+        seconds = self.settings.body_timeout_s
+        body = bytearray()
+        try:
+            # A slow sender holds one upload slot for at most this long, never the server.
+            async with asyncio.timeout(seconds) as timer:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise ApiError(408, f"request body not received within {seconds:g} s", close) from None
+        except (ClientDisconnect, TaskCancelledError):
+            # The client left mid-upload: Starlette says so, or Ray does where Serve's Python
+            # proxy cancelled the body's transfer. No one waits for an answer: a 499, not an
+            # internal error, and the request ends without an error Ray logs as unhandled.
+            raise ApiError(CLIENT_GONE, "the client left before its body was in") from None
+        finally:
+            self.uploads -= 1
+        return bytes(body)
