@@ -53,7 +53,7 @@ bench: install
 # (RSS of every Serve process), the hostile-input list; the load client on a CPU of its own.
 # Then the overload again with the client on the server's CPUs, into bench/results/shared-cpus.
 # 127.0.0.1 only, at most ~9 min on 2 cores. Every size is a flag:
-# CHAOS_ARGS="--soak-s 120 --app ingress_replicas=1" make chaos.
+# CHAOS_ARGS="--soak-s 120 --app ingress.num_replicas=1" make chaos.
 CHAOS_ARGS ?=
 chaos: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.chaos $(CHAOS_ARGS)

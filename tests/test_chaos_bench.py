@@ -1,6 +1,7 @@
-"""The chaos suite's own parts, without Ray (bench/chaos.py): what its HTTP client makes of
-each way a server can answer (a small asyncio server on 127.0.0.1), and how overload rounds
-are summed up."""
+"""The chaos suite's own parts, without Ray: what its HTTP client (bench/loadclient.py) makes
+of each way a server can answer (a small asyncio server on 127.0.0.1), how overload rounds are
+summed up (bench/overload.py, bench/chaos_report.py), and the harness's CPU split and ``--app``
+overrides (bench/harness.py)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ from typing import Any
 
 import pytest
 
-from bench import chaos
-from bench.chaos import exchange, parse_reply, raw_request
+from bench import chaos_report, harness, overload
+from bench.loadclient import HOST, Reply, exchange, parse_reply, raw_request
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def run_against(handler: Handler, timeout_s: float = 5.0) -> chaos.Reply:
+def run_against(handler: Handler, timeout_s: float = 5.0) -> Reply:
     """One ``exchange`` with a server that answers as ``handler`` does."""
 
-    async def main() -> chaos.Reply:
-        server = await asyncio.start_server(handler, chaos.HOST, 0)
+    async def main() -> Reply:
+        server = await asyncio.start_server(handler, HOST, 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
             return await exchange(port, raw_request("POST", "/x", port, body=b"abc"), timeout_s)
@@ -81,8 +82,8 @@ def test_no_answer_is_status_0_and_says_why() -> None:
 
 
 def test_nothing_listening_is_status_0() -> None:
-    async def main() -> chaos.Reply:
-        server = await asyncio.start_server(lambda r, w: None, chaos.HOST, 0)
+    async def main() -> Reply:
+        server = await asyncio.start_server(lambda r, w: None, HOST, 0)
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
@@ -114,12 +115,12 @@ def test_overload_shows_the_round_with_the_median_ratio_at_the_highest_level(
         levels.append({"level": "10x", "accepted_over_saturation": ten})
         return {"saturation": {"ok_rps": sat}, "levels": levels}
 
-    monkeypatch.setattr(chaos, "overload_round", one_round)
+    monkeypatch.setattr(overload, "overload_round", one_round)
     args = argparse.Namespace(overload_rounds=3)
-    out = asyncio.run(chaos.overload(None, [], args, None))
+    out = asyncio.run(overload.overload(None, [], args, None))
     assert out["round_shown"] == 3 and out["saturation"]["ok_rps"] == 45.0
     assert [r["10x"] for r in out["rounds"]] == [0.76, 0.93, 0.88]
-    line = chaos._rounds_lines(out)[0]
+    line = chaos_report._rounds_lines(out)[0]
     assert "round 3, the median" in line
     assert "40.0 req/s, 1x 0.99, 10x 0.76; 50.0 req/s" in line
 
@@ -127,9 +128,32 @@ def test_overload_shows_the_round_with_the_median_ratio_at_the_highest_level(
 def test_the_client_cpus_are_the_last_ones_and_the_server_keeps_at_least_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(chaos.os, "sched_getaffinity", lambda pid: {3, 0, 2, 1})
-    assert chaos.split_cpus(0) is None  # all shared
-    assert chaos.split_cpus(1) == ({0, 1, 2}, {3})
-    assert chaos.split_cpus(3) == ({0}, {1, 2, 3})
+    monkeypatch.setattr(harness.os, "sched_getaffinity", lambda pid: {3, 0, 2, 1})
+    assert harness.split_cpus(0) is None  # all shared
+    assert harness.split_cpus(1) == ({0, 1, 2}, {3})
+    assert harness.split_cpus(3) == ({0}, {1, 2, 3})
     with pytest.raises(SystemExit, match="leaves the server none of 4 CPUs"):
-        chaos.split_cpus(4)
+        harness.split_cpus(4)
+
+
+def test_app_flags_reach_into_the_sections_and_old_keys_name_their_successor() -> None:
+    """``--app ingress.num_replicas=1`` is a key of the ingress section; a whole section as
+    JSON and a dotted key merge, the later winning; the suite's own defaults stay under them."""
+    got = harness.app_overrides(
+        ["ingress.num_replicas=1", 'ingress={"max_inflight": 4}', "ingress.max_inflight=8"]
+    )
+    assert got == {"ingress": {"max_inflight": 8}}
+    pairs = ["ingress.num_replicas=1", "classifier.autoscaling_config.max_replicas=3"]
+    pairs.append("classifier.num_replicas=auto")
+    args = harness.app_args(["b"], {"ingress": {"api_key": "k", "max_inflight": 4}}, pairs)
+    assert (args.ingress.num_replicas, args.ingress.api_key, args.ingress.max_inflight) == (
+        1,
+        "k",
+        4,
+    )
+    assert args.classifier.num_replicas == "auto"
+    assert args.classifier.autoscaling_config["max_replicas"] == 3
+    with pytest.raises(SystemExit, match=r"is now 'ingress\.num_replicas'"):
+        harness.app_args(["b"], {}, ["ingress_replicas=1"])
+    with pytest.raises(SystemExit, match=r"ingress\.no_such_key"):
+        harness.app_args(["b"], {}, ["ingress.no_such_key=1"])
