@@ -22,7 +22,7 @@
 #    - HAProxy's own 503 (no replica up) and 408 are JSON too, instead of Ray's 500 page.
 #    GETs (health, readiness, metadata, the page) are never refused here.
 #
-# Environment (set by carclf.runtime.use_front, inherited through Ray):
+# Environment (set by serve.front.use_front, inherited through Ray):
 #   CARCLF_HAPROXY_BINARY            the real HAProxy
 #   RAY_SERVE_HAPROXY_STATS_PORT     the statistics port
 #   RAY_SERVE_HAPROXY_METRICS_PORT   the Prometheus exporter's port

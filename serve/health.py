@@ -3,8 +3,8 @@ nothing else.
 
 The ingress answers these paths too, but an ingress replica under load is a busy process: its
 event loop routes every admitted request and its decode threads take the CPU, so on a saturated
-machine a readiness probe waited 130–500 ms for it at p99 (docs/ARCHITECTURE.md, "Health and
-readiness"). This small app sits under the carclf app's route prefix + ``/v2/health``, and both
+machine a readiness probe waits behind them (docs/ARCHITECTURE.md, "Health and readiness"). This
+small app sits under the carclf app's route prefix + ``/v2/health``, and both
 HTTP fronts send a path to the longest prefix that matches, so the probes reach a process that
 is idle between them and answers at once.
 

@@ -78,7 +78,7 @@ DECODE_ERROR_KINDS = (
     "body_too_large",  # a request body over the byte limit
     "unsupported_type",  # a content type that is not JSON, multipart or an image
     "bad_base64",  # an instance's image_b64 that is not base64
-    "too_many_images",  # more images in one request than ``settings.max_images``
+    "too_many_images",  # more images in one request than ``ingress.max_images``
 )
 
 

@@ -1,7 +1,7 @@
 """The image policy: the limits on what an image may be, for training data and for serving.
 
 Both the audit (:func:`carclf.data.scan.check_image`) and the Serve ingress
-(:func:`serve.ingress.decode_image`) read an image's header first and refuse it before the full
+(:func:`serve.images.decode_image`) read an image's header first and refuse it before the full
 decode, so that a decompression bomb never reaches the decoder. They take different pixel limits
 on purpose:
 
