@@ -135,40 +135,20 @@ def app_args(bundles: list[str], defaults: dict[str, Any], pairs: list[str]) -> 
 
 
 def start_ray(front: str = "auto", limits: FrontLimits | None = None, attempts: int = 3) -> str:
-    """Ray for a benchmark, as :func:`serve.launch.start_ray` has it for ``carclf serve``:
-    Serve's mode and HTTP ``front`` admitting by ``limits``; the front in words.
+    """Ray for a benchmark, started as :func:`serve.launch.start_ray` starts it for
+    ``carclf serve`` (Serve's mode, the HTTP ``front`` admitting by ``limits``) but without the
+    dashboard, which would spend the server's CPUs on what no benchmark reads; the front in
+    words. A running Ray (``RAY_ADDRESS``, or one ``ray start`` left) is joined, its front
+    checked.
 
-    A Ray that starts here starts without its dashboard, which would spend the server's CPUs on
-    what no benchmark reads (the pinned dashboard of :func:`carclf.runtime.ensure_ray` is for
-    the state API that Ray Train calls). A running Ray (``RAY_ADDRESS``, or one ``ray start``
-    left) is joined as ``serve.launch.start_ray`` joins it, its front checked.
+    Retried: on a busy machine the raylet can miss Ray's fixed 30 s start-up limit; a failed
+    start's processes (this process's children) are ended before the next try.
     """
-    import ray
-
-    from carclf.runtime import cluster_to_join
-    from serve.front import use_serve_env
     from serve.launch import start_ray as start_serve_ray
-
-    if not ray.is_initialized() and not cluster_to_join():
-        use_serve_env(front, limits)  # what serve.launch.start_ray sets for a Ray it starts
-        _init_local_ray(attempts)
-    return start_serve_ray(front, limits)  # on the Ray just started: the front checked, named
-
-
-def _init_local_ray(attempts: int) -> None:
-    """``ray.init`` of a local Ray without a dashboard, retried: on a busy machine the raylet
-    can miss Ray's fixed 30 s start-up limit; a failed start's processes (this process's
-    children) are ended before the next try."""
-    import ray
-
-    def init() -> None:
-        logging_config = ray.LoggingConfig(log_level="WARNING")
-        ray.init(address="local", include_dashboard=False, logging_config=logging_config)
 
     for attempt in range(1, attempts):
         try:
-            init()
-            return
+            return start_serve_ray(front, limits, dashboard=False)
         except Exception as exc:
             if "timed out during startup" not in str(exc):
                 raise
@@ -177,7 +157,7 @@ def _init_local_ray(attempts: int) -> None:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
             time.sleep(5)
-    init()
+    return start_serve_ray(front, limits, dashboard=False)
 
 
 # --- CPUs

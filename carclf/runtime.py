@@ -49,7 +49,7 @@ def cluster_to_join() -> str | None:
     return address or find_bootstrap_address(None)
 
 
-def ensure_ray(**init_kwargs: Any) -> None:
+def ensure_ray(dashboard: bool = True, **init_kwargs: Any) -> None:
     """Join the Ray instance named by ``RAY_ADDRESS``, or start a local one pinned to itself.
 
     ``RAY_ADDRESS`` (as under ``ray job submit``) joins that cluster, as does a cluster that
@@ -61,6 +61,8 @@ def ensure_ray(**init_kwargs: Any) -> None:
     starts is set before this call.
 
     Args:
+        dashboard: start a local instance with its pinned dashboard. Without it there is no
+            state API, which Ray Train needs: only for a Ray that serves and is measured.
         init_kwargs: passed to ``ray.init`` (tests set ``num_cpus``).
 
     Raises:
@@ -82,6 +84,9 @@ def ensure_ray(**init_kwargs: Any) -> None:
             )
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, **init_kwargs)
+        return
+    if not dashboard:
+        ray.init(address="local", include_dashboard=False, **init_kwargs)
         return
     port = free_loopback_port()
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
