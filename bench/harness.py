@@ -3,7 +3,7 @@
 * Inputs: photo-like JPEGs (:func:`photos`) and an untrained bundle exported through the real
   export path (:func:`untrained_bundle`): speed does not depend on the weights.
 * The app's arguments from ``--app`` flags (:func:`app_args`), dotted keys reaching into
-  :class:`serve.settings.AppArgs`' sections.
+  :class:`serve.settings.AppArgs`' sections as ``--set`` reaches into a config's.
 * Ray for a benchmark (:func:`start_ray`): Serve's mode and HTTP front as ``carclf serve``
   gets them (:mod:`serve.front`, :func:`serve.launch.start_ray`), without a dashboard, and
   retried where a busy machine misses Ray's start-up limit.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 import time
@@ -81,39 +80,10 @@ def load_average() -> str:
 # --- the app's arguments
 
 
-def app_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs (values as JSON, else text) as a nested dict of
-    :class:`serve.settings.AppArgs` fields: ``ingress.num_replicas=1`` is
-    ``{"ingress": {"num_replicas": 1}}``; a later pair wins over an earlier one."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, text = pair.partition("=")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        *sections, name = key.split(".")
-        at = out
-        for section in sections:
-            at = at.setdefault(section, {})
-            if not isinstance(at, dict):
-                raise SystemExit(f"--app {key}: {section} was given a value, not keys")
-        at[name] = value
-    return out
-
-
-def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` on top, section by section."""
-    out = dict(base)
-    for key, value in overrides.items():
-        both = isinstance(out.get(key), dict) and isinstance(value, dict)
-        out[key] = merged(out[key], value) if both else value
-    return out
-
-
 def app_args(bundles: list[str], defaults: dict[str, Any], pairs: list[str]) -> Any:
     """The benchmark's :class:`serve.settings.AppArgs`: its ``defaults``, then ``--app``'s
-    ``pairs`` (:func:`app_overrides`).
+    ``pairs``, dotted keys into the sections as ``--set`` takes them
+    (:func:`carclf.config.apply_overrides`; ``ingress.num_replicas=1``, a later pair winning).
 
     Raises:
         SystemExit: a field AppArgs does not have (an old flat key: the name that replaced
@@ -121,11 +91,14 @@ def app_args(bundles: list[str], defaults: dict[str, Any], pairs: list[str]) -> 
     """
     from pydantic import ValidationError
 
+    from carclf.config import apply_overrides
+    from carclf.errors import UserInputError
     from serve.settings import AppArgs
 
-    given = merged({"bundles": bundles, **defaults}, app_overrides(pairs))
     try:
-        return AppArgs(**given)
+        return AppArgs(**apply_overrides({"bundles": bundles, **defaults}, pairs))
+    except UserInputError as exc:
+        raise SystemExit(f"--app: {exc}") from None
     except ValidationError as exc:
         errors = (f"{'.'.join(map(str, e['loc'])) or 'AppArgs'}: {e['msg']}" for e in exc.errors())
         raise SystemExit(f"--app: {'; '.join(errors)}") from None

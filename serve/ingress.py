@@ -87,7 +87,6 @@ class Ingress:
         self.admission = Admission(self.settings)
         self.page = PAGE.read_text(encoding="utf-8")
         self._metadata: dict[str, dict[str, Any]] = {}
-        self._retry = self.settings.retry_headers
         self.metrics = IngressMetrics()  # once per replica: Ray keeps one series set per process
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, "carclf-decode")
         self._replicas = self._start_watching()
@@ -121,7 +120,7 @@ class Ingress:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def _ask(self, make: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
-        return ask(make, what, self._retry)
+        return ask(make, what, self.admission.retry)
 
     async def _images(
         self, request: Request, body: bytes
@@ -220,7 +219,7 @@ class Ingress:
         self._authorise(request, key_needed=False)
         missing = self._unready(sorted(self.classifiers))
         if missing:
-            raise ApiError(503, unready_message(missing), self._retry)
+            raise ApiError(503, unready_message(missing), self.admission.retry)
         return {"ready": True}
 
     @app.get("/v2")
@@ -240,7 +239,7 @@ class Ingress:
         self._authorise(request)
         self._model(name)
         if self._unready([name]):
-            raise ApiError(503, f"model {name!r} not ready", self._retry)
+            raise ApiError(503, f"model {name!r} not ready", self.admission.retry)
         return {"name": name, "ready": True}
 
     @app.post("/v2/models/{name}/infer")

@@ -12,7 +12,6 @@ the Serve config reaches Kubernetes or fails the tests. Inside a pod two things 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -59,7 +58,7 @@ def rayservice(config: str, template: str) -> str:
 def main() -> None:
     """Write the manifest; its path on standard output."""
     MANIFEST.write_text(rayservice(SERVE_CONFIG.read_text(), TEMPLATE.read_text()))
-    print(MANIFEST.relative_to(ROOT), file=sys.stdout)
+    print(MANIFEST.relative_to(ROOT))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 
 from bench import chaos_report, harness, overload
 from bench.loadclient import HOST, Reply, exchange, parse_reply, raw_request
+from carclf.config import apply_overrides
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -139,8 +140,8 @@ def test_the_client_cpus_are_the_last_ones_and_the_server_keeps_at_least_one(
 def test_app_flags_reach_into_the_sections_and_old_keys_name_their_successor() -> None:
     """``--app ingress.num_replicas=1`` is a key of the ingress section; a whole section as
     JSON and a dotted key merge, the later winning; the suite's own defaults stay under them."""
-    got = harness.app_overrides(
-        ["ingress.num_replicas=1", 'ingress={"max_inflight": 4}', "ingress.max_inflight=8"]
+    got = apply_overrides(
+        {}, ["ingress.num_replicas=1", 'ingress={"max_inflight": 4}', "ingress.max_inflight=8"]
     )
     assert got == {"ingress": {"max_inflight": 8}}
     pairs = ["ingress.num_replicas=1", "classifier.autoscaling_config.max_replicas=3"]
