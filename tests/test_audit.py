@@ -625,8 +625,11 @@ def test_a_class_that_is_one_cluster_is_too_small_to_split(tmp_path: Path) -> No
     result = audit_tree(root, RATIOS)
     assert result.problems == [
         "class 'solo' has 3 distinct usable image(s) in 1 near-duplicate group(s), "
-        "too few to split with ratios 0.6,0.2,0.2"
+        "too few to split with ratios 0.6,0.2,0.2; to split it file by file, turn the grouping "
+        "off: `carclf data audit ROOT --manifest M --no-group-near-duplicates` "
+        "(then data.manifest=M), or run_audit(..., group_near_duplicates=False)"
     ]
+    assert not audit_tree(root, RATIOS, group_near_duplicates=False).problems
 
 
 # --- manifest readers say which column is wrong ---------------------------------------------------

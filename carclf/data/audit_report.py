@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.data.duplicates import NEAR_DUPLICATE_BITS
+from carclf.data.duplicates import NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_DISTANCE
 from carclf.data.manifest import SPLIT_NAMES
 from carclf.data.scan import Excluded
 
@@ -35,11 +35,15 @@ class AuditResult:
     duplicates: list[dict] = field(default_factory=list)
     deduplicated: list[dict] = field(default_factory=list)
     near_duplicates: list[dict] = field(default_factory=list)
+    # Confirmed near-duplicate pairs whose files have different labels: possible label errors.
+    near_label_conflicts: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     # ``{"split", "paths"}`` per near-duplicate cluster kept within one split; None where the audit
     # did not group them (a pre-split root, or grouping turned off).
     clusters: list[dict] | None = None
+    # The tree's files at audit time (carclf.data.reuse.tree_listing), recorded in the manifest.
+    listing: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per split and class."""
@@ -107,8 +111,13 @@ def audit_report(result: AuditResult) -> dict:
         "deduplicated": result.deduplicated,
         "near_duplicates": {
             "max_bits": NEAR_DUPLICATE_BITS,
+            "max_distance": NEAR_DUPLICATE_DISTANCE,
             "pairs": len(result.near_duplicates),
             "listed": result.near_duplicates[:REPORT_LIMIT],
+        },
+        "near_duplicate_label_conflicts": {
+            "pairs": len(result.near_label_conflicts),
+            "listed": result.near_label_conflicts[:REPORT_LIMIT],
         },
         "near_duplicate_clusters": None
         if result.clusters is None
@@ -169,15 +178,35 @@ def _duplicates_markdown(report: dict) -> list[str]:
     if report["deduplicated"]:
         lines += ["", f"## Left out by --dedupe ({len(report['deduplicated'])})", ""]
         lines += [f"- `{d['path']}` (copy of `{d['kept']}`)" for d in report["deduplicated"]]
+    return lines + _near_markdown(report) + _clusters_markdown(report)
+
+
+def _near_markdown(report: dict) -> list[str]:
+    """Near-duplicates across splits, and those with different labels (possible label errors)."""
     near = report["near_duplicates"]
-    lines += [
-        "",
-        f"## Near-duplicates across splits ({near['pairs']} pairs, dHash ≤ "
-        f"{near['max_bits']} bits)",
-        "",
-    ]
-    lines += [f"- {p['bits']} bits: {_paths(p['paths'])}" for p in near["listed"]] or ["None."]
-    return lines + _clusters_markdown(report)
+    rule = f"dHash ≤ {near['max_bits']} bits"
+    if "max_distance" in near:  # a report written before the confirmation has no distance
+        rule += f", confirmed at distance ≤ {near['max_distance']}"
+    lines = ["", f"## Near-duplicates across splits ({near['pairs']} pairs, {rule})", ""]
+    lines += [f"- {_near_pair(p)}: {_paths(p['paths'])}" for p in near["listed"]] or ["None."]
+    conflicts = report.get("near_duplicate_label_conflicts")
+    if conflicts and conflicts["pairs"]:
+        lines += [
+            "",
+            f"## Near-duplicates with different labels: possible label errors "
+            f"({conflicts['pairs']} pairs)",
+            "",
+        ]
+        lines += [
+            f"- {' vs '.join(p['labels'])} ({_near_pair(p)}): {_paths(p['paths'])}"
+            for p in conflicts["listed"]
+        ]
+    return lines
+
+
+def _near_pair(pair: dict) -> str:
+    distance = f", distance {pair['distance']}" if "distance" in pair else ""
+    return f"{pair['bits']} bits{distance}"
 
 
 def _clusters_markdown(report: dict) -> list[str]:
@@ -256,5 +285,12 @@ def summary_lines(report: dict) -> list[str]:
             "within one split"
         )
     if report["near_duplicates"]["pairs"]:
-        lines.append(f"warning: {report['near_duplicates']['pairs']} near-duplicate pair(s)")
+        n = report["near_duplicates"]["pairs"]
+        lines.append(f"warning: {n} near-duplicate pair(s) across splits")
+    conflicts = report.get("near_duplicate_label_conflicts")
+    if conflicts and conflicts["pairs"]:
+        lines.append(
+            f"warning: {conflicts['pairs']} near-duplicate pair(s) with different labels "
+            "(possible label errors, listed in the report)"
+        )
     return lines

@@ -37,6 +37,8 @@ LABELS_KEY = b"carclf.labels"
 ROOT_KEY = b"carclf.root"
 # How the manifest was made (audit settings), so a reuse can tell whether it still fits the request.
 SETTINGS_KEY = b"carclf.audit"
+# The files of the tree at audit time (carclf.data.reuse.encode_listing), to notice later changes.
+LISTING_KEY = b"carclf.listing"
 # The splits of a manifest, in the order the audit assigns and reports them.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
@@ -50,6 +52,7 @@ class Manifest:
     path: Path | None = None
     root: str = ""
     settings: dict = dc_field(default_factory=dict)
+    listing: str = ""  # encoded; empty for a manifest written without one
 
     def split(self, name: str) -> list[tuple[str, int]]:
         """``(path, label_index)`` of every image in split ``name``, in manifest order."""
@@ -85,6 +88,7 @@ def write_manifest(
     path: str | Path,
     root: str = "",
     settings: dict | None = None,
+    listing: str = "",
 ) -> Path:
     """Write ``rows`` (dicts with the schema's columns) atomically to ``path``.
 
@@ -94,6 +98,7 @@ def write_manifest(
         path: Where the Parquet file goes.
         root: The image tree the rows were read from.
         settings: How the rows were made (audit settings), kept in the metadata.
+        listing: The tree's files at audit time, encoded (:mod:`carclf.data.reuse`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +108,8 @@ def write_manifest(
         ROOT_KEY: root.encode(),
         SETTINGS_KEY: json.dumps(settings or {}).encode(),
     }
+    if listing:
+        metadata[LISTING_KEY] = listing.encode("ascii")
     table = table.replace_schema_metadata(metadata)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".parquet.tmp")
     os.close(fd)
@@ -150,6 +157,7 @@ def read_manifest(path: str | Path) -> Manifest:
         path=path,
         root=meta.get(ROOT_KEY, b"").decode(),
         settings=json.loads(meta.get(SETTINGS_KEY, b"{}")),
+        listing=meta.get(LISTING_KEY, b"").decode("ascii", errors="replace"),
     )
 
 

@@ -4,8 +4,9 @@ A tree is pre-split (``train|val|test/<class>/…``, the split folders named in 
 also ``valid`` or ``validation``) or flat (``<class>/…``). Hidden files and folders are ignored,
 and visible entries outside the layout are noted. Every file is read once: its sha256, its header
 (format and the pixel limit) and a full decode through :func:`carclf.data.transforms.load_image`,
-the loader that training and serving use, so a file that is kept is a file that loads. A file that
-cannot be used is an :class:`Excluded` with a kind and a reason. Nothing is modified or deleted.
+the loader that training and serving use, so a file that is kept is a file that loads; the
+near-duplicate search's fingerprint is taken from that decode. A file that cannot be used is an
+:class:`Excluded` with a kind and a reason. Nothing is modified or deleted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from carclf.data.duplicates import dhash
+from carclf.data.duplicates import fingerprint
 from carclf.data.limits import AUDIT_FORMATS, AUDIT_MAX_PIXELS
 from carclf.data.manifest import SPLIT_NAMES
 from carclf.data.transforms import load_image
@@ -116,8 +117,9 @@ def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[dict | None, 
 
     Returns:
         ``(facts, None)`` for a usable image, where facts are the manifest columns sha256, width,
-        height (upright, after EXIF rotation), bytes and format, plus ``dhash``; or
-        ``(None, (kind, reason))`` for a file that cannot be used.
+        height (upright, after EXIF rotation), bytes and format, plus the near-duplicate
+        search's fingerprint (:func:`carclf.data.duplicates.fingerprint`, taken from this one
+        decode); or ``(None, (kind, reason))`` for a file that cannot be used.
     """
     try:
         data = path.read_bytes()
@@ -148,7 +150,7 @@ def check_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[dict | None, 
         "height": img.height,
         "bytes": len(data),
         "format": fmt,
-        "dhash": dhash(img),
+        **fingerprint(img),
     }, None
 
 

@@ -2,8 +2,9 @@
 
 A flat root (``<class>/…``) is split per class, stratified and deterministic: the same tree, ratios
 and seed give the same split on any machine and wherever the tree lies. Identical files and (by
-default) near-duplicates of a class form a group that goes to one split whole, so a split cannot
-leak them; the solver fills each split as near its ratio of the class's images as whole groups
+default) clusters of confirmed near-duplicates of a class (:mod:`carclf.data.duplicates`, which
+says how clusters are bounded) form a group that goes to one split whole, so a split cannot leak
+them; the solver fills each split as near its ratio of the class's images as whole groups
 allow. :func:`stratified_split` is the audit's entry; :func:`assign_splits` (single items) and
 :func:`assign_group_splits` (groups of sizes) are the solver itself.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carclf.data.duplicates import near_duplicate_groups
+from carclf.data.duplicates import NearPair, near_duplicate_groups, near_duplicate_pairs
 from carclf.data.manifest import SPLIT_NAMES
 
 
@@ -159,21 +160,20 @@ def assign_group_splits(
     return [SPLIT_NAMES[s] for s in best]
 
 
-def _class_groups(rows: list[dict], root: Path, near: bool) -> list[list[dict]]:
-    """One class's rows grouped by sha256 (and, if ``near``, joined by near-duplicate dHash).
+def _class_groups(rows: list[dict], root: Path, pairs: list[NearPair] | None) -> list[list[dict]]:
+    """One class's rows grouped by sha256 (and, given ``pairs``, by near-duplicate clusters).
 
     Ordered by their smallest relative path, so the order does not depend on where the tree lies.
     """
     by_hash: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_hash[row["sha256"]].append(row)
-    files = list(by_hash.values())
-    if near:  # identical files have one dHash, so one per file is enough
-        numbers = near_duplicate_groups([f[0]["dhash"] for f in files])
+    if pairs is not None:  # identical files are one key, so one per file is enough
+        numbers = near_duplicate_groups([f[0] for f in by_hash.values()], pairs)
     else:
-        numbers = np.arange(len(files))
+        numbers = np.arange(len(by_hash))
     joined: dict[int, list[dict]] = defaultdict(list)
-    for file_rows, number in zip(files, numbers.tolist(), strict=True):
+    for file_rows, number in zip(by_hash.values(), numbers.tolist(), strict=True):
         joined[number] += file_rows
     return sorted(
         joined.values(),
@@ -181,11 +181,20 @@ def _class_groups(rows: list[dict], root: Path, near: bool) -> list[list[dict]]:
     )
 
 
+# What turns the grouping off, named where the grouping makes a class impossible to split (the
+# on-the-fly audit of ``data.root`` has no such setting: a manifest audited without it does).
+GROUPING_OFF = (
+    "turn the grouping off: `carclf data audit ROOT --manifest M --no-group-near-duplicates` "
+    "(then data.manifest=M), or run_audit(..., group_near_duplicates=False)"
+)
+
+
 def _too_few(label: str, files: int, groups: int, ratios: tuple[float, float, float]) -> str:
     within = "" if files == groups else f" in {groups} near-duplicate group(s)"
+    off = "" if files == groups else f"; to split it file by file, {GROUPING_OFF}"
     return (
         f"class {label!r} has {files} distinct usable image(s){within}, "
-        f"too few to split with ratios {','.join(map(str, ratios))}"
+        f"too few to split with ratios {','.join(map(str, ratios))}{off}"
     )
 
 
@@ -195,25 +204,36 @@ def stratified_split(
     ratios: tuple[float, float, float],
     seed: int,
     group_near_duplicates: bool = True,
+    pairs: list[NearPair] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
     """Give each row of a flat root a split, per class; rows of a class too small keep ``""``.
 
-    Identical files (same sha256) and, with ``group_near_duplicates``, near-duplicates (dHash
-    within :data:`carclf.data.duplicates.NEAR_DUPLICATE_BITS`, chains joined) of one class form a
-    group that goes to one split whole (:func:`assign_group_splits`, by image counts), so a split
-    cannot leak them. Off, each group of identical files counts as one item
+    Identical files (same sha256) and, with ``group_near_duplicates``, clusters of confirmed
+    near-duplicates (of bounded diameter, :func:`carclf.data.duplicates.near_duplicate_groups`) of
+    one class form a group that goes to one split whole (:func:`assign_group_splits`, by image
+    counts), so a split cannot leak them. Off, each group of identical files counts as one item
     (:func:`assign_splits`), as before grouping.
-    A near-duplicate across classes is a labelling question: it is reported, not grouped.
+    A near-duplicate across classes is a possible label error: it is reported, not grouped.
+
+    Args:
+        rows: The rows of a flat root, with :func:`carclf.data.duplicates.fingerprint`'s keys.
+        root: The root, for an order of groups that does not depend on where the tree lies.
+        ratios: Train/val/test fractions of each class.
+        seed: Seed of the split.
+        group_near_duplicates: Keep each cluster of near-duplicates within one split.
+        pairs: :func:`carclf.data.duplicates.near_duplicate_pairs` of ``rows``, when already found.
 
     Returns:
         The problems, and the paths of each group of two or more distinct files kept together.
     """
+    if group_near_duplicates and pairs is None:
+        pairs = near_duplicate_pairs(rows)
     problems, clusters = [], []
     by_class: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_class[row["label"]].append(row)
     for label, class_rows in sorted(by_class.items()):
-        groups = _class_groups(class_rows, root, group_near_duplicates)
+        groups = _class_groups(class_rows, root, pairs if group_near_duplicates else None)
         if group_near_duplicates:
             splits = assign_group_splits([len(g) for g in groups], ratios, seed, label)
         else:
