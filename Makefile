@@ -8,7 +8,7 @@ endif
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench chaos clean manifests
+.PHONY: install demo test lint format bench bench-transfer chaos clean manifests
 
 .venv/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -41,12 +41,26 @@ manifests: install
 # Benchmarks, JSON and Markdown into bench/results/: the data loader against the training step,
 # and serving (HTTP against in-process, onnxruntime against eager) on efficientnet_b0 at 224 px,
 # the model of issue 7's goals (BENCH_BUNDLE=path/to/bundle benchmarks a bundle of yours instead);
-# and the search: ASHA + Optuna against random search (FIFO) with the same number of trials.
+# the search: ASHA + Optuna against random search (FIFO) with the same number of trials; and
+# the collapse labels of the ablation demo, every labelled trial rerun unstopped.
+# Last, the fine-tuning levers on real photos (bench-transfer below; hours on 2 cores).
 BENCH_BUNDLE ?=
 bench: install
 	OMP_NUM_THREADS=1 $(PY) bench/data_bench.py
 	OMP_NUM_THREADS=1 $(PY) -m bench.serve_bench $(if $(BENCH_BUNDLE),$(BENCH_BUNDLE),--arch efficientnet_b0)
 	OMP_NUM_THREADS=1 $(PY) bench/tune_bench.py
+	$(PY) -m bench.collapse_bench
+	$(PY) -m bench.transfer_bench --data $(TRANSFER_DATA) $(TRANSFER_ARGS)
+
+# Every fine-tuning lever of jobs/configs/finetune-cpu.yaml against its own linear probe on real
+# photos, over three seeded splits, into bench/results/transfer.{json,md}: about 2 min per run
+# on 2 cores for 420 photos (Lite2's runs about 3x that), 25 levers x 3 seeds. Runs already in
+# the JSON are skipped, so an interrupted measurement continues where it stopped.
+# TRANSFER_DATA=path/to/ImageFolder; TRANSFER_ARGS="--levers recipe lr=1e-4 --seeds 0 1 2 3".
+TRANSFER_DATA ?= ../shared/data/stanford-body-dev
+TRANSFER_ARGS ?=
+bench-transfer: install
+	$(PY) -m bench.transfer_bench --data $(TRANSFER_DATA) $(TRANSFER_ARGS)
 
 # The chaos suite (issue 14) on a toy bundle, into bench/results/chaos.{json,md}: overload at 1x
 # and 10x of the saturation throughput, a classifier replica killed under load, a short soak

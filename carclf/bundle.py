@@ -61,6 +61,7 @@ class BundleInfo(BaseModel):
     preprocess: Preprocess  # flat in bundle.json: input_size, mean, std, interpolation, crop_pct
     cam_target_layer: str
     temperature: float = 1.0  # logits are divided by it before the softmax (calibration)
+    tta: str = "none"  # test-time augmentation inside model.onnx (export.tta): none or flip
     model_spec: dict[str, Any] = {}
     files: dict[str, str] = {}
     metrics: dict[str, Any] = {}

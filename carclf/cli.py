@@ -111,7 +111,9 @@ def cmd_tune(args: argparse.Namespace) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> str:
     from carclf.evaluate import evaluate
 
-    result = evaluate(args.source, args.manifest, args.split, args.out, gallery_size=args.gallery)
+    result = evaluate(
+        args.source, args.manifest, args.split, args.out, gallery_size=args.gallery, tta=args.tta
+    )
     print(json.dumps(result.metrics["summary"], indent=1), file=sys.stderr)
     return str(result.report)
 
@@ -373,6 +375,11 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True)
     p.add_argument("--gallery", type=int, default=12, help="Grad-CAM overlays per gallery")
+    p.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        help="a run's test-time augmentation (default: its export.tta); a bundle's is built in",
+    )
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("compare", help="evaluate several runs or bundles; one comparison table")
     p.add_argument(
@@ -398,7 +405,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="export.KEY=VALUE",
-        help="override the run's export settings, e.g. --set export.quantize=true",
+        help="override the run's export settings, e.g. --set export.quantize=true or "
+        "--set export.tta=flip",
     )
     p.set_defaults(func=cmd_export)
 

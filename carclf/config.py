@@ -51,6 +51,15 @@ class DataConfig(_Strict):
     cache: bool = Field(
         False, description="keep decoded, resized images in memory after the first epoch"
     )
+    augment_magnitude: int = Field(
+        9, ge=0, le=30, description="RandAugment magnitude (of 10; timm's scale), randaugment only"
+    )
+    random_erasing: float = Field(
+        0.0, ge=0.0, le=1.0, description="probability of erasing a random box (timm, per-pixel)"
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.6, 1.0), description="random-resized-crop area fractions (low, high) of the image"
+    )
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -78,6 +87,9 @@ class ModelConfig(_Strict):
     img_size: int | None = Field(None, gt=0, description="input side; None keeps the model's")
     crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="None keeps the model's")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(
+        0.0, ge=0.0, lt=1.0, description="stochastic depth of the residual blocks (timm models)"
+    )
     head_hidden: int = Field(
         0, ge=0, description="hidden units of a two-layer MLP head; 0 keeps one linear layer"
     )
@@ -102,6 +114,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0.0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay")
+    head_lr_scale: float = Field(
+        1.0, gt=0.0, description="the classifier head's learning rate as a multiple of train.lr"
+    )
     scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     plateau_patience: int = Field(2, ge=0)
@@ -120,6 +135,12 @@ class TrainConfig(_Strict):
         "frozen backbone's features (LP-FT; carclf/probe.py)",
     )
     unfreeze_blocks: int | None = Field(None, ge=1, description="after freezing: last K blocks")
+    unfreeze_step: int | None = Field(
+        None,
+        ge=1,
+        description="progressive unfreezing: after the frozen phase, this many more blocks "
+        "(from the top) each epoch, up to unfreeze_blocks or all",
+    )
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0.0)
@@ -152,6 +173,12 @@ class ExportConfig(_Strict):
     calibration_images: int = Field(64, ge=1, description="training images that calibrate INT8")
     max_accuracy_drop: float = Field(
         0.5, ge=0.0, description="accuracy points INT8 may lose on the test split and be kept"
+    )
+    tta: Literal["none", "flip"] = Field(
+        "none",
+        description="test-time augmentation of the exported model and of `carclf evaluate`: "
+        "flip averages the logits of each image and its mirror (twice the inference cost); "
+        "validation during training never uses it",
     )
 
 
@@ -245,6 +272,11 @@ class TuneSection(_Strict):
     # Off, a collapsed trial still gets its label in trials.csv but trains to its last epoch:
     # a plain search without early stopping (the baseline arm of bench/tune_bench.py).
     stop_collapsed: bool = Field(True, description="end a trial as soon as it shows collapse")
+    probe: bool = Field(
+        True,
+        description="fit the linear probe of the first pretrained study's weights and report "
+        "it as row zero of comparison.md, with every trial's gain over it",
+    )
     studies: dict[str, Study] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -37,6 +37,7 @@ from carclf.metrics import (
     softmax,
     temperature_effect,
 )
+from carclf.models import with_tta
 from carclf.plots import (
     plot_confusion,
     plot_f1_bars,
@@ -85,11 +86,23 @@ class EvalResult:
     report: Path
 
 
-def load_model(source: str | Path) -> Model:
-    """A bundle (scored by onnxruntime) or a run's best checkpoint (scored by PyTorch)."""
+def load_model(source: str | Path, tta: str | None = None) -> Model:
+    """A bundle (scored by onnxruntime) or a run's best checkpoint (scored by PyTorch).
+
+    Args:
+        source: a run or a bundle directory.
+        tta: test-time augmentation (``export.tta``) of a run; default the run's own config's.
+            A bundle's is part of its ONNX graph: asking for another is refused.
+    """
     source = Path(source)
     if (source / BUNDLE_FILE).is_file():
         bundle = load_bundle(source)
+        baked = bundle.info.tta
+        if tta is not None and tta != baked:
+            raise UserInputError(
+                f"{source}: the bundle's model runs tta={baked} (in its ONNX graph); "
+                f"export the run with --tta {tta} for another"
+            )
         clf = OnnxClassifier(bundle, threads=torch.get_num_threads())
         return Model(
             source=source,
@@ -103,11 +116,12 @@ def load_model(source: str | Path) -> Model:
         )
     trained = load_run(source)
     epochs = source / EPOCHS_FILE
+    tested = with_tta(trained.model, tta or trained.cfg.export.tta)
     return Model(
         source=source,
         kind="run",
         labels=trained.labels,
-        logits=torch_logits(trained.model, trained.preprocess),
+        logits=torch_logits(tested, trained.preprocess),
         temperature=None,
         explainer=lambda: Explainer(trained.model, trained.preprocess, trained.labels),
         config=trained.cfg.model_dump(mode="json"),
@@ -266,6 +280,7 @@ def evaluate(
     split: str,
     out: str | Path,
     gallery_size: int = 12,
+    tta: str | None = None,
 ) -> EvalResult:
     """Score every image of ``split`` and write predictions, metrics, plots and a report.
 
@@ -275,10 +290,11 @@ def evaluate(
         split: ``train``, ``val`` or ``test``.
         out: directory for ``predictions.parquet``, ``metrics.json``, PNGs and ``report.html``.
         gallery_size: Grad-CAM overlays per gallery (correct and wrong); 0 for none.
+        tta: a run's test-time augmentation (:func:`load_model`); default its config's.
     """
     out = Path(out)
     data = read_manifest(manifest)
-    model = load_model(source)
+    model = load_model(source, tta)
     check_labels(model.labels, data.labels, manifest)
     records = data.split(split)
     if not records:

@@ -28,6 +28,7 @@ from carclf.errors import UserInputError
 from carclf.explain import target_layer_for
 from carclf.inference import onnx_session
 from carclf.metrics import core_metrics, softmax, temperature_effect
+from carclf.models import with_tta
 from carclf.quantize import try_int8
 from carclf.report import model_card
 from carclf.runs import TrainedModel, load_run, load_run_config
@@ -174,21 +175,23 @@ def export_run(
     trained = load_run(run_dir)
     settings = settings or trained.cfg.export
     model, pre = trained.model, trained.preprocess
+    tested = with_tta(model, settings.tta)  # what model.onnx computes; the weights stay bare
     manifest = read_manifest(trained.manifest)
     records = manifest.split("test") or manifest.split("val")
     if not records:
         raise UserInputError(f"{manifest.path}: no test or validation images for the parity check")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_tmp = Path(tmp) / ONNX_FILE
-        export_onnx(model, pre.input_size, onnx_tmp, settings.opset)
+        export_onnx(tested, pre.input_size, onnx_tmp, settings.opset)
         batch = load_batch(paths_of(records[: settings.parity_images]), eval_transform(pre))
-        parity = parity_check(model, onnx_tmp, batch, settings.atol)
+        parity = parity_check(tested, onnx_tmp, batch, settings.atol)
         shipped, int8 = _maybe_int8(settings, onnx_tmp, pre, manifest, records, batch)
         temperature, metrics = _calibrated_metrics(shipped, pre, manifest.split("val"), records)
         metrics["parity"] = parity  # of the fp32 export against PyTorch
         if int8 is not None:
             metrics["quantization"] = int8
         info = _bundle_info(trained, name, metrics, temperature, manifest.path)
+        info.tta = settings.tta
         weights = {k: v.contiguous() for k, v in model.state_dict().items()}
         return write_bundle(
             out,

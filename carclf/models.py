@@ -258,6 +258,8 @@ def build_model(
             num_classes=num_classes,
             drop_rate=cfg.drop_rate,
             pretrained_cfg_overlay=overlay,
+            # Only when set: carclf's own models take no stochastic depth.
+            **({"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}),
             **cfg.kwargs,
         )
     except TypeError as exc:
@@ -273,6 +275,32 @@ def build_model(
     if cfg.head_hidden:
         mlp_head(model, cfg.head_hidden, cfg.drop_rate, num_classes)
     return model, report
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation: the mean of the logits of each image and of its mirror image.
+
+    Both views go through the wrapped model as one batch (twice the images, one call), so the
+    ONNX export is a single graph and serving needs no change to use it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(torch.cat([x, torch.flip(x, dims=[3])]))
+        # (2N, K) → (2, N, K) without naming N, so the export keeps a dynamic batch size.
+        return logits.unflatten(0, (2, -1)).mean(0)
+
+
+def with_tta(model: nn.Module, tta: str) -> nn.Module:
+    """``model`` as ``export.tta`` runs it at test time: wrapped in :class:`FlipTTA` or as is."""
+    if tta == "flip":
+        return FlipTTA(model)
+    if tta != "none":
+        raise ValueError(f"tta {tta!r} is not one of none, flip")
+    return model
 
 
 def model_preprocess(cfg: ModelConfig) -> Preprocess:

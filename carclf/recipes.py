@@ -28,7 +28,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW or SGD (momentum 0.9) over every parameter, with optional layer-wise LR decay.
 
     Built before any freezing, so that parameters unfrozen later are already in it; no weight
-    decay on biases and norm weights (timm's convention).
+    decay on biases and norm weights (timm's convention). The classifier head's parameters get
+    groups of their own at ``train.head_lr_scale`` times the rate: a head solved by the linear
+    probe needs less than a fresh one, a fresh head on a slow backbone more.
     """
     optimizer = create_optimizer_v2(
         model,
@@ -38,10 +40,28 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         momentum=0.9,
         layer_decay=cfg.train.layer_decay,
     )
+    if cfg.train.head_lr_scale != 1.0:
+        _split_head_groups(optimizer, model, cfg.train.head_lr_scale)
     # timm records layer decay as ``lr_scale`` for its own schedulers; torch's read ``lr``.
     for group in optimizer.param_groups:
         group["lr"] = cfg.train.lr * group.get("lr_scale", 1.0)
     return optimizer
+
+
+def _split_head_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scale: float) -> None:
+    """Move the head's parameters of every group into a copy of that group scaled by ``scale``."""
+    head = {id(p) for p in (classifier_head(model) or nn.Module()).parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        mine = [p for p in group["params"] if id(p) in head]
+        rest = [p for p in group["params"] if id(p) not in head]
+        if rest:
+            groups.append({**group, "params": rest})
+        if mine:
+            groups.append({**group, "params": mine, "lr_scale": group.get("lr_scale", 1.0) * scale})
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
 
 
 class Schedule:
@@ -125,14 +145,22 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 
 def trainable_names(model: nn.Module, cfg: Config, epoch: int) -> set[str]:
-    """Which parameters train in ``epoch``: the head while frozen, then all or the last K blocks."""
+    """Which parameters train in ``epoch``: the head while frozen, then all or the last K blocks.
+
+    With ``train.unfreeze_step`` the blocks come back progressively from the top, that many
+    more each epoch after the frozen phase (ULMFiT's gradual unfreezing), up to
+    ``train.unfreeze_blocks`` or every block.
+    """
+    t = cfg.train
     head = head_parameter_names(model)
-    if epoch < cfg.train.freeze_epochs:
+    if epoch < t.freeze_epochs:
         return head
-    k = cfg.train.unfreeze_blocks
-    if k is None:
-        return {name for name, _ in model.named_parameters()}
     blocks = [g for g in parameter_groups(model) if not set(g) <= head]
+    k = len(blocks) if t.unfreeze_blocks is None else min(t.unfreeze_blocks, len(blocks))
+    if t.unfreeze_step is not None:
+        k = min(k, t.unfreeze_step * (epoch - t.freeze_epochs + 1))
+    if k >= len(blocks):
+        return {name for name, _ in model.named_parameters()}
     return head | {name for group in blocks[len(blocks) - k :] for name in group}
 
 

@@ -187,6 +187,12 @@ def _precision(quant: dict | None) -> str:
     return f"{kept}: {quant['reason']}; {figures}"
 
 
+TTA_WORDS = {
+    "none": "none",
+    "flip": "flip (logits averaged over each image and its mirror, inside model.onnx)",
+}
+
+
 def model_card(info: BundleInfo) -> str:
     """The bundle's ``MODEL_CARD.md``: what the model is, its input, test figures and limits."""
     metrics = {k: v for k, v in info.metrics.items() if isinstance(v, int | float)}
@@ -207,6 +213,7 @@ def model_card(info: BundleInfo) -> str:
         f"- Grad-CAM layer: `{info.cam_target_layer}`",
         f"- softmax temperature: {info.temperature:.4f} ({calibration})",
         f"- model.onnx: {_precision(info.metrics.get('quantization'))}",
+        f"- test-time augmentation: {TTA_WORDS.get(info.tta, info.tta)}",
         f"- training data manifest sha256: `{info.manifest_sha256}`",
         f"- carclf {info.carclf_version}",
         "",

@@ -36,6 +36,7 @@ from torch import nn
 from carclf.config import Config
 from carclf.data.audit import write_audit
 from carclf.data.manifest import Manifest, read_manifest
+from carclf.data.reuse import check_unchanged
 from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
 from carclf.metrics import Mode, best_of
@@ -70,11 +71,14 @@ def resolve_manifest(cfg: Config) -> Path:
     """The manifest a config trains on: ``data.manifest``, or ``data.root`` audited into
     :attr:`~carclf.paths.ExperimentPaths.manifest`, beside the run directory (for ``output_dir:
     runs/x/train``, ``runs/x/manifest.parquet``; an earlier audit of the same tree is reused, a
-    different one refused).
+    different one refused, a changed tree audited again). A ``data.manifest`` whose tree has
+    changed since its audit is refused (:func:`carclf.data.reuse.check_unchanged`): it is the
+    user's file, never rewritten, and never silently stale.
 
     The one place where ``data.root`` becomes a manifest, for every command.
     """
     if cfg.data.manifest:
+        check_unchanged(cfg.data.manifest)
         return Path(cfg.data.manifest).resolve()
     return write_audit(cfg.data.root, ExperimentPaths.of(cfg).manifest, seed=cfg.seed).resolve()
 

@@ -25,7 +25,7 @@ from carclf.config import Config, save_config
 from carclf.data.dataset import ManifestDataset, cache_bytes
 from carclf.data.manifest import Manifest
 from carclf.data.sampling import BalancedDistributedSampler
-from carclf.data.transforms import Preprocess, cache_resize, eval_transform, train_transform
+from carclf.data.transforms import Preprocess, cache_resize, eval_transform, train_transform_of
 from carclf.errors import UserInputError
 from carclf.metrics import best_of, core_metrics, metric_mode, softmax
 from carclf.models import build_model, check_model_name, model_preprocess, preflight_pretrained
@@ -164,7 +164,7 @@ def build_loaders(
     per_worker = max(cfg.train.batch_size // world, 1)
     resize = cache_resize(pre) if cfg.data.cache else None
     records = manifest.split("train")
-    train_set = ManifestDataset(records, train_transform(pre, cfg.data.augment), resize)
+    train_set = ManifestDataset(records, train_transform_of(pre, cfg.data), resize)
     val_records = manifest.split("val")[rank::world]
     val_set = ManifestDataset(val_records, eval_transform(pre), resize)
     if cfg.data.balanced_sampling:

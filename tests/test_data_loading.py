@@ -40,6 +40,29 @@ def test_each_augment_policy_gives_the_model_input_shape(policy: str, toy_manife
     assert out.shape == (3, 32, 40) and out.dtype == torch.float32
 
 
+def test_augment_options_reach_the_transform(toy_manifest: Path) -> None:
+    from timm.data.random_erasing import RandomErasing
+
+    from carclf.data.transforms import train_transform_of
+
+    data = tiny_config(
+        Path("o"),
+        toy_manifest,
+        data={"augment": "randaugment", "augment_magnitude": 5, "random_erasing": 0.5},
+    ).data
+    steps = train_transform_of(PRE, data).transforms
+    erasing = [t for t in steps if isinstance(t, RandomErasing)]
+    assert erasing and erasing[0].probability == 0.5
+    assert any("m=5," in repr(t) for t in steps)  # timm's RandAugment at magnitude 5
+    crop = next(t for t in steps if hasattr(t, "scale"))
+    assert tuple(crop.scale) == (0.6, 1.0)
+    data = tiny_config(
+        Path("o"), toy_manifest, data={"augment": "basic", "crop_scale": [0.3, 1.0]}
+    ).data
+    crop = next(t for t in train_transform_of(PRE, data).transforms if hasattr(t, "scale"))
+    assert tuple(crop.scale) == (0.3, 1.0)
+
+
 def test_augment_accepts_old_booleans_and_refuses_unknown_names(toy_manifest: Path) -> None:
     assert tiny_config(Path("o"), toy_manifest, data={"augment": True}).data.augment == "basic"
     assert tiny_config(Path("o"), toy_manifest, data={"augment": False}).data.augment == "none"

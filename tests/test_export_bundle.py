@@ -116,3 +116,29 @@ def test_export_set_overrides_the_runs_export_settings(
     assert "only export.* keys" in capsys.readouterr().err
     assert main([*argv[:4], "--set", "export.parity_images=0"]) == 2
     assert "export.parity_images" in capsys.readouterr().err
+
+
+def test_flip_tta_is_exported_into_the_onnx_graph_and_recorded(
+    fake_run: Path, tmp_path: Path, toy_manifest: Path
+) -> None:
+    from carclf.evaluate import load_model
+    from carclf.export import export_settings
+    from carclf.models import with_tta
+    from carclf.runs import load_run
+
+    settings = export_settings(fake_run, ["export.tta=flip", "export.parity_images=4"])
+    bundle = export_run(fake_run, tmp_path / "flip", settings=settings)
+    assert bundle.info.tta == "flip"
+    assert "flip (logits averaged" in (bundle.path / "MODEL_CARD.md").read_text()
+    trained = load_run(fake_run)
+    clf = OnnxClassifier(load_bundle(bundle.path))
+    paths = [p for p, _ in read_manifest(toy_manifest).split("test")[:3]]
+    batch = clf.preprocess([load_image(p) for p in paths])
+    with torch.no_grad():
+        expected = with_tta(trained.model, "flip")(torch.from_numpy(batch)).numpy()
+        plain = trained.model(torch.from_numpy(batch)).numpy()
+    assert np.allclose(clf.raw_logits(batch), expected, atol=1e-4)
+    assert not np.allclose(expected, plain, atol=1e-4)  # the mirror changed something
+    with pytest.raises(UserInputError, match="tta=flip"):
+        load_model(bundle.path, tta="none")
+    assert load_model(bundle.path).labels == trained.labels

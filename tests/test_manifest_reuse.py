@@ -163,3 +163,18 @@ def test_a_given_manifest_of_a_changed_tree_is_refused_not_rewritten(
     assert manifest.stat().st_mtime_ns == stamp
     os.rename(tree, tmp_path / "elsewhere")  # its tree is not on this machine: nothing to check
     check_unchanged(manifest)
+
+
+def test_every_command_refuses_a_given_manifest_of_a_changed_tree(
+    tree: Path, tmp_path: Path
+) -> None:
+    from carclf.config import validate_config
+    from carclf.runs import resolve_manifest
+
+    manifest = tmp_path / "m.parquet"
+    run_audit(tree, manifest)
+    raw = {"output_dir": str(tmp_path / "run"), "data": {"manifest": str(manifest)}}
+    assert resolve_manifest(validate_config(raw)) == manifest.resolve()
+    added = _add(tree)
+    with pytest.raises(UserInputError, match=f"changed since its audit \\({added}\\)"):
+        resolve_manifest(validate_config(raw))

@@ -132,3 +132,28 @@ def test_two_layer_mlp_head_is_the_head_that_freezing_keeps_trainable(name: str)
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
     heads = head_parameter_names(model)
     assert len(heads) == 4 and trainable_names(model, cfg, epoch=0) == heads
+
+
+def test_flip_tta_averages_the_image_and_its_mirror() -> None:
+    from carclf.models import FlipTTA, with_tta
+
+    class Left(torch.nn.Module):  # logits = mean of the left and right halves
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = x.shape[3] // 2
+            return torch.stack([x[..., :w].mean((1, 2, 3)), x[..., w:].mean((1, 2, 3))], 1)
+
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, :, :, :2] = 1.0  # image 0 bright on the left
+    plain = Left()
+    assert with_tta(plain, "none") is plain
+    assert torch.allclose(plain(x)[0], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(FlipTTA(plain)(x), torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="tta"):
+        with_tta(plain, "five-crop")
+
+
+def test_drop_path_rate_reaches_timm_and_is_not_passed_to_carclf_models() -> None:
+    model = create_model(ModelConfig(name="efficientnet_lite0", drop_path_rate=0.2), 3)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2, abs=0.02)
+    create_model(ModelConfig(name="scratch_cnn"), 3)  # no drop_path_rate argument

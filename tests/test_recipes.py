@@ -120,3 +120,32 @@ def test_amp_is_off_on_cpu() -> None:
 def test_head_of_the_scratch_cnn(tmp_path: Path) -> None:
     model = create_model(_cfg().model.model_copy(update={"name": "scratch_cnn"}), 3)
     assert head_parameter_names(model) == {"fc.weight", "fc.bias"}
+
+
+def test_head_lr_scale_gives_the_head_its_own_rate_and_keeps_layer_decay() -> None:
+    cfg = _cfg(lr=1e-3, layer_decay=0.5, head_lr_scale=10.0)
+    model = create_model(cfg.model, 5)
+    head = {id(p) for p in model.fc.parameters()}
+    optimizer = build_optimizer(model, cfg)
+    rates = {
+        id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]
+    }  # every parameter in exactly one group
+    assert len(rates) == len(list(model.parameters()))
+    head_rates = {rates[i] for i in head}
+    others = [r for i, r in rates.items() if i not in head]
+    assert len(head_rates) == 1 and head_rates.pop() == pytest.approx(1e-2)
+    assert min(others) < max(others) < 1e-3  # layer decay kept below the head's own rate
+
+
+def test_progressive_unfreezing_adds_blocks_from_the_top_each_epoch() -> None:
+    cfg = _cfg(epochs=8, freeze_epochs=1, unfreeze_step=1)
+    model = create_model(cfg.model, 5)
+    all_names = {n for n, _ in model.named_parameters()}
+    sizes = [len(trainable_names(model, cfg, epoch)) for epoch in range(8)]
+    assert sizes[0] == len(head_parameter_names(model))
+    assert sizes == sorted(sizes) and len(set(sizes)) >= 4  # grows one block per epoch
+    assert trainable_names(model, cfg, 7) == all_names
+    epoch1 = trainable_names(model, cfg, 1) - head_parameter_names(model)
+    assert epoch1 and all(n.startswith("layer4.") for n in epoch1)  # the top block first
+    capped = _cfg(epochs=8, freeze_epochs=1, unfreeze_step=1, unfreeze_blocks=2)
+    assert trainable_names(model, capped, 7) == trainable_names(model, capped, 2)

@@ -179,3 +179,45 @@ def test_a_trial_that_trained_on_past_collapse_symptoms_and_recovered_is_not_col
     rows = trial_rows("scratch", grid, cfg, num_classes=7)
     assert [r["collapsed"] for r in rows] == [True, False, False]
     assert "chance" in rows[0]["collapse_reason"] and rows[1]["collapse_reason"] == ""
+
+
+def test_the_linear_probe_is_row_zero_and_every_gain_is_over_it(
+    tmp_path: Path, toy_manifest: Path
+) -> None:
+    import torch
+
+    from carclf.config import ModelConfig
+    from carclf.models import create_model
+    from carclf.search.report import comparison_markdown, probe_row, trials_table, with_gains
+
+    weights = tmp_path / "weights.pth"
+    torch.save(create_model(ModelConfig(name="test_resnet"), 3).state_dict(), weights)
+    raw = tiny_config(tmp_path / "exp", toy_manifest).model_dump(mode="json")
+    lr = {"type": "loguniform", "low": 1e-4, "high": 1e-2}
+    transfer = {
+        "model.name": "test_resnet",
+        "model.pretrained": True,
+        "model.pretrained_file": str(weights),
+        "model.kwargs": {},
+    }
+    raw["tune"] = {
+        "studies": {
+            "scratch": {"space": {"train.lr": lr}},
+            "transfer": {"overrides": transfer, "space": {"train.lr": lr}},
+        }
+    }
+    cfg = validate_config(raw)
+    probe = probe_row(cfg, tmp_path / "exp")
+    assert probe["study"] == "linear probe" and "transfer's weights" in probe["model"]
+    assert (tmp_path / "exp" / "probe" / "baseline.json").is_file()
+    assert 0.0 <= probe["test_acc"] <= 1.0 and probe["best_val_acc"] is not None
+    table = with_gains([{"study": "transfer", "test_acc": probe["test_acc"] + 0.1}], probe)
+    assert [r["study"] for r in table] == ["linear probe", "transfer"]
+    assert table[1]["test_gain_over_probe"] == pytest.approx(10.0)
+    assert "+10.0" in comparison_markdown(table)[-1]
+    row = {"study": "transfer", "trial": "c", "param:train.lr": 1e-3, "epochs": 3,
+           "best_val_acc": probe["best_val_acc"] + 0.05, "collapsed": False,
+           "stopped_early": False}  # fmt: skip
+    assert trials_table([row], cfg, probe)[0]["gain_over_probe"] == pytest.approx(5.0)
+    raw["tune"]["probe"] = False
+    assert probe_row(validate_config(raw), tmp_path / "off") is None

@@ -33,7 +33,7 @@ from carclf.data.transforms import (
     cache_resize,
     eval_transform,
     load_image,
-    train_transform,
+    train_transform_of,
 )
 
 TRAIN, VAL = "train", "val"
@@ -45,7 +45,7 @@ def build_datasets(cfg: Config, manifest: Manifest, pre: Preprocess) -> dict[str
     resize = cache_resize(pre) if cfg.data.cache else None
     train = _images(manifest.split(TRAIN), resize, shuffle_seed=cfg.seed)
     val = _images(manifest.split(VAL), resize, shuffle_seed=None)
-    augment = train_transform(pre, cfg.data.augment)
+    augment = train_transform_of(pre, cfg.data)
     return {
         TRAIN: train.map(_transform_row, fn_kwargs={"transform": augment}),
         VAL: val.map(_transform_row, fn_kwargs={"transform": eval_transform(pre)}),

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import torch
     from torchvision import transforms as T
 
+    from carclf.config import DataConfig
+
 
 class Preprocess(BaseModel):
     """How an image becomes the model's input tensor (timm's data config, made explicit)."""
@@ -162,22 +164,31 @@ def to_model_input(pixels: np.ndarray, pre: Preprocess) -> np.ndarray:
 
 
 AUGMENT_POLICIES = ("none", "basic", "randaugment", "trivialaugment")
-# timm's RandAugment: magnitude 9 of 10, magnitude noise 0.5 (timm's ImageNet recipes).
-RANDAUGMENT = "rand-m9-mstd0.5"
+# timm's RandAugment at data.augment_magnitude (9 of 10 in timm's ImageNet recipes), with
+# magnitude noise 0.5.
+RANDAUGMENT = "rand-m{}-mstd0.5"
 ROTATION_DEGREES = 10.0
 COLOR_JITTER = 0.2
-CROP_SCALE = (0.6, 1.0)
 
 
-def train_transform(pre: Preprocess, augment: str = "basic") -> T.Compose:
+def train_transform(
+    pre: Preprocess,
+    augment: str = "basic",
+    *,
+    magnitude: int = 9,
+    random_erasing: float = 0.0,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+) -> T.Compose:
     """The training transform for an augmentation policy (``AUGMENT_POLICIES``).
 
-    Every policy starts with timm's random-resized crop and horizontal flip and ends with timm's
-    to-tensor and normalisation; they differ in between:
+    Every policy starts with timm's random-resized crop (``crop_scale`` of the area) and
+    horizontal flip and ends with timm's to-tensor, normalisation and random erasing (with
+    probability ``random_erasing``); they differ in between:
 
-    * ``none``: the eval transform (no randomness at all);
+    * ``none``: the eval transform (no randomness at all, no erasing);
     * ``basic``: random rotation and colour jitter (the seeds' augmentations);
-    * ``randaugment``: timm's RandAugment (``RANDAUGMENT``), which replaces the colour jitter;
+    * ``randaugment``: timm's RandAugment at ``magnitude`` (``RANDAUGMENT``), which replaces the
+      colour jitter;
     * ``trivialaugment``: torchvision's ``TrivialAugmentWide``.
     """
     if augment not in AUGMENT_POLICIES:
@@ -190,13 +201,15 @@ def train_transform(pre: Preprocess, augment: str = "basic") -> T.Compose:
     crop_flip, middle, to_tensor = timm.data.create_transform(
         input_size=pre.input_size,
         is_training=True,
-        scale=CROP_SCALE,
+        scale=crop_scale,
         hflip=0.5,
         color_jitter=COLOR_JITTER if augment == "basic" else None,
-        auto_augment=RANDAUGMENT if augment == "randaugment" else None,
+        auto_augment=RANDAUGMENT.format(magnitude) if augment == "randaugment" else None,
         interpolation=pre.interpolation,
         mean=pre.mean,
         std=pre.std,
+        re_prob=random_erasing,
+        re_mode="pixel",
         separate=True,
     )
     steps = list(middle.transforms)
@@ -205,6 +218,17 @@ def train_transform(pre: Preprocess, augment: str = "basic") -> T.Compose:
     elif augment == "trivialaugment":
         steps.append(T.TrivialAugmentWide(interpolation=_interpolation(pre)))
     return T.Compose([*crop_flip.transforms, *steps, *to_tensor.transforms])
+
+
+def train_transform_of(pre: Preprocess, data: DataConfig) -> T.Compose:
+    """:func:`train_transform` with the options of a config's ``data`` section."""
+    return train_transform(
+        pre,
+        data.augment,
+        magnitude=data.augment_magnitude,
+        random_erasing=data.random_erasing,
+        crop_scale=tuple(data.crop_scale),
+    )
 
 
 def _interpolation(pre: Preprocess) -> T.InterpolationMode:

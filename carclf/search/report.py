@@ -20,7 +20,7 @@ from carclf.data.manifest import Manifest
 from carclf.metrics import best_of
 from carclf.plots import plot_param_importances, plot_search_trials
 from carclf.runs import finish_unfinished
-from carclf.search.space import optuna_distribution, optuna_value
+from carclf.search.space import optuna_distribution, optuna_value, study_config
 from carclf.tables import markdown_table, number_cell, write_csv
 
 OPTUNA_DB = "optuna.db"
@@ -130,6 +130,53 @@ def _study_model(cfg: Config, study: str, best: dict[str, Any] | None) -> str:
     return f"{name} (pretrained)" if pretrained else name
 
 
+def probe_config(cfg: Config) -> tuple[str, Config] | None:
+    """The first study that starts from pretrained weights, as its trials' base config (the
+    study's overrides, no sampled parameters); None when no study is pretrained."""
+    for name, spec in cfg.tune.studies.items():
+        base = study_config(cfg, spec, {}, Path(cfg.output_dir) / "probe")
+        if base.model.pretrained:
+            return name, base
+    return None
+
+
+def probe_row(cfg: Config, out: Path) -> dict[str, Any] | None:
+    """Row zero of the comparison: the linear probe of the pretrained study's weights on the
+    same split (``carclf baseline``, into ``out/probe``), the score a fine-tune must beat."""
+    from carclf.baseline import run_baseline
+
+    found = probe_config(cfg) if cfg.tune.probe else None
+    if found is None:
+        return None
+    study, base = found
+    result = run_baseline(base, "test", out / "probe")
+    val = dict((c["C"], c["val_acc"]) for c in result.record["C_grid"])[result.record["chosen_C"]]
+    return {
+        "study": "linear probe",
+        "model": f"{base.model.name} (pretrained, frozen; {study}'s weights)",
+        "trials": 0,
+        "collapsed": 0,
+        "stopped_early": 0,
+        "trial_epochs": 0,
+        f"best_{cfg.tune.metric}": val if cfg.tune.metric == "val_acc" else None,
+        "test_acc": result.metrics["summary"]["acc"],
+        "test_f1_macro": result.metrics["summary"]["f1_macro"],
+        "confusion_pattern": None,
+        "best_trial": None,
+        "best_epochs": None,
+    }
+
+
+def with_gains(table: list[dict[str, Any]], probe: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``table`` with the probe first and each study's test-accuracy gain over it (points)."""
+    if probe is None:
+        return table
+    for row in table:
+        acc = row.get("test_acc")
+        row["test_gain_over_probe"] = None if acc is None else 100 * (acc - probe["test_acc"])
+    return [{**probe, "test_gain_over_probe": 0.0}, *table]
+
+
 def comparison_table(
     rows: list[dict[str, Any]], cfg: Config, manifest: Manifest, out: Path
 ) -> list[dict[str, Any]]:
@@ -165,6 +212,8 @@ def comparison_table(
 def _cell(key: str, value: Any) -> str:
     if key == "best_trial" and value:  # Tune's directory name; its first parts are the trial's id
         return "_".join(str(value).split("_")[:3])
+    if "gain" in key and isinstance(value, float):  # points, signed
+        return f"{value:+.1f}"
     return number_cell(digits=3)(key, value)
 
 
@@ -179,22 +228,26 @@ def _outcome(row: dict[str, Any]) -> str:
     return "stopped early (ASHA)" if row["stopped_early"] else "ran every epoch"
 
 
-def trials_table(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
-    """One row per trial for people: study, model, best score, epochs and what became of it
-    (the collapse label with its reasons, an early stop, or all epochs)."""
+def trials_table(
+    rows: list[dict[str, Any]], cfg: Config, probe: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per trial for people: study, model, best score (and its gain over the probe's
+    on validation, in points), epochs and what became of it (the collapse label with its
+    reasons, an early stop, or all epochs)."""
     key = f"best_{cfg.tune.metric}"
-    return [
-        {
+    table = []
+    for r in rows:
+        row = {
             "study": r["study"],
             "trial": r["trial"],
             "model": _study_model(cfg, r["study"], r),
             "lr": r.get("param:train.lr"),
             key: r[key],
-            "epochs": r["epochs"],
-            "outcome": _outcome(r),
         }
-        for r in rows
-    ]
+        if probe is not None and probe.get(key) is not None:
+            row["gain_over_probe"] = None if r[key] is None else 100 * (r[key] - probe[key])
+        table.append(row | {"epochs": r["epochs"], "outcome": _outcome(r)})
+    return table
 
 
 def _trial_cell(key: str, value: Any) -> str:
@@ -217,11 +270,20 @@ def write_report(
     found = {k: v for k, v in importances.items() if v}
     if found:
         plot_param_importances(found, out / IMPORTANCE_PLOT)
-    table = comparison_table(rows, cfg, manifest, out)
+    probe = probe_row(cfg, out)
+    table = with_gains(comparison_table(rows, cfg, manifest, out), probe)
     write_csv(table, out / "comparison.csv")
     missing = sorted(set(importances) - set(found))
     lines = ["# Search comparison", "", *comparison_markdown(table), ""]
-    lines += ["## Trials", "", *markdown_table(trials_table(rows, cfg), _trial_cell), ""]
+    if probe is not None:
+        lines += [
+            "Row zero is the linear probe of the pretrained weights on the same split "
+            "(`probe/`): logistic regression on frozen features; *gain* columns are points "
+            "over it (test for each study's best trial, validation for every trial).",
+            "",
+        ]
+    trials = trials_table(rows, cfg, probe)
+    lines += ["## Trials", "", *markdown_table(trials, _trial_cell), ""]
     lines += [f"![{cfg.tune.metric} per trial]({TRIALS_PLOT})", ""]
     if found:
         lines += [f"![parameter importances]({IMPORTANCE_PLOT})", ""]

@@ -1,0 +1,79 @@
+"""The Markdown of the transfer benchmark (:mod:`bench.transfer_bench`), from its JSON alone."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from carclf.tables import markdown_table
+
+
+def _mean_sd(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± sd`` in points (sd over seeds; none for one)."""
+    mean = statistics.fmean(values) * scale
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
+
+
+def lever_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per lever, in the order they were measured: means over its seeds."""
+    order = list(dict.fromkeys(r["lever"] for r in runs))
+    base = {r["seed"]: r for r in runs if r["lever"] == "recipe"}
+    rows = []
+    for lever in order:
+        mine = [r for r in runs if r["lever"] == lever]
+        vs_recipe = [r["test_acc"] - base[r["seed"]]["test_acc"] for r in mine if r["seed"] in base]
+        rows.append(
+            {
+                "lever": lever,
+                "change": " ".join(f"`{o}`" for o in mine[0]["overrides"]) or "—",
+                "seeds": len(mine),
+                "test acc": _mean_sd([r["test_acc"] for r in mine]),
+                "probe": _mean_sd([r["probe_test_acc"] for r in mine]),
+                "gain over probe": _mean_sd([r["gain"] for r in mine]),
+                "worst gain": f"{min(r['gain'] for r in mine) * 100:+.1f}",
+                "vs recipe": _mean_sd(vs_recipe) if vs_recipe and lever != "recipe" else "—",
+                "flip TTA": _mean_sd([r["test_acc_flip"] for r in mine]),
+                "flip gain": _mean_sd([r["gain_flip"] for r in mine]),
+                "val acc": _mean_sd([r["val_acc"] for r in mine]),
+                "backbone epoch kept": f"{sum(r['backbone_trained'] for r in mine)}/{len(mine)}",
+                "train min": f"{statistics.fmean(r['train_s'] for r in mine) / 60:.1f}",
+            }
+        )
+    return rows
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> Path:
+    """``transfer.md``: the lever table, then every run's validation curve."""
+    runs = results.get("runs", [])
+    lines = [
+        "# Fine-tuning levers on real photos, each beside its linear probe",
+        "",
+        f"Recipe `{results.get('recipe', '?')}` on `{results.get('data', '?')}`, split 60/20/20 "
+        f"per seed (the seed also seeds training); {results.get('machine', '')}. Accuracies "
+        "in points on each split's test images, mean ± sd over seeds. *probe*: logistic "
+        "regression on the frozen weights of the same backbone at the same resolution "
+        "(`carclf baseline`); *vs recipe*: the change against the recipe on the same seeds; "
+        "*flip TTA*: the kept checkpoint scored on each image and its mirror; *backbone epoch "
+        "kept*: runs whose kept checkpoint (best validation accuracy) comes from an epoch that "
+        "trained the backbone. Made by `python -m bench.transfer_bench` "
+        "(`make bench-transfer`).",
+        "",
+    ]
+    if runs:
+        lines += markdown_table(lever_rows(runs), lambda _k, v: str(v))
+        lines += ["", "## Validation accuracy per epoch", ""]
+        curves = [
+            {
+                "lever": r["lever"],
+                "seed": r["seed"],
+                "kept epoch": r["best_epoch"],
+                "val acc by epoch": " ".join(f"{v:.2f}" for v in r["val_curve"]),
+            }
+            for r in runs
+        ]
+        lines += markdown_table(curves, lambda _k, v: str(v))
+    path.write_text("\n".join(lines) + "\n")
+    return path
