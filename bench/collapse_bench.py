@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +78,10 @@ def rerun(row: dict[str, str], work: Path) -> dict[str, Any]:
     }
 
 
+def _minutes(seconds: float | None) -> str:
+    return "search time not measured here" if seconds is None else f"search {seconds / 60:.1f} min"
+
+
 def write_results(result: dict[str, Any], out: Path) -> None:
     """``collapse_labels.json`` and its Markdown."""
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,8 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         "# Collapse labels checked: every labelled trial rerun to its full budget, unstopped",
         "",
         f"Search `{result['search']}` ({result['trials_in_search']} trials, "
-        f"{len(trials)} labelled collapsed); {result['machine']}. A false positive is a "
+        f"{len(trials)} labelled collapsed, {_minutes(result['search_s'])}); "
+        f"{result['machine']}. A false positive is a "
         "labelled trial that, trained to its last epoch without the stopper, no longer "
         "shows collapse at the end. Made by `python -m bench.collapse_bench`.",
         "",
@@ -106,7 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="collapse-bench-"))
+    started = time.perf_counter()
     search = Path(args.search) if args.search else run_search(args.config, args.set, work)
+    search_s = None if args.search else round(time.perf_counter() - started, 1)
+    if not args.search:  # the search's own comparison, kept beside the labels' check
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(search / "comparison.md", Path(args.out) / "ablation_comparison.md")
     if not (search / "trials.csv").is_file():
         raise SystemExit(f"{search}: no trials.csv (not a finished `carclf tune` experiment)")
     with (search / "trials.csv").open(newline="") as fh:
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             "search": str(args.search or f"{args.config} on the toy set"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "trials_in_search": total,
+            "search_s": search_s,
             "false_positives": sum(t["false_positive"] for t in trials),
             "trials": trials,
         },

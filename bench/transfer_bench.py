@@ -34,11 +34,17 @@ from typing import Any
 import torch
 
 from bench.transfer_report import write_markdown
-from carclf.baseline import run_baseline
+from carclf.baseline import (
+    extract_features,
+    frozen_model,
+    probe_splits,
+    run_baseline,
+)
 from carclf.config import Config, load_config
 from carclf.data.audit import write_audit
 from carclf.data.manifest import read_manifest
-from carclf.models import with_tta
+from carclf.models import model_preprocess, with_tta
+from carclf.probe import C_GRID, fit_probe, load_probe_into_head
 from carclf.runs import load_run, read_epochs
 from carclf.scoring import paths_of, score, targets_of, torch_logits
 from carclf.train import fit_local, prepare_run
@@ -51,15 +57,21 @@ LITE2 = LITE.format(2, "9656183e")
 # run in, most telling first, so a measurement cut short has measured what matters most.
 LEVERS: list[tuple[str, list[str], str]] = [
     ("recipe", [], "the recipe as it is"),
-    ("lr=1e-4", ["train.lr=0.0001"], "a third of the recipe's peak learning rate"),
-    ("no-early-stop", ["train.early_stopping_patience=null"], "every epoch of the schedule"),
-    ("lr=3e-5", ["train.lr=0.00003"], "a tenth of the peak learning rate"),
-    ("lr=1e-3", ["train.lr=0.001"], "three times the peak learning rate"),
+    ("center-crop", ["model.crop_mode=center", "model.crop_pct=0.875"], "timm's centre crop"),
+    ("lr=3e-5", ["train.lr=0.00003"], "peak learning rate 3e-5"),
+    ("lr=1e-4", ["train.lr=0.0001"], "peak learning rate 1e-4"),
+    ("lr=3e-4", ["train.lr=0.0003"], "peak learning rate 3e-4"),
+    ("lr=1e-3", ["train.lr=0.001"], "peak learning rate 1e-3"),
     ("sgd", ["train.optimizer=sgd", "train.lr=0.01"], "SGD with momentum 0.9 at 0.01"),
+    ("monitor=val_loss", ["train.monitor=val_loss"], "keep the epoch of least validation loss"),
+    ("batch=8", ["train.batch_size=8"], "twice the steps of batches half the size"),
+    ("early-stop=4", ["train.early_stopping_patience=4"], "stop after 4 epochs without gain"),
+    ("no-early-stop", ["train.early_stopping_patience=null"], "every epoch of the schedule"),
     ("layer_decay=none", ["train.layer_decay=null"], "one learning rate for every layer"),
     ("layer_decay=0.6", ["train.layer_decay=0.6"], "stronger decay towards the stem"),
     ("head_lr=x10", ["train.head_lr_scale=10"], "the head at ten times the backbone's peak"),
     ("freeze=0", ["train.freeze_epochs=0"], "no head-only epoch after the probe's head"),
+    ("freeze=1", ["train.freeze_epochs=1"], "one head-only epoch"),
     ("freeze=3", ["train.freeze_epochs=3"], "three head-only epochs"),
     ("progressive", ["train.unfreeze_step=2"], "two more blocks from the top each epoch"),
     ("head_init=random", ["train.head_init=random"], "a fresh head instead of the probe's"),
@@ -130,6 +142,23 @@ def probe_acc(cfg: Config, cache: dict[str, float], work: Path) -> float:
     return cache[key]
 
 
+def probe_flip_acc(cfg: Config, cache: dict[str, float]) -> float:
+    """Test accuracy of the same linear probe with flip TTA: the probe written into the model's
+    head (:func:`carclf.probe.load_probe_into_head`), scored as the fine-tune's TTA scores."""
+    key = probe_key(cfg)
+    if key not in cache:
+        data = read_manifest(cfg.data.manifest)
+        model, _ = frozen_model(cfg, len(data.labels))
+        pre = model_preprocess(cfg.model)
+        features = extract_features(model, pre, probe_splits(data, "test"))
+        probe = fit_probe(*features["train"], *features["val"], seed=cfg.seed, grid=C_GRID)
+        load_probe_into_head(model, probe, len(data.labels))
+        records = data.split("test")
+        logits = score(paths_of(records), torch_logits(with_tta(model, "flip"), pre))
+        cache[key] = float((logits.argmax(1) == targets_of(records)).mean())
+    return cache[key]
+
+
 def test_scores(run_dir: Path, manifest: Path) -> dict[str, float]:
     """Test accuracy of a run's kept checkpoint, without and with flip TTA."""
     trained = load_run(run_dir)
@@ -178,6 +207,16 @@ def save(results: dict[str, Any], out: Path) -> None:
     write_markdown(results, out.with_suffix(".md"))
 
 
+def backfill(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:
+    """Give runs measured before the probe's flip score existed their probe's flip score."""
+    for row in results["runs"]:
+        if "probe_flip_test_acc" not in row:
+            manifest = split_manifest(Path(args.data), row["seed"], work)
+            cfg = run_config(Path(args.recipe), manifest, row["seed"], row["overrides"], work)
+            cache = results.setdefault("probes_flip", {})
+            row["probe_flip_test_acc"] = probe_flip_acc(cfg, cache)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
@@ -190,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     results["recipe"] = str(args.recipe)
     results["data"] = Path(args.data).name
     work = Path(args.work or tempfile.mkdtemp(prefix="transfer-bench-"))
+    backfill(results, args, work)
     levers = {name: (o, why) for name, o, why in LEVERS}
     for name in args.levers:
         overrides = [*levers[name][0], *args.set]
@@ -203,10 +243,16 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             manifest = split_manifest(Path(args.data), seed, work)
             cfg = run_config(Path(args.recipe), manifest, seed, overrides, work / "run")
+            if name != "recipe" and cfg == run_config(
+                Path(args.recipe), manifest, seed, args.set, work / "run"
+            ):
+                print(f"[transfer-bench] {name}: the recipe's own value", file=sys.stderr)
+                break
             probe = probe_acc(cfg, results["probes"], work)
+            probe_flip = probe_flip_acc(cfg, results.setdefault("probes_flip", {}))
             print(f"[transfer-bench] {name} seed {seed} …", file=sys.stderr, flush=True)
             row = {"lever": name, "why": levers[name][1], "seed": seed, "overrides": overrides}
-            row |= measure(cfg, probe)
+            row |= measure(cfg, probe) | {"probe_flip_test_acc": probe_flip}
             shutil.rmtree(work / "run", ignore_errors=True)
             results["runs"].append(row)
             save(results, out)

@@ -17,6 +17,12 @@ def _mean_sd(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
 
 
+def _probe_flips(runs: list[dict[str, Any]]) -> list[float]:
+    """The probes' flip-TTA accuracies, where every run of the lever has one."""
+    found = [r.get("probe_flip_test_acc") for r in runs]
+    return [] if None in found else found
+
+
 def lever_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per lever, in the order they were measured: means over its seeds."""
     order = list(dict.fromkeys(r["lever"] for r in runs))
@@ -37,6 +43,7 @@ def lever_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "vs recipe": _mean_sd(vs_recipe) if vs_recipe and lever != "recipe" else "—",
                 "flip TTA": _mean_sd([r["test_acc_flip"] for r in mine]),
                 "flip gain": _mean_sd([r["gain_flip"] for r in mine]),
+                "probe + flip": _mean_sd(flips) if (flips := _probe_flips(mine)) else "—",
                 "val acc": _mean_sd([r["val_acc"] for r in mine]),
                 "backbone epoch kept": f"{sum(r['backbone_trained'] for r in mine)}/{len(mine)}",
                 "train min": f"{statistics.fmean(r['train_s'] for r in mine) / 60:.1f}",
@@ -56,7 +63,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "in points on each split's test images, mean ± sd over seeds. *probe*: logistic "
         "regression on the frozen weights of the same backbone at the same resolution "
         "(`carclf baseline`); *vs recipe*: the change against the recipe on the same seeds; "
-        "*flip TTA*: the kept checkpoint scored on each image and its mirror; *backbone epoch "
+        "*flip TTA*: the kept checkpoint scored on each image and its mirror (*flip gain*: "
+        "over the probe without it; *probe + flip*: the probe scored the same way); *backbone "
+        "epoch "
         "kept*: runs whose kept checkpoint (best validation accuracy) comes from an epoch that "
         "trained the backbone. Made by `python -m bench.transfer_bench` "
         "(`make bench-transfer`).",

@@ -9,7 +9,7 @@ the sha256 of ``bundle.json``'s bytes, which list every file's sha256) pins all 
 ``bundle.json`` or of a file it lists changed.
 
 ``bundle.json`` keeps the preprocessing's fields at its top level (``input_size``,
-``mean``, ``std``, ``interpolation``, ``crop_pct``); in Python they are one
+``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); in Python they are one
 :class:`~carclf.data.transforms.Preprocess`, ``BundleInfo.preprocess``.
 """
 
@@ -58,7 +58,8 @@ class BundleInfo(BaseModel):
     labels: list[str]
     arch: str
     num_classes: int
-    preprocess: Preprocess  # flat in bundle.json: input_size, mean, std, interpolation, crop_pct
+    preprocess: Preprocess  # flat in bundle.json: input_size, mean, std, interpolation, crop_pct,
+    # crop_mode
     cam_target_layer: str
     temperature: float = 1.0  # logits are divided by it before the softmax (calibration)
     tta: str = "none"  # test-time augmentation inside model.onnx (export.tta): none or flip

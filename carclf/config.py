@@ -86,6 +86,12 @@ class ModelConfig(_Strict):
     pretrained_file: str | None = None
     img_size: int | None = Field(None, gt=0, description="input side; None keeps the model's")
     crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="None keeps the model's")
+    crop_mode: Literal["center", "squash"] | None = Field(
+        None,
+        description="center keeps the aspect ratio and crops the long side; squash resizes "
+        "each side to fit and keeps the whole image (photos of cars are about 2:1); None "
+        "keeps the model's (center)",
+    )
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(
         0.0, ge=0.0, lt=1.0, description="stochastic depth of the residual blocks (timm models)"

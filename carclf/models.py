@@ -311,7 +311,7 @@ def model_preprocess(cfg: ModelConfig) -> Preprocess:
     """
     with torch.device("meta"):
         model = create_model(cfg, num_classes=2, pretrained=False)
-    return preprocess_for(model, cfg.img_size, cfg.crop_pct)
+    return preprocess_for(model, cfg.img_size, cfg.crop_pct, cfg.crop_mode)
 
 
 def mlp_head(model: nn.Module, hidden: int, drop_rate: float, num_classes: int) -> nn.Module:

@@ -209,7 +209,8 @@ def model_card(info: BundleInfo) -> str:
         f"- task: `{info.task}`",
         f"- architecture: `{info.arch}`, {info.num_classes} classes",
         f"- input: {pre.input_size[1]}×{pre.input_size[2]} RGB, mean {list(pre.mean)}, "
-        f"std {list(pre.std)}, {pre.interpolation} resize, crop_pct {pre.crop_pct}",
+        f"std {list(pre.std)}, {pre.interpolation} resize, crop_pct {pre.crop_pct}, "
+        f"{pre.crop_mode} crop",
         f"- Grad-CAM layer: `{info.cam_target_layer}`",
         f"- softmax temperature: {info.temperature:.4f} ({calibration})",
         f"- model.onnx: {_precision(info.metrics.get('quantization'))}",

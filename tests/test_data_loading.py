@@ -63,6 +63,23 @@ def test_augment_options_reach_the_transform(toy_manifest: Path) -> None:
     assert tuple(crop.scale) == (0.3, 1.0)
 
 
+def test_squash_keeps_the_whole_photo_where_the_centre_crop_cuts_its_ends() -> None:
+    """A 2:1 photo with a marker at each end: the centre crop loses both, squash keeps them,
+    in evaluation and in the training crops (which start from the squashed image)."""
+    photo = np.zeros((40, 80, 3), np.uint8)
+    photo[:, :6] = photo[:, -6:] = 255
+    img = Image.fromarray(photo)
+    pre = PRE.model_copy(update={"input_size": (3, 32, 32), "crop_pct": 1.0})
+    centre = np.asarray(eval_resize_crop(pre)(img))
+    squash = np.asarray(eval_resize_crop(pre.model_copy(update={"crop_mode": "squash"}))(img))
+    assert centre.shape == squash.shape == (32, 32, 3)
+    assert centre.max() == 0 and squash[:, 0].min() == 255 and squash[:, -1].min() == 255
+    squashed = pre.model_copy(update={"crop_mode": "squash"})
+    train = train_transform(squashed, "basic", crop_scale=(1.0, 1.0))
+    assert tuple(train.transforms[0].size) == (32, 32)  # the whole photo to the square first
+    assert train(img).shape == (3, 32, 32)
+
+
 def test_augment_accepts_old_booleans_and_refuses_unknown_names(toy_manifest: Path) -> None:
     assert tiny_config(Path("o"), toy_manifest, data={"augment": True}).data.augment == "basic"
     assert tiny_config(Path("o"), toy_manifest, data={"augment": False}).data.augment == "none"
@@ -88,18 +105,23 @@ def _odd_sized_images(seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
 @pytest.mark.parametrize("input_size", [(3, 32, 40), (3, 48, 48)])
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875, 1.15])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos"])
 def test_the_eval_transform_split_in_two_gives_the_very_same_tensor(
-    input_size: tuple[int, int, int], crop_pct: float, interpolation: str, toy_manifest: Path
+    input_size: tuple[int, int, int],
+    crop_pct: float,
+    interpolation: str,
+    crop_mode: str,
+    toy_manifest: Path,
 ) -> None:
     """Serving's split (a Pillow resize and crop in the ingress, numpy normalisation in the
     classifier) is bit-identical to timm's eval transform used in evaluation and export: square
-    and non-square inputs, crops that pad (``crop_pct`` over 1), images of any shape."""
-    pre = PRE.model_copy(
-        update={"input_size": input_size, "crop_pct": crop_pct, "interpolation": interpolation}
-    )
+    and non-square inputs, crops that pad (``crop_pct`` over 1), images of any shape, both
+    crop modes."""
+    update = {"input_size": input_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    pre = PRE.model_copy(update=update | {"crop_mode": crop_mode})
     toy = [load_image(r[0]) for r in read_manifest(toy_manifest).split("val")[:2]]
     crop = eval_resize_crop(pre)
     for img in [*toy, *_odd_sized_images()]:
@@ -152,12 +174,14 @@ def _copied_records(toy_manifest: Path, tmp_path: Path) -> tuple[list[tuple[str,
     return records, manifest
 
 
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
 def test_cache_gives_the_same_eval_tensors_without_decoding_again(
-    toy_manifest: Path, tmp_path: Path
+    toy_manifest: Path, tmp_path: Path, crop_mode: str
 ) -> None:
     records, _ = _copied_records(toy_manifest, tmp_path)
-    plain = ManifestDataset(records, eval_transform(PRE))
-    cached = ManifestDataset(records, eval_transform(PRE), cache_resize(PRE))
+    pre = PRE.model_copy(update={"crop_mode": crop_mode})
+    plain = ManifestDataset(records, eval_transform(pre))
+    cached = ManifestDataset(records, eval_transform(pre), cache_resize(pre))
     expected = [plain[i][0] for i in range(len(records))]
     first = [cached[i][0] for i in range(len(records))]
     for path, _ in records:  # the second epoch must not need the files

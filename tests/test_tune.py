@@ -25,8 +25,31 @@ def _with_tune(tmp_path: Path, manifest: Path, studies: dict, **tune: object):
     return validate_config(raw)
 
 
-def test_ablation_demo_config_is_valid() -> None:
-    check_studies(load_config(ABLATION))
+@pytest.mark.parametrize("name", ["ablation-demo", "ablation-photos", "finetune-search"])
+def test_search_configs_are_valid_and_put_the_probe_first(name: str) -> None:
+    from carclf.search.report import probe_config
+
+    cfg = load_config(ABLATION.parent / f"{name}.yaml")
+    check_studies(cfg)
+    assert fit_concurrency(cfg, cluster_cpus=2.0) == 2  # two trials at once on 2 cores
+    study, base = probe_config(cfg)
+    assert base.model.name == "efficientnet_lite0" and base.model.pretrained
+    assert cfg.tune.probe and study in cfg.tune.studies
+
+
+def test_the_photo_searches_search_the_fine_tuning_recipe_and_start_from_it() -> None:
+    recipe = load_config(ABLATION.parent / "finetune-cpu.yaml")
+    search = load_config(ABLATION.parent / "finetune-search.yaml")
+    spec = search.tune.studies["finetune"]
+    assert len(spec.space) >= 8 and search.tune.num_samples >= 8
+    for key, value in spec.start[0].items():  # the first trial is the hand recipe
+        section, _, field = key.partition(".")
+        assert getattr(getattr(recipe, section), field) == value, key
+    for key in ("model", "train", "data"):
+        fixed = {k: v for k, v in getattr(search, key).model_dump().items()}
+        mine = getattr(recipe, key).model_dump()
+        differ = {k for k in fixed if fixed[k] != mine[k] and f"{key}.{k}" not in spec.space}
+        assert differ <= {"root", "early_stopping_patience"}, (key, differ)
 
 
 def test_unknown_parameter_is_refused(tmp_path: Path, toy_manifest: Path) -> None:

@@ -15,7 +15,7 @@ import io
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -40,10 +40,16 @@ class Preprocess(BaseModel):
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
+    # timm's crop modes: "center" keeps the aspect ratio and crops the long side (a 2:1 photo
+    # loses its ends); "squash" resizes each side on its own and keeps the whole image.
+    crop_mode: Literal["center", "squash"] = "center"
 
 
 def preprocess_for(
-    model: torch.nn.Module, img_size: int | None = None, crop_pct: float | None = None
+    model: torch.nn.Module,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> Preprocess:
     """Resolve the model's preprocessing (timm's ``pretrained_cfg``), with optional overrides."""
     import timm.data
@@ -60,6 +66,7 @@ def preprocess_for(
         std=tuple(cfg["std"]),
         interpolation=cfg.get("interpolation", "bilinear"),
         crop_pct=float(cfg.get("crop_pct", 1.0)),
+        crop_mode=crop_mode or cfg.get("crop_mode") or "center",
     )
 
 
@@ -86,6 +93,7 @@ def eval_transform(pre: Preprocess) -> T.Compose:
         mean=pre.mean,
         std=pre.std,
         crop_pct=pre.crop_pct,
+        crop_mode=pre.crop_mode,
         is_training=False,
     )
 
@@ -110,7 +118,8 @@ class EvalResizeCrop:
     does not load 700 MB of libraries for a resize.
 
     Args:
-        pre: the model's preprocessing (timm's ``center`` crop mode, as the bundle records it).
+        pre: the model's preprocessing (timm's ``center`` or ``squash`` crop mode, as the
+            bundle records it).
 
     Raises:
         UserInputError: an interpolation Pillow has no filter for.
@@ -213,6 +222,9 @@ def train_transform(
         separate=True,
     )
     steps = list(middle.transforms)
+    if pre.crop_mode == "squash":  # the random crops are then taken from the whole image
+        squash = T.Resize(resized_size(1, 1, pre)[::-1], interpolation=_interpolation(pre))
+        crop_flip.transforms.insert(0, squash)
     if augment == "basic":
         steps.insert(0, T.RandomRotation(ROTATION_DEGREES, interpolation=_interpolation(pre)))
     elif augment == "trivialaugment":
@@ -250,10 +262,13 @@ def cache_resize(pre: Preprocess) -> Callable[[Image.Image], Image.Image]:
 def resized_size(width: int, height: int, pre: Preprocess) -> tuple[int, int]:
     """``(width, height)`` of an image after :func:`cache_resize`, without decoding it.
 
-    Follows the resize timm's eval transform picks: torchvision's shortest-side ``Resize`` for a
-    square input, timm's ``ResizeKeepRatio`` otherwise.
+    Follows the resize timm's eval transform picks: in ``squash`` mode both sides to their
+    target; else torchvision's shortest-side ``Resize`` for a square input, timm's
+    ``ResizeKeepRatio`` otherwise.
     """
     target_h, target_w = (math.floor(side / pre.crop_pct) for side in pre.input_size[1:])
+    if pre.crop_mode == "squash":
+        return target_w, target_h
     if target_h == target_w:
         short = target_h
         if width <= height:
