@@ -205,17 +205,57 @@ def _verify_files(path: Path, info: BundleInfo) -> None:
             raise UserInputError(f"{path}: sha256 of {name} does not match bundle.json")
 
 
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` is a directory holding a ``bundle.json`` that parses as one."""
+    try:
+        load_bundle(path, verify=False)
+    except (UserInputError, OSError):
+        return False
+    return True
+
+
+def check_replaceable(out: str | Path) -> None:
+    """Refuse an existing ``out`` that writing a bundle there would destroy.
+
+    Only an absent path, an empty directory or a carclf bundle may be replaced: ``--out`` is a
+    path a user types, and a run, a data set or a checkout given by mistake must survive it.
+
+    Raises:
+        UserInputError: ``out`` exists and is neither an empty directory nor a bundle.
+    """
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir():
+        try:
+            empty = not any(out.iterdir())
+        except OSError:
+            empty = False
+        if empty or is_bundle(out):
+            return
+    raise UserInputError(
+        f"{out} exists and is not a carclf bundle (no valid {BUNDLE_FILE}); not replacing it "
+        "(give a new or empty directory, or an earlier bundle)"
+    )
+
+
 def write_bundle(
     out: str | Path, info: BundleInfo, writers: dict[str, Callable[[Path], None]]
 ) -> Bundle:
     """Write a bundle atomically: each writer fills one file in a temp dir, then one rename.
 
     Args:
-        out: the bundle directory; an existing one is replaced only once the new one is complete.
+        out: the bundle directory; an existing one is replaced only once the new one is complete,
+            and only if it is a bundle or empty (:func:`check_replaceable`).
         info: ``bundle.json`` without ``files`` and ``created_at``, which are filled in here.
         writers: file name → function that writes that file at the given path.
+
+    Raises:
+        UserInputError: ``out`` exists and is neither a bundle nor an empty directory; it is
+            left as it was.
     """
     out = Path(out).resolve()
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -228,15 +268,22 @@ def write_bundle(
             }
         )
         (tmp / BUNDLE_FILE).write_text(info.model_dump_json(indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle(out, info)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, setting aside an earlier bundle first."""
+    check_replaceable(out)  # again: the writers took a while, and ``out`` may have changed
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    # A fresh, empty name of our own to move the old bundle to (rename replaces an empty
+    # directory), so nothing of the user's beside ``out`` is ever removed.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

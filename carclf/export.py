@@ -19,6 +19,7 @@ from carclf.bundle import (
     WEIGHTS_FILE,
     Bundle,
     BundleInfo,
+    check_replaceable,
     write_bundle,
 )
 from carclf.config import ExportConfig, apply_overrides, validate_config
@@ -171,7 +172,10 @@ def export_run(
     of the model it ships (INT8 where ``export.quantize`` is on and the int8 model pays).
     The softmax temperature is fitted on the validation split; ``MODEL_CARD.md`` describes it all.
     ``settings`` replace the run's own ``export`` section (``carclf export --set export.…``).
+    An existing ``out`` is replaced only if it is a bundle or empty, and that is checked first,
+    before minutes of exporting.
     """
+    check_replaceable(Path(out).resolve())
     trained = load_run(run_dir)
     settings = settings or trained.cfg.export
     model, pre = trained.model, trained.preprocess

@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -155,17 +156,40 @@ def demo_config(cfg: Config) -> Config:
     The toy set goes to ``<base>/data`` (drawn once), its audit to the run's manifest place;
     earlier training, bundle and evaluation outputs are removed, since the demo always trains
     afresh. The resolved config is saved in ``<base>``.
+
+    Raises:
+        UserInputError: one of those places holds something else than the demo's own output
+            (or an empty directory); nothing is removed then.
     """
+    from carclf.bundle import is_bundle
     from carclf.data.synth import write_toy_dataset
 
     paths = ExperimentPaths.of(cfg)
+    # Only directories the demo wrote are removed; each is checked before anything is written.
+    earlier = {
+        Path(cfg.output_dir): lambda d: (d / "config.yaml").is_file(),  # a run writes it first
+        paths.bundle: is_bundle,
+        paths.eval: lambda d: (d / "metrics.json").is_file(),
+    }
+    for old, is_ours in earlier.items():
+        _check_ours(old, is_ours)
     data_root = paths.demo_data
     if not (data_root / "train").is_dir():
         progress(f"toy data set → {data_root}")
         write_toy_dataset(data_root, seed=cfg.seed)
-    # Unresolved on purpose: rmtree refuses a symlinked run directory, never empties its target.
-    for old in (Path(cfg.output_dir), paths.bundle, paths.eval):
+    for old in earlier:
+        # Unresolved on purpose: rmtree refuses a symlinked directory, never empties its target.
         shutil.rmtree(old, ignore_errors=True)
     cfg = with_data(cfg, root=str(data_root), manifest=None)
     save_config(cfg, paths.base)
     return cfg
+
+
+def _check_ours(path: Path, is_ours: Callable[[Path], bool]) -> None:
+    """Refuse to remove ``path`` unless absent, empty, or an earlier output of the demo."""
+    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or is_ours(path))):
+        return
+    raise UserInputError(
+        f"{path} exists and is not an earlier carclf output; not removing it "
+        "(the demo starts afresh: give another output_dir)"
+    )
