@@ -11,6 +11,11 @@ passes); threads that share an explainer get exactly the heatmaps they would get
 The hooked layer is found per model (:func:`target_layer_for`) and can be overridden by name;
 token-shaped activations of ViT-style models and channels-last ones (Swin) are turned into
 ``[N, C, H, W]`` maps by :func:`reshape_transform_for`.
+
+A heatmap covers the model's input, which is the image resized and cropped by the bundle's
+preprocessing (:func:`carclf.data.transforms.eval_resize_crop`: a centre crop of
+``crop_pct``, or the whole image squashed), so the overlay is drawn over that very crop, pixel
+for pixel: drawn over the whole image, it would lie beside what it explains.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from torch import nn
 
 from carclf.bundle import Bundle
 from carclf.config import ModelConfig
-from carclf.data.transforms import Preprocess, eval_transform
+from carclf.data.transforms import Preprocess, eval_resize_crop, to_model_input
 from carclf.errors import UserInputError
 from carclf.explain_request import METHOD_NAMES, check_method, class_index
 from carclf.models import cam_target_layer, create_model
@@ -100,7 +105,7 @@ class Explanation:
     target: int
     method: str
     heatmap: np.ndarray  # float32 in [0, 1], the model's input size
-    overlay: Image.Image
+    overlay: Image.Image  # the heatmap over the crop the model saw, the same size
 
     def heatmap_image(self) -> Image.Image:
         """The heatmap as an 8-bit grayscale image."""
@@ -138,7 +143,7 @@ class Explainer:
         self.model = model.eval()
         self.preprocess = preprocess
         self.labels = labels
-        self.transform = eval_transform(preprocess)
+        self.crop = eval_resize_crop(preprocess)
         self.target_layer_name = target_layer or target_layer_for(model)
         modules = dict(model.named_modules())
         if self.target_layer_name not in modules:
@@ -177,18 +182,37 @@ class Explainer:
     def explain(
         self, images: list[Image.Image], method: str = "gradcam", target: int | str | None = None
     ) -> list[Explanation]:
-        """Explain a batch of decoded RGB images.
+        """Explain a batch of decoded RGB images, each cropped as the model's eval transform does.
 
         Safe to call from several threads: the passes through the model run one call at a time.
 
         Args:
-            images: the images.
+            images: the images, any size.
             method: a key of :data:`METHODS`.
             target: class to explain (name or index); None explains each predicted class.
         """
         check_method(method)
+        class_index(target, self.labels)  # refused before any work
+        rgb = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
+        return self.explain_crops([self.crop(img) for img in rgb], method, target)
+
+    def explain_crops(
+        self, crops: list[Image.Image], method: str = "gradcam", target: int | str | None = None
+    ) -> list[Explanation]:
+        """Explain images already resized and cropped (:func:`eval_resize_crop` of the bundle).
+
+        Args:
+            crops: RGB images of exactly the model's input size.
+            method: a key of :data:`METHODS`.
+            target: class to explain (name or index); None explains each predicted class.
+
+        Raises:
+            ValueError: a crop of another size (a caller's bug: it skipped the crop).
+        """
+        check_method(method)
         index = class_index(target, self.labels)  # refused before any work
-        batch = torch.stack([self.transform(img) for img in images])
+        pixels = np.stack([self._pixels(crop) for crop in crops])
+        batch = torch.from_numpy(to_model_input(pixels, self.preprocess))
         with self._lock:
             with torch.no_grad():
                 probs = torch.softmax(self.model(batch) / self.temperature, dim=1).numpy()
@@ -200,7 +224,7 @@ class Explainer:
             ) as cam:
                 maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(t) for t in targets])
         out = []
-        for img, heat, t, p in zip(images, maps, targets, probs, strict=True):
+        for rgb, heat, t, p in zip(pixels, maps, targets, probs, strict=True):
             heat = np.nan_to_num(heat.astype(np.float32)).clip(0.0, 1.0)
             out.append(
                 Explanation(
@@ -209,16 +233,23 @@ class Explainer:
                     target=t,
                     method=method,
                     heatmap=heat,
-                    overlay=self.overlay(img, heat),
+                    overlay=overlay_on(rgb, heat),
                 )
             )
         return out
 
-    def overlay(self, img: Image.Image, heat: np.ndarray) -> Image.Image:
-        """The heatmap drawn over the image as the model saw it (resized to the input size)."""
-        h, w = heat.shape
-        rgb = np.asarray(img.convert("RGB").resize((w, h)), dtype=np.float32) / 255.0
-        return Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True))
+    def _pixels(self, crop: Image.Image) -> np.ndarray:
+        """A crop's uint8 ``[H, W, 3]`` pixels, checked to be the model's input size."""
+        h, w = self.preprocess.input_size[1:]
+        if crop.size != (w, h):
+            raise ValueError(f"a crop of {crop.size[0]}x{crop.size[1]}, the model takes {w}x{h}")
+        return np.asarray(crop.convert("RGB"), dtype=np.uint8)
+
+
+def overlay_on(pixels: np.ndarray, heat: np.ndarray) -> Image.Image:
+    """The heatmap drawn over the uint8 ``[H, W, 3]`` pixels it was computed on (same size)."""
+    rgb = pixels.astype(np.float32) / 255.0
+    return Image.fromarray(show_cam_on_image(rgb, heat, use_rgb=True))
 
 
 def save_explanations(explanations: list[Explanation], names: list[str], out: Path) -> list[Path]:
