@@ -288,9 +288,14 @@ def deserialize_bytes(blob: bytes, max_items: int | None = None) -> list[bytes]:
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    digits = header_length.strip()
+    # ASCII digits only: str.isdigit also accepts "²" and other digits int() refuses, and a
+    # number longer than any body's length needs no conversion (nor Python's digit limit).
+    if not (digits.isascii() and digits.isdigit()) or len(digits.lstrip("0")) > len(str(len(body))):
         raise ProtocolError(f"{HEADER_LENGTH} must be an integer no larger than the body")
-    n = int(header_length)
+    n = int(digits)
+    if n > len(body):
+        raise ProtocolError(f"{HEADER_LENGTH} must be an integer no larger than the body")
     return body[:n], body[n:]
 
 
@@ -355,7 +360,8 @@ def _from_binary(name: str, datatype: str, shape: tuple[int, ...], blob: bytes) 
         raise ProtocolError(
             f"input {name!r}: {len(blob)} bytes do not hold {datatype} of shape {list(shape)}"
         )
-    return np.frombuffer(blob, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    array = _reshaped(name, np.frombuffer(blob, dtype=dtype), shape)
+    return array.astype(dtype.newbyteorder("="))
 
 
 def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
@@ -374,7 +380,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
         raise ProtocolError(f"input {name!r}: data is not {datatype}") from None
     if array.size != _count(shape):
         raise ProtocolError(f"input {name!r}: {array.size} values for shape {list(shape)}")
-    return array.reshape(shape)
+    return _reshaped(name, array, shape)
 
 
 def _flatten(data: list) -> list:
@@ -397,4 +403,19 @@ def _object_array(name: str, items: list[bytes], shape: tuple[int, ...]) -> np.n
         raise ProtocolError(f"input {name!r}: {len(items)} elements for shape {list(shape)}")
     array = np.empty(len(items), dtype=object)
     array[:] = items
-    return array.reshape(shape)
+    return _reshaped(name, array, shape)
+
+
+def _reshaped(name: str, flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``flat`` in ``shape``, whose element count it already has.
+
+    A count of zero does not bound the other dimensions (``[0, 2**63]`` holds no element), and
+    numpy refuses a dimension past its index type or a shape whose non-zero dimensions
+    overflow its byte count: that is the client's shape, refused in its terms.
+    """
+    try:
+        return flat.reshape(shape)
+    except (ValueError, OverflowError):
+        raise ProtocolError(
+            f"input {shown(name)}: shape {shown(list(shape))} has dimensions too large for a tensor"
+        ) from None
