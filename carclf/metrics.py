@@ -64,10 +64,22 @@ def better_sign(mode: Mode) -> float:
     return 1.0 if mode == "max" else -1.0
 
 
-def best_of(items: Iterable[T], score: Callable[[T], float], mode: Mode) -> T:
-    """The item whose ``score`` is best in direction ``mode`` (the first of equals)."""
-    sign = better_sign(mode)
-    return max(items, key=lambda item: sign * score(item))
+def rank_key(value: float | None, mode: Mode) -> tuple[bool, float]:
+    """A sort key that grows as ``value`` gets better in direction ``mode``.
+
+    NaN (or None) ranks below every number, infinities included, as in Ray Train's own
+    checkpoint ranking: every comparison with NaN is false, so ``max`` or ``sorted`` on the raw
+    value could pick a diverged epoch as the best, or rank the real best below it.
+    """
+    if value is None or math.isnan(value):
+        return False, 0.0
+    return True, better_sign(mode) * float(value)
+
+
+def best_of(items: Iterable[T], score: Callable[[T], float | None], mode: Mode) -> T:
+    """The item whose ``score`` is best in direction ``mode`` (the first of equals); a NaN
+    score only where every score is NaN (:func:`rank_key`)."""
+    return max(items, key=lambda item: rank_key(score(item), mode))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

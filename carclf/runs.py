@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from carclf.config import Config
@@ -42,7 +44,7 @@ from carclf.errors import UserInputError
 from carclf.metrics import Mode, best_of
 from carclf.models import create_model
 from carclf.paths import ExperimentPaths
-from carclf.weights import WeightsReport
+from carclf.weights import WeightsReport, load_safetensors
 
 CHECKPOINT_WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"  # read with torch's weights_only unpickler: it runs no code
@@ -140,8 +142,21 @@ def save_checkpoint(
 
 
 def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Load a checkpoint directory's weights into ``model`` (strict)."""
-    model.load_state_dict(load_file(str(Path(directory) / CHECKPOINT_WEIGHTS_FILE)))
+    """Load a checkpoint directory's weights into ``model`` (strict).
+
+    Raises:
+        UserInputError: the weights file is unreadable, or its tensors do not fit ``model``.
+    """
+    path = Path(directory) / CHECKPOINT_WEIGHTS_FILE
+    try:
+        model.load_state_dict(load_safetensors(path))
+    except RuntimeError as exc:  # torch's missing, unexpected or mis-shaped keys
+        # torch's first line only names the model class; the next says which keys.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+        why = lines[1] if len(lines) > 1 else lines[0]
+        raise UserInputError(
+            f"{path}: does not fit the model its run describes ({why[:160]})"
+        ) from None
     return model
 
 
@@ -175,7 +190,7 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     if (directory / PROGRESS_FILE).is_file():
         state.update(json.loads((directory / PROGRESS_FILE).read_text()))
     if (directory / RAW_WEIGHTS_FILE).is_file():
-        state["raw_model"] = load_file(str(directory / RAW_WEIGHTS_FILE))
+        state["raw_model"] = load_safetensors(directory / RAW_WEIGHTS_FILE)
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
         raise UserInputError(f"{directory}: not a resumable checkpoint (no {', '.join(missing)})")
@@ -220,10 +235,23 @@ def best_checkpoint(run_dir: Path, metric: str, mode: Mode) -> tuple[Path, dict[
 
 
 def write_run_file(run_dir: Path, best_checkpoint: Path, metrics: dict[str, Any]) -> Path:
-    """Mark a run finished: ``run.json`` names its best checkpoint and that epoch's metrics."""
+    """Mark a run finished: ``run.json`` names its best checkpoint and that epoch's metrics.
+
+    Written whole or not at all (a temp file beside it, then one rename): its presence is what
+    marks the run finished, so a half-written one would pass for a finished run and not read.
+    """
     run = {"best_checkpoint": str(best_checkpoint), "metrics": metrics}
     path = run_dir / RUN_FILE
-    path.write_text(json.dumps(run, indent=2))
+    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(run, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from carclf import runs
-from carclf.metrics import Mode, better_sign
+from carclf.metrics import Mode, rank_key
 
 KEEP_CHECKPOINTS = 2  # by train.monitor; a local run also keeps its latest, to resume from
 
@@ -154,8 +154,11 @@ class LocalSession:
     def prune(self) -> None:
         """Keep the best ``KEEP_CHECKPOINTS`` by ``monitor``, and the latest."""
         found = list(runs.checkpoints(self.run_dir))
-        sign = better_sign(self.mode)
-        ranked = sorted(found, key=lambda c: -sign * c[1][self.monitor])
+        # By rank, not the raw value: a NaN epoch sorts as the worst instead of scrambling the
+        # order (every comparison with NaN is false), which could prune the real best.
+        ranked = sorted(
+            found, key=lambda c: rank_key(c[1].get(self.monitor), self.mode), reverse=True
+        )
         keep = {runs.latest_of(found), *(path for path, _ in ranked[:KEEP_CHECKPOINTS])}
         for path, _ in found:
             if path not in keep:

@@ -12,6 +12,9 @@ torchvision's names, EfficientNet-PyTorch's (``_conv_stem``, ``_blocks.N``). The
    classifier): timm's checkpoint filter for the architecture, then exact names, then order and
    shape. A mapping is accepted only when *every* backbone tensor finds its counterpart with
    the same shape; otherwise :class:`~carclf.errors.UserInputError` names the first that did not.
+   timm's filter may resample a tensor to the model's shape (a ViT's position embeddings at
+   another image size): such a load is full but not the file's own values, so every resized
+   tensor is named in the report and its line.
 4. :func:`load_backbone` loads the mapping and returns a :class:`WeightsReport` (file, sha256,
    mapping, counts) that the run's metadata records and whose :meth:`~WeightsReport.line` the
    driver prints. The classifier head is always re-initialised for the task's classes.
@@ -23,7 +26,7 @@ import hashlib
 import importlib.resources
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +43,7 @@ NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema", "state_dict_ema
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # A file may carry its own classifier after the backbone (a linear or a small MLP head).
 MAX_FILE_HEAD_TENSORS = 4
+MAX_RESIZED_SHOWN = 3  # resized tensors named in the load line; the report lists them all
 State = dict[str, torch.Tensor]
 
 
@@ -56,11 +60,18 @@ class WeightsReport:
     backbone: int
     ignored: int
     num_classes: int
+    resized: tuple[str, ...] = ()  # "name [file shape] -> [model shape]", by timm's filter
 
     def line(self) -> str:
-        """One line: how many tensors came from where, and what was re-initialised."""
+        """One line: how many tensors came from where, which were resized, what was
+        re-initialised."""
         how = {"order and shape": "names mapped by order"}.get(self.mapping, self.mapping)
         extra = f", {self.ignored} file tensor(s) unused" if self.ignored else ""
+        if self.resized:
+            shown = ", ".join(self.resized[:MAX_RESIZED_SHOWN])
+            more = len(self.resized) - MAX_RESIZED_SHOWN
+            extra += f", {len(self.resized)} resized by timm's filter ({shown}"
+            extra += f" and {more} more)" if more > 0 else ")"
         return (
             f"loaded {self.loaded} of {self.backbone} backbone tensors from {self.file}, "
             f"{how}{extra}; head re-initialised for {self.num_classes} classes"
@@ -106,9 +117,10 @@ def read_state_dict(path: Path) -> tuple[State, str | None, str]:
         The state dict, the key it was nested under (or None) and the prefix stripped ("").
     """
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: object = load_file(str(path))
+        try:
+            obj: object = load_safetensors(path)
+        except UserInputError as exc:
+            raise UserInputError(f"model.pretrained_file: {exc}") from None
     else:
         try:  # weights_only: a pickled checkpoint must not run code on load
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,6 +141,21 @@ def read_state_dict(path: Path) -> tuple[State, str | None, str]:
         state = {k[len(prefix) :]: v for k, v in state.items()}
         stripped += prefix
     return state, nested, stripped
+
+
+def load_safetensors(path: str | Path) -> State:
+    """The tensors of a ``.safetensors`` file.
+
+    Raises:
+        UserInputError: the file cannot be read as one (truncated, corrupt, another format).
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error or the OS's: the file is the user's
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"{path}: not a readable safetensors file ({first})") from None
 
 
 def _skip(name: str) -> bool:
@@ -210,12 +237,23 @@ def _unused(state: State, used: int, head: set[str]) -> int:
     return sum(1 for k in state if not _skip(k) and k not in head) - used
 
 
-def match_backbone(model: nn.Module, state: State, arch: str) -> tuple[State, str, int]:
+def _resized(state: State, filtered: State, names: Iterable[str]) -> tuple[str, ...]:
+    """The tensors that timm's filter gave another shape than the file's under the same name."""
+    return tuple(
+        f"{k} {_shape(state[k])} -> {_shape(filtered[k])}"
+        for k in names
+        if k in state and state[k].shape != filtered[k].shape
+    )
+
+
+def match_backbone(
+    model: nn.Module, state: State, arch: str
+) -> tuple[State, str, int, tuple[str, ...]]:
     """Map ``state`` onto every backbone tensor of ``model``, or refuse.
 
     Returns:
-        The model's backbone names → the file's tensors, the mapping's name, and how many of the
-        file's tensors (other than its head) went unused.
+        The model's backbone names → the file's tensors, the mapping's name, how many of the
+        file's tensors (other than its head) went unused, and the tensors timm's filter resized.
 
     Raises:
         UserInputError: no mapping covers every backbone tensor; names the first that failed.
@@ -229,13 +267,15 @@ def match_backbone(model: nn.Module, state: State, arch: str) -> tuple[State, st
             filtered = None
         if isinstance(filtered, dict) and _by_names(filtered, backbone) is None:
             used = {k: filtered[k] for k in backbone}
-            return used, "timm checkpoint filter", _unused(filtered, len(used), head)
+            unused = _unused(filtered, len(used), head)
+            return used, "timm checkpoint filter", unused, _resized(state, filtered, backbone)
     name_problem = _by_names(state, backbone)
     if name_problem is None:
-        return {k: state[k] for k in backbone}, "exact names", _unused(state, len(backbone), head)
+        used = {k: state[k] for k in backbone}
+        return used, "exact names", _unused(state, len(backbone), head), ()
     mapped, order_problem = _by_order(state, backbone)
     if mapped is not None:
-        return mapped, "order and shape", 0
+        return mapped, "order and shape", 0, ()
     raise UserInputError(
         f"model.pretrained_file: the file does not fit {arch}'s {len(backbone)} backbone tensors; "
         f"by name: {name_problem}; by order: {order_problem}"
@@ -253,7 +293,7 @@ def load_backbone(model: nn.Module, spec: str, arch: str) -> WeightsReport:
     path = resolve_file(spec)
     state, nested, stripped = read_state_dict(path)
     try:
-        mapped, mapping, ignored = match_backbone(model, state, arch)
+        mapped, mapping, ignored, resized = match_backbone(model, state, arch)
     except UserInputError as exc:
         raise UserInputError(str(exc).replace("the file", str(path), 1)) from None
     model.load_state_dict(mapped, strict=False)  # the head and step counters stay as built
@@ -267,6 +307,7 @@ def load_backbone(model: nn.Module, spec: str, arch: str) -> WeightsReport:
         backbone=len(backbone_of(model)),
         ignored=ignored,
         num_classes=_num_outputs(model),
+        resized=resized,
     )
 
 
