@@ -188,7 +188,12 @@ def cmd_serve(args: argparse.Namespace) -> str:
 
     from serve.launch import app_args, start_app
 
-    settings = {"allowed_hosts": args.allowed_host, "max_images": args.max_images}
+    settings = {
+        "allowed_hosts": args.allowed_host,
+        "max_images": args.max_images,
+        "api_key_file": args.api_key_file,
+        "allow_unauthenticated": args.insecure_no_api_key or None,
+    }
     url = start_app(
         app_args(args.bundles, args.api_key, **settings),
         host=args.host,
@@ -430,7 +435,17 @@ def _add_bundles(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundles", nargs="+")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this key in the x-api-key header")
+    p.add_argument(
+        "--api-key",
+        help="require this key in the x-api-key header (argv is visible to every user of the "
+        "machine: prefer --api-key-file or $CARCLF_API_KEY, read when neither flag is given)",
+    )
+    p.add_argument("--api-key-file", metavar="FILE", help="a file holding the API key")
+    p.add_argument(
+        "--insecure-no-api-key",
+        action="store_true",
+        help="serve without a key on an address other than loopback (otherwise refused)",
+    )
     p.add_argument(
         "--allowed-host",
         action="append",

@@ -6,17 +6,20 @@ everything in Python goes through :func:`start_app`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from ray import serve
 
+from carclf.errors import UserInputError
 from carclf.runtime import cluster_to_join, ensure_ray
 from serve.app import build_app
 from serve.front import SERVE_ENV, FrontLimits, check_joined_front, front_in_use, use_serve_env
 from serve.health import HealthArgs, build_health, health_route
-from serve.settings import AppArgs
+from serve.settings import API_KEY_ENV, AppArgs
 
 
 def app_args(bundles: Sequence[str], api_key: str | None = None, **ingress: Any) -> AppArgs:
@@ -24,14 +27,51 @@ def app_args(bundles: Sequence[str], api_key: str | None = None, **ingress: Any)
 
     Args:
         bundles: bundle directories, one model each.
-        api_key: the key every endpoint but health and the page then needs.
-        **ingress: further ingress settings (``allowed_hosts``, ``max_images``, ...); None
-            values keep the defaults.
+        api_key: the key every endpoint but health and the page then needs (an empty one is
+            refused); None leaves it to ``api_key_file`` or ``$CARCLF_API_KEY``.
+        **ingress: further ingress settings (``allowed_hosts``, ``max_images``,
+            ``api_key_file``, ...); None values keep the defaults.
+
+    Raises:
+        UserInputError: settings the schema refuses, in one line.
     """
     given = {k: v for k, v in ingress.items() if v is not None}
-    if api_key:
+    if api_key is not None:
         given["api_key"] = api_key
-    return AppArgs(bundles=[str(b) for b in bundles], ingress=given)
+    try:
+        return AppArgs(bundles=[str(b) for b in bundles], ingress=given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        raise UserInputError(f"{where}: {message}" if where else message) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is an address only this machine reaches (``localhost`` included)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(args: AppArgs, host: str) -> None:
+    """Refuse to serve without an API key on an address other machines reach, unless
+    ``ingress.allow_unauthenticated`` says so: an open server should be a choice, not a slip.
+
+    Raises:
+        UserInputError: ``host`` is not loopback and the app has no key nor the setting.
+    """
+    ingress = args.ingress
+    if is_loopback(host) or ingress.api_key or ingress.allow_unauthenticated:
+        return
+    raise UserInputError(
+        f"serving on {host} needs an API key (ingress.api_key, ingress.api_key_file or "
+        f"${API_KEY_ENV}), or ingress.allow_unauthenticated: true "
+        "(carclf serve --insecure-no-api-key) to serve anyone who reaches it"
+    )
 
 
 def start_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kwargs: Any) -> str:
@@ -79,7 +119,12 @@ def start_app(
     ``front`` is Serve's HTTP front on a Ray this process starts (:func:`start_ray`), admitting
     requests as ``args.ingress`` says; a running Ray keeps its own (and a warning says when its
     limits differ from the app's).
+
+    Raises:
+        UserInputError: ``host`` is not loopback and the app has no API key and does not
+            allow unauthenticated use (:func:`check_exposure`).
     """
+    check_exposure(args, host)  # before Ray: a refused start leaves nothing behind
     start_ray(front, FrontLimits.of(args.ingress))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)

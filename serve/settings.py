@@ -17,6 +17,8 @@ readiness, the health app and the benchmarks find them by these names.
 # No ``from __future__ import annotations``: Serve reads the builders' annotations at run time
 # to turn a config's ``args`` into these models, and pydantic needs real types.
 
+import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -45,6 +47,10 @@ EXPLAINER_MAX_QUEUED = 8
 # Enough ingress slots for ``max_uploads`` bodies and ``max_inflight`` requests at work with
 # room to spare, so health checks and fast 503s always find one.
 INGRESS_MAX_ONGOING = 128
+# Where the API key comes from when ``ingress.api_key`` and ``api_key_file`` are not given: an
+# environment variable (in the RayService, from a Kubernetes Secret), so it need not be in a
+# config file or in argv, where every user of the machine can read it.
+API_KEY_ENV = "CARCLF_API_KEY"
 # Autoscaling, where ``classifier.num_replicas`` is ``auto`` and no config is given: Serve's
 # defaults but for the range and the target (ongoing plus queued requests per replica).
 CLASSIFIER_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4.0}
@@ -163,7 +169,19 @@ class IngressSettings(DeploymentOptions):
     # Two ingress replicas share what one had.
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.05))
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    api_key: str | None = None
+    api_key: str | None = Field(
+        None,
+        description="the key every endpoint but health and the page needs in x-api-key; "
+        f"default the file api_key_file, else the environment variable {API_KEY_ENV}",
+    )
+    api_key_file: str | None = Field(
+        None, description="a file holding the API key (a mounted Secret), read at start"
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="serve without an API key on an address other than loopback; off, "
+        "such a server is refused",
+    )
     default_top_k: int = Field(5, ge=1)
     max_images: int = Field(32, ge=1, description="images in one request (V1 instances, V2 N)")
     allowed_hosts: list[str] = Field(
@@ -211,6 +229,21 @@ class IngressSettings(DeploymentOptions):
         return {"retry-after": str(self.retry_after_s)}
 
     @model_validator(mode="after")
+    def _one_key(self) -> "IngressSettings":
+        """Resolve the key from its file or the environment into ``api_key``, once; refuse an
+        empty one, which would otherwise turn authentication off."""
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give ingress.api_key or ingress.api_key_file, not both")
+        if self.api_key is not None:
+            self.api_key = checked_key(self.api_key, "api_key")
+        elif self.api_key_file is not None:
+            self.api_key = checked_key(_read_key_file(self.api_key_file), self.api_key_file)
+        elif API_KEY_ENV in os.environ:
+            self.api_key = checked_key(os.environ[API_KEY_ENV], f"${API_KEY_ENV}")
+        self.api_key_file = None  # resolved: the replicas get the key, not a path on this node
+        return self
+
+    @model_validator(mode="after")
     def _limits_agree(self) -> "IngressSettings":
         if self.max_explains is not None and self.max_explains >= self.max_inflight:
             raise ValueError(
@@ -229,6 +262,29 @@ class IngressSettings(DeploymentOptions):
                 f"{self.max_uploads}), so health checks and fast 503s always find a slot"
             )
         return self
+
+
+def checked_key(key: str, source: str) -> str:
+    """``key`` as given, refused where it would not protect anything or cannot be sent.
+
+    Raises:
+        ValueError: an empty key, or one with spaces at its ends or control characters
+            (a header cannot carry them, so no client could ever match it).
+    """
+    if not key.strip():
+        raise ValueError(f"{source}: the API key is empty, which would turn authentication off")
+    if key != key.strip() or not key.isprintable():
+        raise ValueError(f"{source}: the API key has spaces at its ends or control characters")
+    return key
+
+
+def _read_key_file(path: str) -> str:
+    """The key in ``path``, without the line end that ``echo`` and editors add."""
+    try:
+        return Path(path).expanduser().read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise ValueError(f"{path}: cannot read the API key file ({why})") from None
 
 
 # The flat schema's keys and where each went; ``settings.X`` became ``ingress.X``.

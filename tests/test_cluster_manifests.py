@@ -127,7 +127,7 @@ def test_every_cluster_runs_serve_in_the_mode_carclf_starts_it_in() -> None:
     groups = [service["headGroupSpec"], *service["workerGroupSpecs"]]
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
-            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert SERVE_ENV.items() <= env.items(), container["name"]
     for name in ["launcher-aws.yaml", "launcher-gcp.yaml"]:
         doc = yaml.safe_load((ROOT / "cluster" / name).read_text())
