@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from carclf.config import Config
-from carclf.metrics import Mode, better_sign, metric_mode
+from carclf.metrics import Mode, metric_mode, rank_key
 from carclf.weights import classifier_head
 
 
@@ -79,7 +79,7 @@ class Schedule:
         warmup = t.warmup_epochs * steps_per_epoch
         self.per_step: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
-        self.sign = better_sign(metric_mode(t.monitor))  # the plateau below maximises
+        self.mode = metric_mode(t.monitor)  # the plateau below maximises its rank_key score
         if kind == "cosine":
 
             def factor(step: int) -> float:
@@ -105,7 +105,10 @@ class Schedule:
 
     def step_epoch(self, metrics: dict[str, float], monitor: str) -> None:
         if self.plateau is not None:
-            self.plateau.step(self.sign * metrics[monitor])
+            # Ranked as checkpoints are (metrics.rank_key): a NaN epoch is the worst there is,
+            # a bad epoch that can never become the best a later epoch must beat.
+            ranked, score = rank_key(metrics[monitor], self.mode)
+            self.plateau.step(score if ranked else -math.inf)
 
     def state_dict(self) -> dict:
         sched = self.per_step or self.plateau
@@ -268,6 +271,10 @@ def build_step_tools(
 class EarlyStopping:
     """Stop when the monitored metric has not improved for ``patience`` epochs.
 
+    Epochs are compared as checkpoints are ranked (:func:`carclf.metrics.rank_key`): a NaN
+    epoch (a diverged one) is never an improvement. Compared raw, a NaN first epoch would be the
+    best for good (every comparison with NaN is false) and stop a run that still improves.
+
     Args:
         patience: epochs without improvement before stopping; None never stops.
         mode: ``max`` for accuracy-like metrics, ``min`` for losses.
@@ -275,15 +282,21 @@ class EarlyStopping:
 
     def __init__(self, patience: int | None, mode: Mode = "max") -> None:
         self.patience = patience
-        self.sign = better_sign(mode)
-        self.best: float | None = None
+        self.mode: Mode = mode
+        self.best: float | None = None  # the best epoch's rank_key score; None before a number
         self.bad_epochs = 0
 
     def update(self, value: float) -> bool:
         """Record one epoch's value; returns True when training should stop."""
-        score = self.sign * value
-        if self.best is None or score > self.best:
-            self.best, self.bad_epochs = score, 0
+        key = rank_key(value, self.mode)
+        if key > self._best_key():
+            self.best, self.bad_epochs = key[1], 0
         else:
             self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience
+
+    def _best_key(self) -> tuple[bool, float]:
+        # A checkpoint written before NaN ranked last may hold a NaN best: it is no best.
+        if self.best is None or math.isnan(self.best):
+            return False, 0.0
+        return True, self.best

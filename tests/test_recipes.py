@@ -1,5 +1,6 @@
 """Freezing, schedules, clipping, early stopping and layer decay on bare PyTorch models."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,53 @@ def test_early_stopping() -> None:
     never = EarlyStopping(patience=None)
     assert not any(never.update(0.1) for _ in range(10))
     assert EarlyStopping(patience=1, mode="min").update(1.0) is False
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_a_nan_epoch_never_improves_nor_blocks_a_later_improvement(mode: str) -> None:
+    """A diverged epoch counts as an epoch without improvement, and never as the best: compared
+    raw, a NaN first epoch made every later one a bad epoch (stopped while improving)."""
+    sign = 1.0 if mode == "max" else -1.0
+    stopper = EarlyStopping(patience=2, mode=mode)
+    rising = [sign * v for v in (0.5, 0.6, 0.7, 0.8)]
+    assert [stopper.update(v) for v in (NAN, *rising)] == [False] * 5
+    assert stopper.best == pytest.approx(0.8) and stopper.bad_epochs == 0
+    assert [stopper.update(v) for v in (NAN, sign * 0.9, NAN, NAN)] == [False, False, False, True]
+    only_nan = EarlyStopping(patience=2, mode=mode)
+    assert [only_nan.update(NAN) for _ in range(2)] == [False, True]  # diverged from the start
+    assert only_nan.best is None
+
+
+def test_early_stopping_resumes_from_a_nan_best_as_from_none() -> None:
+    """The state a checkpoint keeps (``vars``, as JSON) resumes; a NaN best that one written
+    before NaN ranked last may hold blocks nothing."""
+    stopper = EarlyStopping(patience=2, mode="max")
+    stopper.update(0.5)
+    resumed = EarlyStopping(patience=2, mode="max")
+    vars(resumed).update(json.loads(json.dumps(vars(stopper))))
+    assert resumed.update(0.4) is False and resumed.update(0.45) is True
+    old = EarlyStopping(patience=2, mode="max")
+    vars(old).update({"patience": 2, "sign": 1.0, "best": NAN, "bad_epochs": 1})
+    assert old.update(0.3) is False and old.best == 0.3 and old.bad_epochs == 0
+
+
+@pytest.mark.parametrize(("monitor", "sign"), [("val_acc", 1.0), ("val_loss", -1.0)])
+def test_the_plateau_counts_a_nan_epoch_as_bad_and_the_next_real_one_improves(
+    monitor: str, sign: float
+) -> None:
+    cfg = _cfg(scheduler="plateau", lr=1.0, plateau_patience=0, monitor=monitor)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = Schedule(optimizer, cfg, steps_per_epoch=1)
+    lrs = []
+    for value in (NAN, 0.5, 0.6, NAN, 0.7, 0.8):
+        schedule.step_epoch({monitor: sign * value}, monitor)  # NaN stays NaN
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # patience 0: each epoch without improvement halves the rate, and only those do.
+    assert lrs == [0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
+    assert schedule.plateau is not None and schedule.plateau.best == pytest.approx(0.8)
 
 
 def test_amp_is_off_on_cpu() -> None:
