@@ -4,7 +4,8 @@ Load policy (every limit per ingress replica, from the ``ingress`` settings): pa
 ``max_inflight`` requests at work, or ``max_uploads`` bodies being received, a request gets a
 JSON 503 with ``Retry-After`` at once, and so does an explain past ``max_explains`` explains at
 work (a share of ``max_inflight``, so explains never take the slots predictions need); a
-declared ``Content-Length`` over ``max_body_bytes`` is a 413 that closes the connection; a body
+declared ``Content-Length`` over ``max_body_bytes`` is a 413 that closes the connection (one
+that is not ASCII digits, a 400 that closes it: :func:`serve.v2.byte_count`); a body
 not received within ``body_timeout_s`` is a 408; a request past its deadline (its ``timeout``
 header, else ``request_timeout_s``) is a 504, with its model calls cancelled. Where HAProxy is
 Serve's HTTP front it applies the first four limits before a request gets here
@@ -25,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from serve.errors import ApiError
 from serve.metrics import CLIENT_GONE
 from serve.settings import IngressSettings
+from serve.v2 import byte_count
 
 
 def deadline_s(header: str | None, default_s: float, max_s: float) -> float:
@@ -101,15 +103,21 @@ class Admission:
             raise ApiError(503, "too many explanations in progress; retry shortly", self.retry)
 
     async def body(self, request: Request) -> bytes:
-        """The request's body within ``max_body_bytes`` (413) and ``body_timeout_s`` (408)."""
+        """The request's body within ``max_body_bytes`` (413) and ``body_timeout_s`` (408);
+        a ``Content-Length`` that is no byte count is a 400."""
         limit = self.settings.max_body_bytes
         # Closing the connection stops the client's upload: otherwise the server would read
         # (and drop) the rest of the body to keep the connection alive for the next request.
         close = {"connection": "close"}
         too_large = ApiError(413, f"request body over {limit} bytes", close, "body_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > limit:
-            raise too_large  # refused on the header, before a byte of the body is read
+        declared = request.headers.get("content-length")
+        if declared is not None:  # refused on the header, before a byte of the body is read
+            length = byte_count(declared, limit)
+            if length is None:
+                # HTTP's rule for a length that frames nothing (RFC 9112, 6.3): 400 and close.
+                raise ApiError(400, "Content-Length must be a byte count in ASCII digits", close)
+            if length > limit:
+                raise too_large
         if self.uploads >= self.settings.max_uploads:
             raise ApiError(503, "too many uploads in progress; retry shortly", self.retry)
         self.uploads += 1

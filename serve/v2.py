@@ -13,6 +13,8 @@ Every malformed body is a :class:`ProtocolError` with a message in the client's 
 another exception: JSON is parsed strictly (:func:`parse_json`: no ``NaN``, no numbers out of
 range, no nesting beyond Python's recursion limit), shapes are checked with exact integers
 before any array is built, and a response never carries ``NaN`` (JSON has no such literal).
+Its strict parsers serve the V1 bodies and admission too: :func:`parse_json` and
+:func:`byte_count` (a length header).
 """
 
 from __future__ import annotations
@@ -49,6 +51,23 @@ class ProtocolError(ValueError):
 
 class TooManyError(ProtocolError):
     """A request holds more items (images) than the server takes in one (HTTP 413)."""
+
+
+def byte_count(header: str, most: int) -> int | None:
+    """The byte count a length header states (``Content-Length``, :data:`HEADER_LENGTH`),
+    capped at ``most + 1``; None where it states none.
+
+    ASCII digits only, with spaces at the ends: ``str.isdigit`` also accepts "²" and other
+    digits that ``int`` refuses. A count with more digits than ``most`` (leading zeros aside)
+    is over it and is never converted: thousands of digits are past ``int``'s limit.
+    """
+    digits = header.strip()
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(most)):
+        return most + 1
+    return min(int(significant), most + 1)
 
 
 def parse_json(data: bytes | str) -> Any:
@@ -288,13 +307,8 @@ def deserialize_bytes(blob: bytes, max_items: int | None = None) -> list[bytes]:
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    digits = header_length.strip()
-    # ASCII digits only: str.isdigit also accepts "²" and other digits int() refuses, and a
-    # number longer than any body's length needs no conversion (nor Python's digit limit).
-    if not (digits.isascii() and digits.isdigit()) or len(digits.lstrip("0")) > len(str(len(body))):
-        raise ProtocolError(f"{HEADER_LENGTH} must be an integer no larger than the body")
-    n = int(digits)
-    if n > len(body):
+    n = byte_count(header_length, len(body))
+    if n is None or n > len(body):
         raise ProtocolError(f"{HEADER_LENGTH} must be an integer no larger than the body")
     return body[:n], body[n:]
 

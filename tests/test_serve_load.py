@@ -210,6 +210,38 @@ def test_a_slow_body_is_a_408_and_frees_its_upload_slot() -> None:
     assert asyncio.run(ingress.body(request([b"ab", b"cd"]))) == b"abcd"
 
 
+def _short(value: str) -> str:
+    return repr(value) if len(value) < 12 else f"{len(value)} digits"
+
+
+@pytest.mark.parametrize("declared", ["11", "9" * 5000, "0" * 5000 + "11", " 12 "], ids=_short)
+def test_a_declared_length_over_the_cap_is_a_413_in_any_number_of_digits(declared: str) -> None:
+    """Thousands of digits are past int()'s limit (a 500 before); they are over the cap."""
+    ingress = bare_ingress(max_body_bytes=10)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ingress.body(request([b"x"], **{"content-length": declared})))
+    assert err.value.status == 413 and err.value.headers == {"connection": "close"}
+    assert err.value.kind == "body_too_large" and ingress.uploads == 0
+
+
+@pytest.mark.parametrize("declared", ["²", "１０", "٣", "1²", "", "-1", "+3", "0x1", "1e1", "5, 5"])
+def test_a_declared_length_that_is_not_ascii_digits_is_a_400(declared: str) -> None:
+    """str.isdigit() accepts "²" and other digits int() refuses: ASCII digits only."""
+    ingress = bare_ingress(max_body_bytes=10)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ingress.body(request([b"x"], **{"content-length": declared})))
+    assert err.value.status == 400 and err.value.headers == {"connection": "close"}
+    assert "Content-Length" in err.value.message and ingress.uploads == 0
+
+
+@pytest.mark.parametrize("declared", ["4", "0004", "0" * 5000 + "4", "10"], ids=_short)
+def test_a_declared_length_within_the_cap_reads_the_body(declared: str) -> None:
+    ingress = bare_ingress(max_body_bytes=10)
+    got = asyncio.run(ingress.body(request([b"ab", b"cd"], **{"content-length": declared})))
+    assert got == b"abcd"
+    assert asyncio.run(ingress.body(request([b"ab", b"cd"]))) == b"abcd"  # none declared
+
+
 def test_a_client_that_left_mid_upload_is_a_client_gone_not_an_error() -> None:
     """Starlette's disconnect, or Serve's Python proxy cancelling the body's transfer: a 499
     (as the metrics count it), not a 500 with Ray's error logged as unhandled."""

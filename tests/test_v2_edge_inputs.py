@@ -13,6 +13,10 @@ from serve import v2
 HUGE = 2**63  # past numpy's index type
 
 
+def _short(value: object) -> str:
+    return repr(value) if len(repr(value)) < 12 else f"{len(str(value))} chars"
+
+
 def _header(shape: list, datatype: str = "FP32", **spec) -> str:
     return json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, **spec}]})
 
@@ -20,20 +24,32 @@ def _header(shape: list, datatype: str = "FP32", **spec) -> str:
 @pytest.mark.parametrize(
     "length",
     ["²", "١٢", "１２", "12²", "", " ", "-1", "+3", "1_0", "0x10", "1e3", "9" * 5000, "3.0"],
-    ids=repr,
+    ids=_short,
 )
 def test_a_header_length_that_is_not_ascii_digits_is_refused(length: str) -> None:
     with pytest.raises(v2.ProtocolError, match="must be an integer no larger than the body"):
         v2.decode_request(b'{"inputs": []}' + b"x" * 20, length)
 
 
-@pytest.mark.parametrize("length", ["14", " 14 ", "0014"])
+@pytest.mark.parametrize("length", ["14", " 14 ", "0014", "0" * 5000 + "14"], ids=_short)
 def test_a_header_length_in_ascii_digits_splits_the_body(length: str) -> None:
     header = b'{"inputs": []}'
     assert len(header) == 14
     with pytest.raises(v2.ProtocolError, match="belong to no input"):
         v2.decode_request(header + b"xx", length)  # split at 14: the rest is binary data
     assert v2.decode_request(header, length).inputs == {}
+
+
+@pytest.mark.parametrize(
+    ("header", "most", "count"),
+    [("0", 5, 0), (" 5 ", 5, 5), ("6", 5, 6), ("9" * 5000, 5, 6), ("0" * 5000, 5, 0)],
+    ids=_short,
+)
+def test_byte_count_is_capped_past_the_most_and_never_converts_a_huge_number(
+    header: str, most: int, count: int
+) -> None:
+    assert v2.byte_count(header, most) == count
+    assert v2.byte_count("²", most) is None and v2.byte_count("", most) is None
 
 
 @pytest.mark.parametrize(
