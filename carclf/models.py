@@ -80,9 +80,16 @@ class ScratchCNN(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         self.num_features = channels
-        last_conv = len(layers) - 4
+        # The last block's output (after its ReLU and pooling), as timm's feature_info names a
+        # stage: the map at this reduction that the head pools, and the one Grad-CAM hooks. The
+        # raw conv before them is signed, and XGradCAM divides by each channel's sum: a sum
+        # near zero flips and inflates that channel's weight, and the heatmap lands elsewhere.
         self.feature_info = [
-            {"num_chs": channels, "reduction": 2 ** len(filters), "module": f"features.{last_conv}"}
+            {
+                "num_chs": channels,
+                "reduction": 2 ** len(filters),
+                "module": f"features.{len(layers) - 1}",
+            }
         ]
         self.pool = nn.AdaptiveAvgPool2d(1)
         hidden = [nn.Linear(channels, dense_units), nn.ReLU(inplace=True)] if dense_units else []

@@ -27,7 +27,22 @@ def test_scratch_cnn_is_configurable() -> None:
     assert [c.out_channels for c in convs] == [4, 8, 16, 32]
     assert convs[0].kernel_size == (5, 5)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert dict(model.named_modules())[cam_target_layer(model)] is convs[-1]
+    assert dict(model.named_modules())[cam_target_layer(model)] is model.features[-1]
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_the_scratch_cnns_cam_layer_is_its_last_blocks_output(batch_norm: bool) -> None:
+    """Grad-CAM hooks what the head pools, rectified and at feature_info's reduction; the raw
+    last conv (signed) put XGradCAM's heatmap beside the object."""
+    model = ScratchCNN(num_classes=3, filters=(4, 8), dense_units=0, batch_norm=batch_norm)
+    seen: list[torch.Tensor] = []
+    layer = dict(model.named_modules())[cam_target_layer(model)]
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    features = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 1 and torch.equal(seen[0], features) and features.min() >= 0
+    info = model.feature_info[-1]
+    side = 32 // info["reduction"]
+    assert features.shape[1:] == (info["num_chs"], side, side)
 
 
 def test_unknown_model_and_bad_kwargs_are_user_errors() -> None:
