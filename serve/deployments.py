@@ -2,8 +2,10 @@
 
 Both load the same bundle (verified hashes). The ingress decodes each image once; the classifier
 gets it already preprocessed (the bundle's own eval transform, applied in the ingress, so decoding
-and resizing run beside onnxruntime instead of before it), the explainer gets the decoded RGB image
-it draws its overlay on.
+and resizing run beside onnxruntime instead of before it). The explainer gets the decoded RGB
+image and crops it as the ingress cropped the classifier's input (the bundle's
+``eval_resize_crop``, in :meth:`carclf.explain.Explainer.explain`): the heatmap covers that crop
+and the overlay is drawn over it, the pixels the model saw, at the model's input size.
 
 The classifier never imports torch (onnxruntime only; the explainer imports :mod:`carclf.explain`
 in its own replicas), so a classifier replica that autoscaling or a restart adds serves within
