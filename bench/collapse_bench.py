@@ -100,7 +100,9 @@ def write_results(result: dict[str, Any], out: Path) -> None:
         "",
     ]
     if trials:
-        lines += markdown_table(trials, number_cell(digits=3))
+        # Tune's directory name; its first parts are the trial's id.
+        shown = [t | {"trial": "_".join(t["trial"].split("_")[:3])} for t in trials]
+        lines += markdown_table(shown, number_cell(digits=3))
     (out / "collapse_labels.md").write_text("\n".join(lines) + "\n")
 
 
