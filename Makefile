@@ -53,9 +53,11 @@ bench: install
 	$(PY) -m bench.transfer_bench --data $(TRANSFER_DATA) $(TRANSFER_ARGS)
 
 # Every fine-tuning lever of jobs/configs/finetune-cpu.yaml against its own linear probe on real
-# photos, over three seeded splits, into bench/results/transfer.{json,md}: about 2 min per run
-# on 2 cores for 420 photos (Lite2's runs about 3x that), 25 levers x 3 seeds. Runs already in
-# the JSON are skipped, so an interrupted measurement continues where it stopped.
+# photos, over three seeded splits, into bench/results/transfer.{json,md}: about 3.5 min per run
+# on 2 cores for 420 photos (Lite2's runs about 3x that), 35 levers x 3 seeds. Runs already in
+# the JSON are skipped, so an interrupted measurement continues where it stopped; the levers run
+# in the order given, e.g. TRANSFER_ARGS="--levers lr=3e-4 lr=3e-5 center-crop lite1 ema=0.99
+# randaugment-m9 progressive bn=train layer_decay=none head_lr=x10 freeze=1 lite2".
 # TRANSFER_DATA=path/to/ImageFolder; TRANSFER_ARGS="--levers recipe lr=1e-4 --seeds 0 1 2 3".
 TRANSFER_DATA ?= ../shared/data/stanford-body-dev
 TRANSFER_ARGS ?=
