@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from carclf.bundle import BundleInfo
 from carclf.config import Config, validate_config
 from carclf.data.audit import write_audit
 from carclf.data.synth import write_toy_dataset
+from carclf.data.transforms import Preprocess
 from carclf.train import init_run
 
 # Torch on 2 cores: one thread per process keeps Ray workers from fighting over them.
@@ -42,6 +44,20 @@ def tiny_config(output_dir: Path, manifest: Path, **sections: dict) -> Config:
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return validate_config(raw)
+
+
+def stand_in_bundle_info(name: str = "toy") -> BundleInfo:
+    """``bundle.json`` of a two-class bundle whose files are stand-ins (tests of bytes, not of
+    what the files mean)."""
+    return BundleInfo(
+        name=name,
+        task="body_type",
+        labels=["a", "b"],
+        arch="scratch_cnn",
+        num_classes=2,
+        preprocess=Preprocess(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3),
+        cam_target_layer="features",
+    )
 
 
 def write_fake_run(out: Path, manifest: Path, **sections: dict) -> Path:

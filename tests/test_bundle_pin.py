@@ -15,7 +15,6 @@ from carclf.bundle import (
     MODEL_CARD_FILE,
     ONNX_FILE,
     WEIGHTS_FILE,
-    BundleInfo,
     bundle_digest,
     load_bundle,
     normalize_sha256,
@@ -23,22 +22,15 @@ from carclf.bundle import (
     write_bundle,
 )
 from carclf.data.manifest import file_sha256
-from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
+
+from .conftest import stand_in_bundle_info
 
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
     """A bundle whose files are stand-ins: pinning checks bytes, not what they mean."""
-    info = BundleInfo(
-        name="toy",
-        task="body_type",
-        labels=["a", "b"],
-        arch="scratch_cnn",
-        num_classes=2,
-        preprocess=Preprocess(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3),
-        cam_target_layer="features",
-    )
+    info = stand_in_bundle_info()
     writers = {
         name: (lambda p, n=name: p.write_bytes(f"{n} bytes".encode()))
         for name in (ONNX_FILE, WEIGHTS_FILE, MODEL_CARD_FILE)

@@ -18,22 +18,13 @@ from carclf.bundle import (
     load_bundle,
     write_bundle,
 )
-from carclf.data.transforms import Preprocess
 from carclf.errors import UserInputError
 from carclf.pipeline import demo_config
-from tests.conftest import tiny_config
+from tests.conftest import stand_in_bundle_info, tiny_config
 
 
 def _info(name: str = "toy") -> BundleInfo:
-    return BundleInfo(
-        name=name,
-        task="body_type",
-        labels=["a", "b"],
-        arch="scratch_cnn",
-        num_classes=2,
-        preprocess=Preprocess(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3),
-        cam_target_layer="features",
-    )
+    return stand_in_bundle_info(name)
 
 
 def _writers(extra=None) -> dict:
