@@ -127,9 +127,9 @@ def run_config(recipe: Path, manifest: Path, seed: int, overrides: list[str], ou
 
 
 def probe_key(cfg: Config) -> str:
-    """Runs that share weights, resolution and split share one linear probe."""
+    """Runs that share weights, preprocessing and split share one linear probe."""
     m = cfg.model
-    return f"{m.name}|{m.pretrained_file}|{m.img_size}|{cfg.data.manifest}"
+    return f"{m.name}|{m.pretrained_file}|{model_preprocess(m)}|{cfg.data.manifest}"
 
 
 def probe_acc(cfg: Config, cache: dict[str, float], work: Path) -> float:
