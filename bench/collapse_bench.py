@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carclf.collapse import detect_collapse
+from carclf.collapse import CollapseRule, detect_collapse
 from carclf.config import Config, load_config
 from carclf.data.audit import write_audit
 from carclf.data.manifest import read_manifest
@@ -44,13 +44,13 @@ def run_search(config: str, overrides: list[str], work: Path) -> Path:
     return run_tune(cfg)
 
 
-def labelled(search: Path) -> list[dict[str, str]]:
-    """The trials of ``search``'s ``trials.csv`` that carry a collapse label."""
+def trial_rows(search: Path) -> list[dict[str, str]]:
+    """Every trial of ``search``'s ``trials.csv``."""
     with (search / "trials.csv").open(newline="") as fh:
-        return [r for r in csv.DictReader(fh) if r["collapsed"] == "True"]
+        return list(csv.DictReader(fh))
 
 
-def rerun(row: dict[str, str], work: Path) -> dict[str, Any]:
+def rerun(row: dict[str, str], rule: CollapseRule, work: Path) -> dict[str, Any]:
     """Train one labelled trial's config again to its last epoch; the verdict at the end."""
     run_dir = Path(row["run_dir"])
     raw = load_config(run_dir / "config.yaml").model_dump(mode="json")
@@ -61,8 +61,7 @@ def rerun(row: dict[str, str], work: Path) -> dict[str, Any]:
     fit_local(cfg, prepare_run(cfg), lambda _m: None)
     history = read_epochs(Path(cfg.output_dir))
     classes = len(read_manifest(cfg.data.manifest).labels)
-    search_cfg = load_config(run_dir.parent.parent / "config.yaml")
-    verdict = detect_collapse(history, classes, search_cfg.tune.collapse)
+    verdict = detect_collapse(history, classes, rule)
     return {
         "trial": row["trial"],
         "study": row["study"],
@@ -122,14 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copyfile(search / "comparison.md", Path(args.out) / "ablation_comparison.md")
     if not (search / "trials.csv").is_file():
         raise SystemExit(f"{search}: no trials.csv (not a finished `carclf tune` experiment)")
-    with (search / "trials.csv").open(newline="") as fh:
-        total = sum(1 for _ in csv.DictReader(fh))
-    trials = [rerun(row, work / "rerun") for row in labelled(search)]
+    rows = trial_rows(search)
+    rule = load_config(search / "config.yaml").tune.collapse  # the rule that labelled them
+    trials = [rerun(r, rule, work / "rerun") for r in rows if r["collapsed"] == "True"]
     write_results(
         {
             "search": str(args.search or f"{args.config} on the toy set"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "trials_in_search": total,
+            "trials_in_search": len(rows),
             "search_s": search_s,
             "false_positives": sum(t["false_positive"] for t in trials),
             "trials": trials,
