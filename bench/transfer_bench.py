@@ -10,8 +10,11 @@ split seed is the training seed too, so the spread covers both.
 Each run trains in this process (one worker, ``carclf.train.fit_local``, the same loop Ray
 Train's workers run; the global batch is the recipe's), with every CPU of the machine. Results
 go into ``--out``.json after every run, and a rerun skips the runs already there with the same
-overrides, so a long measurement can be stopped and continued; ``--out``.md is rewritten from
-the JSON each time (``--report-only`` only that).
+resolved configuration (:func:`run_key`), so a long measurement can be stopped and continued, and
+a changed recipe reuses every run it would repeat (the old recipe's ``lr=3e-4`` run is the new
+recipe's ``recipe`` run when the new recipe is the old one at 3e-4). Runs no lever of the
+current recipe repeats stay in the JSON and are listed apart as measured on an earlier recipe.
+``--out``.md is rewritten from the JSON each time (``--report-only`` only that).
 
     python -m bench.transfer_bench --data ../shared/data/stanford-body-dev [--seeds 0 1 2]
         [--levers recipe lr=1e-4 …] [--recipe jobs/configs/finetune-cpu.yaml]
@@ -21,6 +24,7 @@ the JSON each time (``--report-only`` only that).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -104,9 +108,12 @@ LEVER_NAMES = [name for name, _, _ in LEVERS]
 
 def split_manifest(data: Path, seed: int, work: Path) -> Path:
     """The audited manifest of ``data`` split 60/20/20 with ``seed`` (reused when there)."""
-    return write_audit(
-        data, work / f"split{seed}" / "manifest.parquet", ratios=(0.6, 0.2, 0.2), seed=seed
-    )
+    return write_audit(data, manifest_path(work, seed), ratios=(0.6, 0.2, 0.2), seed=seed)
+
+
+def manifest_path(work: Path, seed: int) -> Path:
+    """Where the split of ``seed`` lies (its directory name is part of every run's key)."""
+    return work / f"split{seed}" / "manifest.parquet"
 
 
 def run_config(recipe: Path, manifest: Path, seed: int, overrides: list[str], out: Path) -> Config:
@@ -126,10 +133,23 @@ def run_config(recipe: Path, manifest: Path, seed: int, overrides: list[str], ou
     )
 
 
+def split_name(cfg: Config) -> str:
+    """The split a run's manifest is (``split0``…), whichever scratch directory holds it."""
+    return Path(str(cfg.data.manifest)).parent.name
+
+
 def probe_key(cfg: Config) -> str:
     """Runs that share weights, preprocessing and split share one linear probe."""
     m = cfg.model
-    return f"{m.name}|{m.pretrained_file}|{model_preprocess(m)}|{cfg.data.manifest}"
+    return f"{m.name}|{m.pretrained_file}|{model_preprocess(m)}|{split_name(cfg)}"
+
+
+def run_key(cfg: Config) -> str:
+    """What a run is: its whole configuration but where it writes and where its split lies."""
+    raw = cfg.model_dump(mode="json")
+    raw.pop("output_dir")
+    raw["data"]["manifest"] = split_name(cfg)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def probe_acc(cfg: Config, cache: dict[str, float], work: Path) -> float:
@@ -207,16 +227,6 @@ def save(results: dict[str, Any], out: Path) -> None:
     write_markdown(results, out.with_suffix(".md"))
 
 
-def backfill(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:
-    """Give runs measured before the probe's flip score existed their probe's flip score."""
-    for row in results["runs"]:
-        if "probe_flip_test_acc" not in row:
-            manifest = split_manifest(Path(args.data), row["seed"], work)
-            cfg = run_config(Path(args.recipe), manifest, row["seed"], row["overrides"], work)
-            cache = results.setdefault("probes_flip", {})
-            row["probe_flip_test_acc"] = probe_flip_acc(cfg, cache)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
@@ -229,35 +239,68 @@ def main(argv: list[str] | None = None) -> None:
     results["recipe"] = str(args.recipe)
     results["data"] = Path(args.data).name
     work = Path(args.work or tempfile.mkdtemp(prefix="transfer-bench-"))
-    backfill(results, args, work)
-    levers = {name: (o, why) for name, o, why in LEVERS}
+    remember_recipe(results, Path(args.recipe))
     for name in args.levers:
-        overrides = [*levers[name][0], *args.set]
         for seed in args.seeds:
-            done = [
-                r
-                for r in results["runs"]
-                if (r["lever"], r["seed"], r["overrides"]) == (name, seed, overrides)
-            ]
-            if done:
-                continue
-            manifest = split_manifest(Path(args.data), seed, work)
-            cfg = run_config(Path(args.recipe), manifest, seed, overrides, work / "run")
-            if name != "recipe" and cfg == run_config(
-                Path(args.recipe), manifest, seed, args.set, work / "run"
-            ):
-                print(f"[transfer-bench] {name}: the recipe's own value", file=sys.stderr)
-                break
-            probe = probe_acc(cfg, results["probes"], work)
-            probe_flip = probe_flip_acc(cfg, results.setdefault("probes_flip", {}))
-            print(f"[transfer-bench] {name} seed {seed} …", file=sys.stderr, flush=True)
-            row = {"lever": name, "why": levers[name][1], "seed": seed, "overrides": overrides}
-            row |= measure(cfg, probe) | {"probe_flip_test_acc": probe_flip}
-            shutil.rmtree(work / "run", ignore_errors=True)
-            results["runs"].append(row)
-            save(results, out)
-            print(f"[transfer-bench] {json.dumps(row)}", file=sys.stderr, flush=True)
-    save(results, out)
+            measure_lever(results, args, name, seed, work)
+    mark_current(results, args, work)
+
+
+def measure_lever(
+    results: dict[str, Any], args: argparse.Namespace, name: str, seed: int, work: Path
+) -> None:
+    """One lever on one split, unless a run with the same configuration is already there."""
+    overrides, why = next((o, w) for n, o, w in LEVERS if n == name)
+    overrides = [*overrides, *args.set]
+    manifest = split_manifest(Path(args.data), seed, work)
+    cfg = run_config(Path(args.recipe), manifest, seed, overrides, work / "run")
+    key = run_key(cfg)
+    if any(r.get("key") == key for r in results["runs"]):
+        return
+    if name != "recipe" and key == run_key(
+        run_config(Path(args.recipe), manifest, seed, args.set, work / "run")
+    ):
+        print(f"[transfer-bench] {name}: the recipe's own value", file=sys.stderr)
+        return
+    probe = probe_acc(cfg, results["probes"], work)
+    probe_flip = probe_flip_acc(cfg, results.setdefault("probes_flip", {}))
+    print(f"[transfer-bench] {name} seed {seed} …", file=sys.stderr, flush=True)
+    row = {"lever": name, "why": why, "seed": seed, "overrides": overrides, "key": key}
+    row["recipe_sha"] = remember_recipe(results, Path(args.recipe))
+    row |= measure(cfg, probe) | {"probe_flip_test_acc": probe_flip}
+    shutil.rmtree(work / "run", ignore_errors=True)
+    results["runs"].append(row)
+    mark_current(results, args, work)
+    print(f"[transfer-bench] {json.dumps(row)}", file=sys.stderr, flush=True)
+
+
+def remember_recipe(results: dict[str, Any], recipe: Path) -> str:
+    """The recipe file's digest; its text is kept in the JSON so that a run of an earlier
+    recipe can say how that recipe differed (``results["recipes"]``, ``results["recipe_sha"]``)."""
+    text = recipe.read_text()
+    sha = hashlib.sha256(text.encode()).hexdigest()[:16]
+    results.setdefault("recipes", {})[sha] = text
+    results["recipe_sha"] = sha
+    return sha
+
+
+def mark_current(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:
+    """Name each run after the lever of the current recipe it is (``current``), then save.
+
+    A run another recipe measured keeps its name and ``current: false``: the report lists it
+    apart, with how its recipe differed."""
+    current = {}
+    for name, overrides, why in LEVERS:
+        for seed in {r["seed"] for r in results["runs"]}:
+            manifest = manifest_path(work, seed)
+            cfg = run_config(Path(args.recipe), manifest, seed, [*overrides, *args.set], work)
+            current.setdefault(run_key(cfg), (name, why, [*overrides, *args.set]))
+    for row in results["runs"]:
+        found = current.get(row["key"])
+        row["current"] = found is not None
+        if found:
+            row["lever"], row["why"], row["overrides"] = found
+    save(results, Path(args.out))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -6,6 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from carclf.tables import markdown_table
 
 
@@ -23,9 +25,32 @@ def _probe_flips(runs: list[dict[str, Any]]) -> list[float]:
     return [] if None in found else found
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.0001, …}`` of a nested config."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {
+        k: v
+        for key, sub in tree.items()
+        for k, v in _flat(sub, f"{prefix}.{key}" if prefix else str(key)).items()
+    }
+
+
+def recipe_change(results: dict[str, Any], sha: str | None) -> str:
+    """How the recipe of digest ``sha`` differed from the current one (``train.lr=0.0001``)."""
+    texts = results.get("recipes", {})
+    if sha not in texts or results.get("recipe_sha") not in texts:
+        return "?"
+    was = _flat(yaml.safe_load(texts[sha]))
+    now = _flat(yaml.safe_load(texts[results["recipe_sha"]]))
+    keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    return " ".join(f"`{k}={was.get(k)}`" for k in keys) or "—"
+
+
 def lever_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per lever, in the order they were measured: means over its seeds."""
-    order = list(dict.fromkeys(r["lever"] for r in runs))
+    """One row per lever, the recipe first, then in the order they were measured: means over
+    its seeds."""
+    order = sorted(dict.fromkeys(r["lever"] for r in runs), key=lambda lever: lever != "recipe")
     base = {r["seed"]: r for r in runs if r["lever"] == "recipe"}
     rows = []
     for lever in order:
@@ -54,7 +79,8 @@ def lever_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_markdown(results: dict[str, Any], path: Path) -> Path:
     """``transfer.md``: the lever table, then every run's validation curve."""
-    runs = results.get("runs", [])
+    runs = [r for r in results.get("runs", []) if r.get("current", True)]
+    earlier = [r for r in results.get("runs", []) if not r.get("current", True)]
     lines = [
         "# Fine-tuning levers on real photos, each beside its linear probe",
         "",
@@ -84,5 +110,21 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
             for r in runs
         ]
         lines += markdown_table(curves, lambda _k, v: str(v))
+    if earlier:
+        lines += [
+            "",
+            "## Measured on an earlier recipe",
+            "",
+            "Runs of a lever on a recipe that has since changed, and that no lever of the "
+            "current recipe repeats; *recipe was*: how that recipe differed from the current "
+            "one. Each beside the probe of its own split.",
+            "",
+        ]
+        rows = lever_rows(earlier)
+        for row in rows:
+            shas = {r.get("recipe_sha") for r in earlier if r["lever"] == row["lever"]}
+            row["recipe was"] = " ".join(recipe_change(results, sha) for sha in shas)
+            row.pop("vs recipe")
+        lines += markdown_table(rows, lambda _k, v: str(v))
     path.write_text("\n".join(lines) + "\n")
     return path

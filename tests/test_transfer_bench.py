@@ -63,3 +63,30 @@ def test_runs_already_measured_are_kept_and_the_markdown_rewritten(tmp_path: Pat
     assert transfer_bench.load_results(out.with_suffix(".json")) == results
     transfer_bench.main(["--out", str(out), "--report-only"])
     assert "| recipe |" in out.with_suffix(".md").read_text()
+
+
+def test_a_changed_recipe_reuses_the_runs_it_repeats_and_sets_the_rest_apart(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(RECIPE.read_text().replace("  lr: 0.0003\n", "  lr: 0.0001\n"))
+    work, out = tmp_path / "work", tmp_path / "transfer"
+    results = {"runs": [], "probes": {}}
+    sha = transfer_bench.remember_recipe(results, old)
+    for lever, overrides in [("lr=3e-4", ["train.lr=0.0003"]), ("ema", ["train.ema_decay=0.9"])]:
+        cfg = transfer_bench.run_config(old, work / "split0" / "m.parquet", 0, overrides, work)
+        key = transfer_bench.run_key(cfg)
+        results["runs"].append(_run(lever, 0, 0.6, 0.5) | {"key": key, "recipe_sha": sha})
+    # Where a run writes and which scratch directory holds its split are not part of it.
+    moved = transfer_bench.run_config(old, tmp_path / "split0" / "x.parquet", 0, [], tmp_path)
+    assert transfer_bench.run_key(moved) == transfer_bench.run_key(
+        transfer_bench.run_config(old, work / "split0" / "m.parquet", 0, [], work)
+    )
+    args = transfer_bench.parse_args(["--recipe", str(RECIPE), "--out", str(out)])
+    transfer_bench.remember_recipe(results, RECIPE)
+    transfer_bench.mark_current(results, args, work)
+    again, earlier = results["runs"]
+    assert again["lever"] == "recipe" and again["current"] and not earlier["current"]
+    text = out.with_suffix(".md").read_text()
+    assert "| recipe | — | 1 |" in text
+    assert "## Measured on an earlier recipe" in text and "`train.lr=0.0001`" in text
