@@ -7,7 +7,11 @@ work (a share of ``max_inflight``, so explains never take the slots predictions 
 declared ``Content-Length`` over ``max_body_bytes`` is a 413 that closes the connection (one
 that is not ASCII digits, a 400 that closes it: :func:`serve.v2.byte_count`); a body
 not received within ``body_timeout_s`` is a 408; a request past its deadline (its ``timeout``
-header, else ``request_timeout_s``) is a 504, with its model calls cancelled. Where HAProxy is
+header, else ``request_timeout_s``) is a 504, with its model calls cancelled. A request's images
+are sized from their headers before any is decoded (:meth:`Admission.take_pixels`): over
+``max_request_pixels`` decoded pixels it is a 413, since it would never fit; past what
+``max_replica_pixels`` leaves beside the requests decoding now, a 503 with ``Retry-After``,
+since it fits once they are done. Where HAProxy is
 Serve's HTTP front it applies the first four limits before a request gets here
 (:mod:`serve.front`), so under overload these replicas rarely refuse anything themselves.
 
@@ -18,7 +22,7 @@ so they need no lock.
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from ray.exceptions import TaskCancelledError
 from starlette.requests import ClientDisconnect, Request
@@ -59,6 +63,7 @@ class Admission:
         self.inflight = 0  # requests past their body, at work
         self.explaining = 0  # of which explains
         self.uploads = 0  # bodies being received
+        self.pixels = 0  # decoded pixels reserved by requests between their headers and crops
 
     @contextlib.asynccontextmanager
     async def work(self, request: Request, explain: bool = False) -> AsyncIterator[bytes]:
@@ -101,6 +106,37 @@ class Admission:
         # the slots predictions need.
         if explain and self.explaining >= self.settings.explain_slots:
             raise ApiError(503, "too many explanations in progress; retry shortly", self.retry)
+
+    def take_pixels(self, pixels: int) -> Callable[[], None]:
+        """Reserve the decoded pixels of a request's images, read from their headers, before
+        any is decoded; returns the release (once is enough, more do nothing).
+
+        A per-image cap alone let one request of many large images hold gigabytes; this bounds
+        one request and every request of the replica together. The reservation covers the
+        whole decode and crop, though a request holds one decoded image at a time: the bound
+        is then on the decode work queued as well as on memory.
+
+        Raises:
+            ApiError: 413 over ``max_request_pixels`` (retrying cannot help); 503 with
+                ``Retry-After`` where the replica's other requests leave too few of
+                ``max_replica_pixels`` (a retry can fit).
+        """
+        s = self.settings
+        if pixels > s.max_request_pixels:
+            raise ApiError(
+                413,
+                f"the request's images hold {pixels} pixels; at most {s.max_request_pixels}",
+                kind="too_many_pixels",
+            )
+        if self.pixels + pixels > s.max_replica_pixels:
+            raise ApiError(503, "too many images being decoded; retry shortly", self.retry)
+        self.pixels += pixels
+        held = [pixels]
+
+        def release() -> None:
+            self.pixels -= held.pop() if held else 0
+
+        return release
 
     async def body(self, request: Request) -> bytes:
         """The request's body within ``max_body_bytes`` (413) and ``body_timeout_s`` (408);

@@ -2,10 +2,12 @@
 
 Both load the same bundle (verified hashes). The ingress decodes each image once; the classifier
 gets it already preprocessed (the bundle's own eval transform, applied in the ingress, so decoding
-and resizing run beside onnxruntime instead of before it). The explainer gets the decoded RGB
-image and crops it as the ingress cropped the classifier's input (the bundle's
-``eval_resize_crop``, in :meth:`carclf.explain.Explainer.explain`): the heatmap covers that crop
-and the overlay is drawn over it, the pixels the model saw, at the model's input size.
+and resizing run beside onnxruntime instead of before it). The explainer gets the very crops
+the classifier gets (the bundle's ``eval_resize_crop``, applied in the ingress) and explains
+them as they are (:meth:`carclf.explain.Explainer.explain_crops`): the heatmap covers that crop
+and the overlay is drawn over it, the pixels the model saw, at the model's input size. The
+original images never leave the ingress: a request's 40 MP images would otherwise cross the
+object store at full size, and again when a dead replica's call is retried.
 
 The classifier never imports torch (onnxruntime only; the explainer imports :mod:`carclf.explain`
 in its own replicas), so a classifier replica that autoscaling or a restart adds serves within
@@ -173,20 +175,26 @@ class ExplainerDeployment:
         self.explainer = Explainer.from_bundle(load_ref(bundle_path))
 
     async def explain(
-        self, images: list[Image.Image], method: str = "gradcam", target: Any = None
+        self, crops: np.ndarray, method: str = "gradcam", target: Any = None
     ) -> list[dict]:
         """Explanations of one request's images as JSON-ready fields with base64 PNGs.
+
+        Args:
+            crops: the images as the ingress cropped them for the classifier, uint8
+                ``[N, H, W, C]`` at the model's input size (:class:`serve.images.Crops`).
+            method: an explanation method's name.
+            target: the class to explain (name or index); None explains each predicted class.
 
         Runs in a worker thread, so the replica's event loop keeps answering health checks
         while torch works; the explainer's lock keeps the passes one at a time.
         """
-        return await asyncio.to_thread(self._explain, images, method, target)
+        return await asyncio.to_thread(self._explain, crops, method, target)
 
-    def _explain(self, images: list[Image.Image], method: str, target: Any) -> list[dict]:
+    def _explain(self, crops: np.ndarray, method: str, target: Any) -> list[dict]:
         out = []
-        for start in range(0, len(images), EXPLAIN_CHUNK):
-            chunk = images[start : start + EXPLAIN_CHUNK]
-            out += [_as_json(e) for e in self.explainer.explain(chunk, method, target)]
+        for start in range(0, len(crops), EXPLAIN_CHUNK):
+            chunk = [Image.fromarray(c) for c in crops[start : start + EXPLAIN_CHUNK]]
+            out += [_as_json(e) for e in self.explainer.explain_crops(chunk, method, target)]
         return out
 
 

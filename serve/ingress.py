@@ -2,19 +2,22 @@
 the web page and the API docs.
 
 Each route reads as the request's story: authorise it (:mod:`serve.errors`: Host, API key),
-admit it and read its body (:mod:`serve.admission`), decode its images (:mod:`serve.images`),
-crop them with the image half of each model's own eval transform
+admit it and read its body (:mod:`serve.admission`), read its images' headers and take their
+decoded pixels from the replica's budget (:mod:`serve.admission`), decode them
+(:mod:`serve.images`), crop them with the image half of each model's own eval transform
 (:func:`carclf.data.transforms.eval_resize_crop` of the bundle's preprocessing, once per
-distinct preprocessing), call the model deployments through the handles received in
-``__init__`` (:mod:`serve.calls`), and count it (:mod:`serve.metrics`). Parsing, decoding and
-cropping run in a pool of ``decode_threads`` threads, so the event loop only routes, counts and
-awaits; readiness reads the replica counts a background task asks Serve for
-(:mod:`serve.readiness`). With ``api_key`` every endpoint but health and the page, the API docs
-included, needs exactly one matching ``x-api-key`` header. docs/ARCHITECTURE.md ("Which file
-owns which HTTP concern") maps every concern to its module.
+distinct preprocessing; the explainer gets these crops too), call the model deployments
+through the handles received in ``__init__`` (:mod:`serve.calls`), and count it
+(:mod:`serve.metrics`). Parsing, decoding and cropping run in a pool of ``decode_threads``
+threads, so the event loop only routes, counts and awaits; readiness reads the replica counts
+a background task asks Serve for (:mod:`serve.readiness`). With ``api_key`` every endpoint
+but health and the page, the API docs included, needs exactly one matching ``x-api-key``
+header. docs/ARCHITECTURE.md ("Which file owns which HTTP concern") maps every concern to
+its module.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 from collections.abc import Awaitable, Callable
@@ -26,7 +29,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
@@ -38,13 +40,47 @@ from serve import v2
 from serve.admission import Admission
 from serve.calls import ask, gather_all
 from serve.errors import ApiError, authorise, install_handlers
-from serve.images import Crops, decode_image, top_k, v1_images
+from serve.images import Crops, open_images, pixel_count, top_k, v1_images
 from serve.metrics import IngressMetrics, observed
 from serve.readiness import ReplicaWatch, unready_message
 from serve.settings import INGRESS_MAX_ONGOING, IngressSettings
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 T = TypeVar("T")
+
+
+async def offloaded(
+    pool: ThreadPoolExecutor,
+    fn: Callable[..., T],
+    *args: Any,
+    done: Callable[[], None] | None = None,
+) -> T:
+    """``fn(*args)`` in ``pool`` (the decode threads), with this request's context (Serve's
+    request id).
+
+    ``done`` runs on the event loop once the pool is through with the call: finished, or
+    dropped before it started. Not when the request is: a request cancelled by its deadline
+    leaves a running call behind, and what that call holds must stay counted until it ends.
+    """
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    loop = asyncio.get_running_loop()
+    try:
+        future = pool.submit(call)
+    except BaseException:  # a pool shut down: nothing runs, so nothing stays held
+        if done is not None:
+            done()
+        raise
+    if done is not None:
+        future.add_done_callback(lambda _: _call_on(loop, done))
+    return await asyncio.wrap_future(future)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """``fn()`` on ``loop``, from any thread; nothing once the loop is closed (a replica
+    shutting down has no counters left to keep)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
+
 
 # The docs pages are routes of the ingress below, behind the same checks as the API.
 app = FastAPI(
@@ -114,24 +150,26 @@ class Ingress:
     def _observed(self, endpoint: str, name: str | None = None) -> Any:
         return observed(self.metrics, endpoint, name, self.classifiers)
 
-    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in the decode pool, with this request's context (Serve's request id)."""
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+    async def _offload(
+        self, fn: Callable[..., T], *args: Any, done: Callable[[], None] | None = None
+    ) -> T:
+        return await offloaded(self._pool, fn, *args, done=done)
 
     def _ask(self, make: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
         return ask(make, what, self.admission.retry)
 
-    async def _images(
-        self, request: Request, body: bytes
-    ) -> tuple[list[Image.Image], dict[str, Any]]:
-        """Decoded images and options from JSON (base64), multipart (``file``) or raw bytes."""
-        encoded, options = await v1_images(request, body, self.settings.max_images, self._offload)
-        return await self._offload(lambda: [decode_image(d) for d in encoded]), options
+    async def _encoded(self, request: Request, body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+        """Encoded images and options from JSON (base64), multipart (``file``) or raw bytes."""
+        return await v1_images(request, body, self.settings.max_images, self._offload)
 
-    async def _inputs(self, names: list[str], images: list[Image.Image]) -> dict[str, np.ndarray]:
-        """Each model's cropped uint8 pixels of ``images`` (:class:`serve.images.Crops`)."""
-        return await self._offload(self._crops, names, images)
+    async def _inputs(self, names: list[str], encoded: list[bytes]) -> dict[str, np.ndarray]:
+        """Each model's cropped uint8 pixels of the encoded images (:class:`serve.images.Crops`).
+
+        Headers first: the request's decoded pixels are taken from the replica's budget (413
+        or 503, :meth:`Admission.take_pixels`) before any is decoded; only the crops go on."""
+        opened = await self._offload(open_images, encoded)
+        release = self.admission.take_pixels(pixel_count(opened))
+        return await self._offload(self._crops.decode_and_crop, names, opened, done=release)
 
     def _model(self, name: str) -> DeploymentHandle:
         if name not in self.classifiers:
@@ -159,9 +197,9 @@ class Ingress:
             self._authorise(request)  # before anything, so unknown names reveal nothing
             handle = self._model(name)
             async with self.admission.work(request) as body:
-                images, options = await self._images(request, body)
+                encoded, options = await self._encoded(request, body)
                 k = top_k(options, self.settings.default_top_k)
-                batch = (await self._inputs([name], images))[name]
+                batch = (await self._inputs([name], encoded))[name]
                 what = f"model {name!r}"
                 calls = [self._ask(lambda x=x: handle.predict.remote(x, k), what) for x in batch]
                 return {"predictions": await gather_all(calls)}
@@ -173,16 +211,19 @@ class Ingress:
             self._model(name)  # a 404 before the body is read
             async with self.admission.work(request, explain=True) as body:
                 labels = (await self._model_info(name))["labels"]
-                images, options = await self._images(request, body)
-                try:  # checked here, so a bad request costs no explainer slot
+                encoded, options = await self._encoded(request, body)
+                try:  # checked here, so a bad request costs no decode and no explainer slot
                     method = check_method(options.get("method", "gradcam"))
                     target = class_index(options.get("target"), labels)
                 except UserInputError as exc:
                     raise ApiError(422, str(exc)) from None
+                # The crops the classifier would get, not the originals: a 224 px crop is
+                # 147 KiB, a 40 MP image 120 MB through the object store (and again on a retry).
+                crops = (await self._inputs([name], encoded))[name]
                 # One call per request, not per image: the explainer's queue counts requests.
                 explainer = self.explainers[name]
                 explanations = await self._ask(
-                    lambda: explainer.explain.remote(images, method, target),
+                    lambda: explainer.explain.remote(crops, method, target),
                     f"the explainer of {name!r}",
                 )
                 return {"explanations": explanations}
@@ -192,12 +233,12 @@ class Ingress:
         async with self._observed("analyze"):
             self._authorise(request)
             async with self.admission.work(request) as body:
-                images, options = await self._images(request, body)
-                if len(images) != 1:
+                encoded, options = await self._encoded(request, body)
+                if len(encoded) != 1:
                     raise ApiError(422, "analyze takes exactly one image")
                 k = top_k(options, self.settings.default_top_k)
                 names = sorted(self.classifiers)
-                inputs = await self._inputs(names, images)
+                inputs = await self._inputs(names, encoded)
                 calls = [
                     self._ask(
                         lambda n=n: self.classifiers[n].predict.remote(inputs[n][0], k), "a model"
@@ -281,8 +322,7 @@ class Ingress:
         cropped here, or an FP32 ``[N,C,H,W]`` tensor of the model's input size."""
         tensor, datatype = v2.the_input(req)
         if datatype == "BYTES":
-            images = await self._offload(lambda: [decode_image(item) for item in tensor])
-            return (await self._inputs([name], images))[name]
+            return (await self._inputs([name], list(tensor)))[name]
         v2.check_tensor(tensor, datatype, list((await self._model_info(name))["input_size"]))
         return tensor
 

@@ -79,6 +79,7 @@ DECODE_ERROR_KINDS = (
     "unsupported_type",  # a content type that is not JSON, multipart or an image
     "bad_base64",  # an instance's image_b64 that is not base64
     "too_many_images",  # more images in one request than ``ingress.max_images``
+    "too_many_pixels",  # more decoded pixels in one request than ``ingress.max_request_pixels``
 )
 
 

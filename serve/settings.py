@@ -47,6 +47,12 @@ EXPLAINER_MAX_QUEUED = 8
 # Enough ingress slots for ``max_uploads`` bodies and ``max_inflight`` requests at work with
 # room to spare, so health checks and fast 503s always find one.
 INGRESS_MAX_ONGOING = 128
+# Decoded pixels: a request's images, summed from their headers (a per-image cap alone let 32
+# images of 40 MP, 210 KB of JSON, decode to 3.8 GB), and one ingress replica's requests at
+# once. An RGB pixel is 3 bytes, so 100 M is 300 MB: more than a 10 MiB body of real photos
+# decodes to (JPEG is 0.1 bytes a pixel or more), and two requests of it per replica.
+REQUEST_PIXELS = 100_000_000
+REPLICA_PIXELS = 200_000_000
 # Where the API key comes from when ``ingress.api_key`` and ``api_key_file`` are not given: an
 # environment variable (in the RayService, from a Kubernetes Secret), so it need not be in a
 # config file or in argv, where every user of the machine can read it.
@@ -156,6 +162,9 @@ class IngressSettings(DeploymentOptions):
     The load limits are per ingress replica: past ``max_inflight`` requests at work (or
     ``max_uploads`` bodies being received) a request gets a JSON 503 with ``Retry-After`` at
     once, so the queue in front of the models stays short and health checks keep a slot.
+    Decoded pixels are budgeted the same way, from the images' headers before any is decoded:
+    a request over ``max_request_pixels`` is a 413 (it never fits), one that would take the
+    replica past ``max_replica_pixels`` a 503 (it fits once others are done).
     Where HAProxy is Serve's HTTP front it applies ``max_inflight``, ``body_timeout_s``,
     ``max_body_bytes`` and ``retry_after_s`` first (:mod:`serve.front`).
     """
@@ -184,6 +193,18 @@ class IngressSettings(DeploymentOptions):
     )
     default_top_k: int = Field(5, ge=1)
     max_images: int = Field(32, ge=1, description="images in one request (V1 instances, V2 N)")
+    max_request_pixels: int = Field(
+        REQUEST_PIXELS,
+        ge=1,
+        description="decoded pixels of one request's images, summed from their headers "
+        "before any is decoded; more is a 413",
+    )
+    max_replica_pixels: int = Field(
+        REPLICA_PIXELS,
+        ge=1,
+        description="decoded pixels one ingress replica's requests hold at once, from the "
+        "headers to the last crop; a request that would go over it is a 503 with Retry-After",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"],
         description="Host header names served besides the server's own address; '*' allows "
@@ -249,6 +270,12 @@ class IngressSettings(DeploymentOptions):
             raise ValueError(
                 f"max_explains ({self.max_explains}) must be under max_inflight "
                 f"({self.max_inflight}), so a flood of explains cannot take every slot"
+            )
+        if self.max_request_pixels > self.max_replica_pixels:
+            raise ValueError(
+                f"ingress.max_request_pixels ({self.max_request_pixels}) is over "
+                f"ingress.max_replica_pixels ({self.max_replica_pixels}): such a request "
+                "would never fit, and would be told to retry"
             )
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError(

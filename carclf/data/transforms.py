@@ -72,7 +72,16 @@ def preprocess_for(
 
 def load_image(source: str | Path | bytes) -> Image.Image:
     """Decode a file or encoded bytes into an upright RGB image (EXIF rotation applied)."""
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return upright_rgb(Image.open(io.BytesIO(source) if isinstance(source, bytes) else source))
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image into upright RGB (EXIF rotation applied, 16-bit scaled to 8).
+
+    Apart from :func:`load_image` so that a caller that opened the image itself, with its own
+    format allow-list and header checks (the Serve ingress), decodes that very image instead
+    of opening the bytes a second time without them.
+    """
     # In place, and no convert of an RGB image: both would copy every decoded image once more.
     ImageOps.exif_transpose(img, in_place=True)
     if img.mode == "I;16" or img.mode == "I":  # 16-bit grayscale: scale to 8 bits before RGB
