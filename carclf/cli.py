@@ -103,7 +103,7 @@ def cmd_tune(args: argparse.Namespace) -> str:
     from carclf.config import load_config
     from carclf.search.tune import run_tune
 
-    out = run_tune(load_config(args.config, args.set))
+    out = run_tune(load_config(args.config, args.set), trust_state=args.trust_state)
     print((out / "comparison.md").read_text(), file=sys.stderr)
     return str(out)
 
@@ -223,7 +223,7 @@ def cmd_pipeline(args: argparse.Namespace) -> str:
         from serve.launch import app_args, start_app, start_ray
 
         start_ray()
-    result = run_pipeline(cfg, staging=args.staging)
+    result = run_pipeline(cfg, staging=args.staging, trust_state=args.trust_state)
     print(f"test accuracy: {result.evaluation.metrics['summary']['acc']:.4f}")
     if args.deploy:
         bundle = result.bundle
@@ -357,7 +357,18 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("tune", help="Ray Tune + Optuna search with ASHA and collapse detection")
     _config_args(p)
+    _trust_state_arg(p)
     p.set_defaults(func=cmd_tune)
+
+
+def _trust_state_arg(p: argparse.ArgumentParser) -> None:
+    """``--trust-state``: the user's confirmation to resume a search from Tune state that is
+    not their own (it is pickled, so loading it can run code; carclf.ownership)."""
+    p.add_argument(
+        "--trust-state",
+        action="store_true",
+        help="resume a search whose Tune state is not owned by you or is writable by others",
+    )
 
 
 PIPELINE_HELP = "audit → search → final training → export → evaluation (→ --deploy)"
@@ -369,6 +380,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--staging", type=Path, help="local staging dir for a URI output_dir")
     p.add_argument("--deploy", action="store_true", help="serve the bundle with Ray Serve")
     p.add_argument("--serve-port", type=int, default=8000)
+    _trust_state_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
 

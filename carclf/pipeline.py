@@ -95,14 +95,18 @@ def _audit(cfg: Config) -> Config:
     return with_data(cfg, manifest=str(resolve_manifest(cfg)))
 
 
-def _search(cfg: Config, paths: ExperimentPaths) -> tuple[Config, Path | None]:
+def _search(
+    cfg: Config, paths: ExperimentPaths, trust_state: bool = False
+) -> tuple[Config, Path | None]:
     """Run the ``tune`` studies when the config has them; the winner's config for the run."""
     if cfg.tune is None:
         return cfg, None
     from carclf.search.tune import run_tune
 
     progress(f"search: studies {', '.join(cfg.tune.studies)} → {paths.tune}")
-    experiment = run_tune(cfg.model_copy(update={"output_dir": str(paths.tune)}))
+    experiment = run_tune(
+        cfg.model_copy(update={"output_dir": str(paths.tune)}), trust_state=trust_state
+    )
     winner = winner_config(experiment, paths.output_dir)
     progress(f"winner: {winner.model.name}, lr {winner.train.lr:.2e}")
     return winner, experiment
@@ -113,6 +117,7 @@ def run_pipeline(
     staging: Path | None = None,
     filesystem: pafs.FileSystem | None = None,
     bundle_name: str | None = None,
+    trust_state: bool = False,
 ) -> PipelineResult:
     """Data check → audit → search (when ``cfg.tune``) → final training → export → evaluation.
 
@@ -122,6 +127,8 @@ def run_pipeline(
             filesystem (default: a new temporary directory).
         filesystem: a pyarrow filesystem that ``output_dir`` is a path inside (instead of a URI).
         bundle_name: the model's name in the bundle (default: the config's task).
+        trust_state: resume a search from Tune state that is not the user's own
+            (:func:`carclf.search.tune.check_restorable`).
     """
     check_data(cfg)
     from carclf.evaluate import evaluate
@@ -132,7 +139,7 @@ def run_pipeline(
     run_dir = _local_run_dir(storage, staging)
     paths = ExperimentPaths(run_dir)  # as it is: a staging directory may be relative
     cfg = with_store(cfg.model_copy(update={"output_dir": str(run_dir)}), paths.base)
-    cfg, experiment = _search(_audit(cfg), paths)
+    cfg, experiment = _search(_audit(cfg), paths, trust_state)
     progress(
         f"Ray Train: {cfg.model.name}, {cfg.scaling.num_workers} workers, "
         f"{cfg.train.epochs} epochs → {run_dir}"

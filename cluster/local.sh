@@ -20,10 +20,16 @@
 #   all interfaces      the GCS (CARCLF_HEAD_PORT), raylets, object managers, worker processes
 # The token is what guards the ones outside loopback; on a machine that others can reach,
 # firewall these ports as well.
+#
+# Its state (each node's session id, start.log and Ray temp dir) lives in a per-user directory,
+# CARCLF_CLUSTER_DIR, default ${XDG_RUNTIME_DIR:-/tmp}/carclf-<uid>: created 0700, and refused
+# (exit 2) when it is a symlink, not a directory, not the user's own, or open to group or
+# others, since `down` kills the sessions it names. A session id is used only when it is
+# digits, names a live session, and every process in that session is the user's own.
 set -euo pipefail
 
 RAY=${RAY:-"$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/ray"}
-STATE=${CARCLF_CLUSTER_DIR:-/tmp/carclf-cluster}
+STATE=${CARCLF_CLUSTER_DIR:-${XDG_RUNTIME_DIR:-/tmp}/carclf-$(id -u)}
 DEFAULT_TOKEN_DIR=$HOME/.config/carclf
 TOKEN_FILE=${CARCLF_RAY_TOKEN_FILE:-$DEFAULT_TOKEN_DIR/ray_token}
 HEAD_PORT=${CARCLF_HEAD_PORT:-6390}
@@ -62,13 +68,76 @@ make_token() {
   chmod 600 "$TOKEN_FILE"
 }
 
+refuse() {
+  echo "cluster/local.sh: $*" >&2
+  exit 2
+}
+
+# The state directory, made private if it is new and checked in any case: another user who
+# could write in it could plant a session id for `down` to kill or a symlink for a log to follow.
+# MAKE=1 creates it; `down` only checks one that exists.
+check_state() {
+  local mode
+  if [ "${1:-}" = make ] && [ ! -e "$STATE" ] && [ ! -L "$STATE" ]; then
+    mkdir -p -- "$(dirname -- "$STATE")"
+    mkdir -m 700 -- "$STATE" 2>/dev/null || true  # lost a race: what is there is checked below
+  fi
+  if [ -L "$STATE" ] || [ ! -d "$STATE" ]; then
+    refuse "$STATE: the state directory is a symlink or not a directory; remove it or set CARCLF_CLUSTER_DIR"
+  fi
+  if [ "$(stat -c %u -- "$STATE")" != "$(id -u)" ]; then
+    refuse "$STATE: the state directory is not yours (owner uid $(stat -c %u -- "$STATE")); set CARCLF_CLUSTER_DIR"
+  fi
+  mode=$(stat -c %a -- "$STATE")
+  if (((8#$mode & 8#077) != 0)); then
+    refuse "$STATE: the state directory is open to group or others (mode $mode); chmod 700 it"
+  fi
+}
+
+# A file this script writes inside a node directory: never through a link planted there.
+fresh_file() {
+  if [ -L "$1" ] || { [ -e "$1" ] && [ ! -f "$1" ]; }; then
+    refuse "$1: a symlink or not a regular file; remove it"
+  fi
+  rm -f -- "$1"
+}
+
+# The session id in file $1, printed when it names a live session of this user's own; nothing
+# when that session has ended. Exit 2 for anything else: pkill -s 0 would be this shell's own
+# session, 1 is init's, and a session with another user's process is not this cluster's.
+session_of() {
+  local sid others
+  sid=$(head -c 32 -- "$1")
+  if [[ ! $sid =~ ^[0-9]{1,10}$ ]] || ((10#$sid <= 1)); then
+    refuse "$1: not a session id (digits, above 1): $(printf %q "$sid")"
+  fi
+  sid=$((10#$sid))
+  if [ "$sid" = "$(ps -o sid= -p $$ | tr -d ' ')" ]; then
+    refuse "$1: names this shell's own session $sid"
+  fi
+  if ! pgrep -s "$sid" >/dev/null; then
+    return 0  # ended: nothing to stop
+  fi
+  others=$(comm -12 <(pgrep -s "$sid" | sort) <(pgrep -v -u "$(id -u)" | sort))
+  if [ -n "$others" ]; then
+    refuse "$1: session $sid has processes of another user ($(echo "$others" | head -n 3 | tr '\n' ' '))"
+  fi
+  echo "$sid"
+}
+
 # Each node gets its own temp dir and ports, so several raylets share one host, and its own
 # session (setsid): every process Ray starts for the node stays in that session, whatever Ray
 # renames it to, so `down` stops exactly this cluster.
 start_node() {
   local name=$1 i=$2 base=$((HEAD_PORT + 10 * $2))
   shift 2
-  mkdir -p "$STATE/$name"
+  if [ -L "$STATE/$name" ]; then
+    refuse "$STATE/$name: a symlink; remove it"
+  fi
+  mkdir -p -- "$STATE/$name"
+  fresh_file "$STATE/$name/start.log"
+  fresh_file "$STATE/$name/sid"
+  set -o noclobber  # created here, fresh: a file or link planted meanwhile is an error
   setsid "$RAY" start --node-ip-address=127.0.0.1 --temp-dir="$STATE/$name/tmp" \
     --disable-usage-stats --node-manager-port=$((base + 1)) --object-manager-port=$((base + 2)) \
     --dashboard-agent-listen-port=$((base + 3)) --dashboard-agent-grpc-port=$((base + 4)) \
@@ -76,13 +145,17 @@ start_node() {
     --min-worker-port=$((WORKER_PORTS + 1000 * i)) --max-worker-port=$((WORKER_PORTS + 1000 * i + 999)) \
     "$@" >"$STATE/$name/start.log" 2>&1 &
   echo $! >"$STATE/$name/sid"
+  set +o noclobber
   wait $! || { cat "$STATE/$name/start.log" >&2; exit 1; }
 }
 
 up() {
   local workers=${1:-1}
+  if [[ ! $workers =~ ^[0-9]{1,2}$ ]]; then
+    refuse "WORKERS must be a number of worker nodes, not $(printf %q "$workers")"
+  fi
+  check_state make  # before the token and before any Ray starts
   make_token
-  mkdir -p "$STATE"
   start_node head 0 --head --port="$HEAD_PORT" --dashboard-host=127.0.0.1 \
     --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port=$((HEAD_PORT + 7)) \
     --num-cpus="$HEAD_CPUS" --resources='{"head": 1}'
@@ -103,18 +176,33 @@ MSG
 down() {
   # Not `ray stop`: it would stop every Ray on this host, another user's or a test's too.
   # Idempotent: nothing running (or no state at all) is success, not an error.
-  local f signal
-  for signal in TERM KILL; do
-    for f in "$STATE"/*/sid; do
-      if [ -f "$f" ]; then
-        pkill "-$signal" -s "$(cat "$f")" 2>/dev/null || true  # 1: none left in that session
+  local f signal sid sids=()
+  if [ ! -e "$STATE" ] && [ ! -L "$STATE" ]; then
+    echo "Ray cluster down."
+    return 0
+  fi
+  check_state
+  # Every session id is checked before any is signalled.
+  for f in "$STATE"/*/sid; do
+    if [ -L "$f" ] || [ -f "$f" ]; then
+      if [ -L "$f" ]; then
+        refuse "$f: a symlink, not a session id file"
       fi
+      sid=$(session_of "$f")
+      if [ -n "$sid" ]; then
+        sids+=("$sid")
+      fi
+    fi
+  done
+  for signal in TERM KILL; do
+    for sid in "${sids[@]}"; do
+      pkill "-$signal" -s "$sid" -u "$(id -u)" 2>/dev/null || true  # 1: none left in it
     done
-    if [ "$signal" = TERM ] && compgen -G "$STATE/*/sid" >/dev/null; then
+    if [ "$signal" = TERM ] && ((${#sids[@]} > 0)); then
       sleep 2
     fi
   done
-  # Only the node directories this script made: CARCLF_CLUSTER_DIR may be a shared directory.
+  # Only the node directories this script made, in case CARCLF_CLUSTER_DIR holds other files.
   for f in "$STATE"/head "$STATE"/worker[0-9]*; do
     if [ -d "$f" ]; then
       rm -rf "$f"

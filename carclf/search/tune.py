@@ -12,6 +12,9 @@ Optuna study in ``optuna.db`` and Tune's TensorBoard logs under ``tune/`` (see
 Rerunning the same command resumes unfinished studies (``Tuner.restore``). The searcher's Optuna
 study lives in memory and travels in Tune's own experiment state, so a restored search and its
 searcher always agree; ``optuna.db`` is written from the finished trials for optuna-dashboard.
+Tune's state is pickled, so a study is restored only from a tree that is the user's own
+(:func:`carclf.ownership.check_own_tree`), or when the user confirms (``trust_state``,
+``--trust-state``); the check runs before Ray starts.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from carclf.collapse import CollapseRule, collapse_label, detect_collapse
 from carclf.config import Config, save_config
 from carclf.errors import UserInputError
 from carclf.metrics import best_of
+from carclf.ownership import check_own_tree
 from carclf.paths import BEST_CONFIG_FILE, ExperimentPaths
 from carclf.runtime import ensure_ray
 from carclf.search.report import write_report
@@ -169,8 +173,27 @@ def _search_alg(cfg: Config, study: str) -> Any:
     return ConcurrencyLimiter(searcher, max_concurrent=t.max_concurrent)
 
 
-def run_study(cfg: Config, study: str, num_classes: int) -> Any:
-    """Run (or resume) one study; returns Tune's ``ResultGrid``."""
+TRUST_STATE_FLAG = "--trust-state"
+
+
+def check_restorable(cfg: Config, study: str, trust_state: bool = False) -> None:
+    """Refuse to resume ``study`` from Tune state that is not the user's own.
+
+    ``Tuner.restore`` unpickles it with a full unpickler, so whoever could write it could run
+    code as this user; ``trust_state`` is the user's confirmation that it is safe anyway.
+
+    Raises:
+        UserInputError: the study's state, or a directory up to the experiment directory, is
+            owned by someone else or writable by others.
+    """
+    paths = ExperimentPaths.of(cfg)
+    state = paths.tuner_study(study)
+    if not trust_state and state.exists():
+        check_own_tree(state, top=paths.output_dir, confirm=TRUST_STATE_FLAG)
+
+
+def run_study(cfg: Config, study: str, num_classes: int, trust_state: bool = False) -> Any:
+    """Run (or resume, see :func:`check_restorable`) one study; returns Tune's ``ResultGrid``."""
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -185,6 +208,7 @@ def run_study(cfg: Config, study: str, num_classes: int) -> Any:
     )
     path = paths.tuner_study(study)
     if tune.Tuner.can_restore(path):
+        check_restorable(cfg, study, trust_state)  # again: the state may have changed meanwhile
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
     scheduler = (
         ASHAScheduler(
@@ -297,9 +321,14 @@ def best_train_config(cfg: Config, row: dict[str, Any]) -> Config:
     return study_config(cfg, study, params, ExperimentPaths.of(cfg).best_run)
 
 
-def run_tune(cfg: Config) -> Path:
+def run_tune(cfg: Config, trust_state: bool = False) -> Path:
     """Run every study of ``cfg.tune``; write trials.csv, the Optuna study, the comparison
     (tables, plots, test scores of each study's best trial) and best_config.yaml.
+
+    Args:
+        cfg: the search's config.
+        trust_state: resume studies whose Tune state is not the user's own (the user's
+            confirmation; see :func:`check_restorable`).
 
     Returns:
         The experiment directory.
@@ -307,6 +336,8 @@ def run_tune(cfg: Config) -> Path:
     from carclf.data.manifest import read_manifest
 
     check_studies(cfg)
+    for study in cfg.tune.studies:  # before anything is written or Ray starts
+        check_restorable(cfg, study, trust_state)
     out = ExperimentPaths.of(cfg).output_dir
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(runs.resolve_manifest(cfg))
@@ -328,7 +359,7 @@ def run_tune(cfg: Config) -> Path:
     )
     rows: list[dict[str, Any]] = []
     for study in cfg.tune.studies:
-        grid = run_study(cfg, study, len(manifest.labels))
+        grid = run_study(cfg, study, len(manifest.labels), trust_state)
         mine = trial_rows(study, grid, cfg, len(manifest.labels))
         if cfg.tracking.mlflow:
             log_study(cfg, study, _with_histories(mine, grid))
