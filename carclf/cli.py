@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -206,6 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> str:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     where = f"{url} through {front_in_use()}"
     print(f"serving {', '.join(args.bundles)} at {where} (Ctrl-C to stop)", file=sys.stderr)
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        print("Ray's own ports need its token (~/.ray/auth_token)", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)
@@ -220,8 +223,9 @@ def cmd_pipeline(args: argparse.Namespace) -> str:
 
     cfg = load_config(args.config, args.set)
     if args.deploy:  # the Ray that trains is the one that serves: it starts with the front
-        from serve.launch import app_args, start_app, start_ray
+        from serve.launch import app_args, check_port_free, start_app, start_ray
 
+        check_port_free("127.0.0.1", args.serve_port)  # before training, not after it
         start_ray()
     result = run_pipeline(cfg, staging=args.staging, trust_state=args.trust_state)
     print(f"test accuracy: {result.evaluation.metrics['summary']['acc']:.4f}")
@@ -243,10 +247,11 @@ def cmd_demo(args: argparse.Namespace) -> str:
     from carclf.paths import ExperimentPaths
     from carclf.pipeline import demo_config, progress, run_pipeline
     from serve.client import query, wait_ready
-    from serve.launch import app_args, start_app, start_ray
+    from serve.launch import app_args, check_port_free, start_app, start_ray
 
     cfg = demo_config(load_config(args.config, args.set))
     paths = ExperimentPaths.of(cfg)
+    check_port_free("127.0.0.1", args.port)  # before training, not after it
     try:
         start_ray()  # the Ray that trains serves next: it starts with Serve's HTTP front
         result = run_pipeline(cfg)
@@ -518,7 +523,28 @@ def run(args: argparse.Namespace, prog: str = "carclf") -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``carclf`` console script."""
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if argv is None and args.command == "serve":
+        with_ray_token_auth()
+    return run(args)
+
+
+def with_ray_token_auth() -> None:
+    """Rerun this command with Ray's token authentication where it starts a Ray of its own.
+
+    Ray's ports listen on every interface, and without a token anyone who reaches them runs
+    code on this machine (the Jobs API). A Ray started with ``RAY_AUTH_MODE=token`` makes a
+    token (``~/.ray/auth_token``) and refuses callers without it, but Ray reads the mode when
+    it is imported, and whether this command joins a cluster is Ray's own rule, known only
+    after importing it: so the process execs itself with the mode set (same pid, same
+    arguments). A mode the user set, or a cluster it joins, stays as it is.
+    """
+    from carclf.runtime import cluster_to_join
+
+    if "RAY_AUTH_MODE" in os.environ or cluster_to_join():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.execv(sys.executable, [sys.executable, "-m", "carclf", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ def ensure_ray(dashboard: bool = True, **init_kwargs: Any) -> None:
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, **init_kwargs)
         return
+    from carclf.reaper import watch
+
+    watch()  # a Ray of this process's own: nothing of it outlives this process, even a SIGKILL
     if not dashboard:
         ray.init(address="local", include_dashboard=False, **init_kwargs)
         return

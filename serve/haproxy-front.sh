@@ -21,9 +21,15 @@
 #      connections that long);
 #    - HAProxy's own 503 (no replica up) and 408 are JSON too, instead of Ray's 500 page.
 #    GETs (health, readiness, metadata, the page) are never refused here.
+# 3. HAProxy dies with the Ray process that started it (PR_SET_PDEATHSIG, SIGKILL): when the
+#    driver of a local Ray is killed, Ray's processes go and HAProxy would otherwise stay,
+#    re-parented to PID 1 and holding the port. A signal the kernel sends, not cleanup code
+#    that a SIGKILL skips. The parent is checked after the call: had it died in between, no
+#    signal would ever come.
 #
 # Environment (set by serve.front.use_front, inherited through Ray):
 #   CARCLF_HAPROXY_BINARY            the real HAProxy
+#   CARCLF_PYTHON                    the Python that sets the parent-death signal (Linux)
 #   RAY_SERVE_HAPROXY_STATS_PORT     the statistics port
 #   RAY_SERVE_HAPROXY_METRICS_PORT   the Prometheus exporter's port
 #   CARCLF_FRONT_MAX_INFLIGHT        POSTs at once per ingress replica (unset: no admission)
@@ -77,4 +83,12 @@ if [ -n "$config" ]; then
     fi
     exec 9>&- # released: HAProxy must not inherit it, or Ray's next reload would wait on it
 fi
-exec "$CARCLF_HAPROXY_BINARY" "$@"
+# PR_SET_PDEATHSIG is 1, SIGKILL 9; both survive the exec into HAProxy.
+exec "${CARCLF_PYTHON:-python3}" -c '
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0) != 0:
+    sys.exit("haproxy-front.sh: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("haproxy-front.sh: the Ray process that started HAProxy is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+' "$PPID" "$CARCLF_HAPROXY_BINARY" "$@"

@@ -6,8 +6,10 @@ everything in Python goes through :func:`start_app`.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +76,34 @@ def check_exposure(args: AppArgs, host: str) -> None:
     )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a ``host:port`` that something already listens on, before Ray starts: Ray would
+    start, then fail after half a minute in HAProxy's bind with a traceback.
+
+    Bound the way HTTP servers bind (``SO_REUSEADDR``), so a port that only has connections
+    closing in TIME_WAIT counts as free, as it does for HAProxy and Serve's proxy.
+
+    Raises:
+        UserInputError: the port is taken (or ``host`` is not an address of this machine).
+    """
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserInputError(f"cannot serve on {host}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserInputError(
+                    f"port {port} on {host} is already in use: stop what listens there "
+                    "(`ss -ltnp`) or serve on another port (--port)"
+                ) from None
+            raise UserInputError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+
+
 def start_ray(front: str = "auto", limits: FrontLimits | None = None, **init_kwargs: Any) -> str:
     """Join or start Ray for serving; the HTTP front it has, in words.
 
@@ -122,9 +152,14 @@ def start_app(
 
     Raises:
         UserInputError: ``host`` is not loopback and the app has no API key and does not
-            allow unauthenticated use (:func:`check_exposure`).
+            allow unauthenticated use (:func:`check_exposure`); on a Ray this process starts,
+            ``port`` is already taken (:func:`check_port_free`).
     """
+    import ray
+
     check_exposure(args, host)  # before Ray: a refused start leaves nothing behind
+    if not ray.is_initialized() and not cluster_to_join():
+        check_port_free(host, port)  # the proxy of a running Ray holds its own port
     start_ray(front, FrontLimits.of(args.ingress))
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)

@@ -33,6 +33,7 @@ from serve.front import (
     HAPROXY_FILE_ENVS,
     HAPROXY_PORT_ENVS,
     NBTHREAD_ENV,
+    PYTHON_ENV,
     PYTHON_PROXY,
     REAL_BINARY_ENV,
     FrontLimits,
@@ -40,6 +41,7 @@ from serve.front import (
     haproxy_binary,
     use_front,
 )
+from serve.launch import check_port_free
 
 from .test_serve_inputs import encode, noise
 
@@ -95,6 +97,7 @@ OURS = (
     *HAPROXY_FILE_ENVS,
     *HAPROXY_PORT_ENVS,
     NBTHREAD_ENV,
+    PYTHON_ENV,
     *FRONT_LIMIT_ENVS,
 )
 
@@ -200,6 +203,7 @@ def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_
     env = {
         "PATH": os.environ["PATH"],
         REAL_BINARY_ENV: str(fake),
+        PYTHON_ENV: sys.executable,
         "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
         "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
     }
@@ -212,6 +216,42 @@ def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_
         "frontend other\n    bind 127.0.0.1:19101 v4v6\n"
     )
     assert echo.read_text().split() == args
+
+
+def test_the_wrappers_haproxy_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A parent that is SIGKILLed runs no cleanup: the kernel's parent-death signal, set by the
+    wrapper, still takes HAProxy (here a stand-in that sleeps) with it."""
+    pid_file = tmp_path / "pid"
+    fake = tmp_path / "haproxy"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 120\n")
+    fake.chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        REAL_BINARY_ENV: str(fake),
+        PYTHON_ENV: sys.executable,
+        "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
+    }
+    parent_code = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([{str(FRONT_WRAPPER)!r}, '-db']); time.sleep(120)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.is_file() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline, "the stand-in HAProxy did not start"
+            time.sleep(0.1)
+        haproxy = psutil.Process(int(pid_file.read_text()))
+        assert haproxy.ppid() == parent.pid
+        parent.kill()
+        parent.wait(timeout=10)
+        haproxy.wait(timeout=10)  # psutil.TimeoutExpired: it outlived its parent
+    finally:
+        parent.kill()
+        if pid_file.is_file() and pid_file.read_text().strip():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(int(pid_file.read_text())).kill()
 
 
 # Ray's template, cut to what the wrapper edits: Ray's 500 page for HAProxy's own 503, the HTTP
@@ -366,7 +406,9 @@ class CarclfServe:
         cmd = [str(carclf), "serve", str(bundle), "--port", str(port), *flags]
         self.log = log
         with log.open("wb") as err:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            )
 
     def started(self, timeout_s: float = 240) -> str:
         """Its "serving ... at" line, once start-up is over (a signal then stops it cleanly)."""
@@ -447,3 +489,65 @@ def test_carclf_serve_front_proxy_answers_through_serves_python_proxy(
         predict_once(url)
     finally:
         server.stop(signal.SIGINT)
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_ray_starts(
+    served_bundle, tmp_path: Path
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(UserInputError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_port_free("127.0.0.1", port)
+        started = time.monotonic()
+        server = CarclfServe(served_bundle.path, port, tmp_path / "stderr")
+        assert server.proc.wait(timeout=60) == 2
+        assert time.monotonic() - started < 30  # no Ray started (that alone takes ~10 s here)
+    lines = (tmp_path / "stderr").read_text().strip().splitlines()
+    assert lines[-1].startswith(f"carclf: error: port {port} on 127.0.0.1"), lines
+    assert not any("Traceback" in line for line in lines), lines
+    check_port_free("127.0.0.1", port)  # free again once its holder closed
+
+
+def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    """Every process ``proc`` started, and theirs."""
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=lambda s: s.name)
+def test_nothing_carclf_serve_started_outlives_it(
+    served_bundle, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGKILL runs no cleanup code: Ray's processes die with their parent, and HAProxy with
+    the Ray process that started it (haproxy-front.sh); 10 s later nothing listens on the port.
+    Its Ray runs with token authentication: a caller without the token is refused."""
+    port = free_loopback_port()
+    server = CarclfServe(served_bundle.path, port, tmp_path / "stderr")
+    started: list[psutil.Process] = []
+    try:
+        server.started()
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=60)
+        running_haproxy(port)
+        started = descendants(server.proc)
+        dashboard = next(p for p in started if "dashboard.py" in " ".join(p.cmdline()))
+        environ = dashboard.environ()
+        assert environ.get("RAY_AUTH_MODE") == "token"
+        api = environ[API_SERVER_ENV]
+        assert httpx.get(f"{api}/api/version", timeout=10).status_code in (401, 403)
+        os.killpg(server.proc.pid, sig) if sig == signal.SIGINT else server.proc.kill()
+        server.proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        alive = started
+        while time.monotonic() < deadline and (alive or listener(port)):
+            time.sleep(0.2)
+            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert listener(port) is None, f"{listener(port)} still listens on {port}"
+        assert not alive, f"outlived carclf serve by 10 s: {alive}"
+    finally:
+        server.proc.kill()
+        for proc in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
