@@ -184,6 +184,21 @@ def test_the_python_proxy_on_request_or_said_out_loud_without_a_binary(
         use_front("nginx")
 
 
+def stand_in_haproxy(tmp_path: Path, script: str) -> dict[str, str]:
+    """The wrapper's environment with a shell ``script`` in place of the real HAProxy, and the
+    side ports 18404 and 19101."""
+    fake = tmp_path / "haproxy"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    return {
+        "PATH": os.environ["PATH"],
+        REAL_BINARY_ENV: str(fake),
+        PYTHON_ENV: sys.executable,
+        "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
+    }
+
+
 def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_binary(
     tmp_path: Path,
 ) -> None:
@@ -197,16 +212,7 @@ def test_the_wrapper_binds_statistics_and_metrics_to_loopback_and_runs_the_real_
         "frontend other\n    bind [::]:19101 v4v6\n"
     )
     echo = tmp_path / "args"
-    fake = tmp_path / "haproxy"
-    fake.write_text(f'#!/bin/sh\necho "$@" > {echo}\n')
-    fake.chmod(0o755)
-    env = {
-        "PATH": os.environ["PATH"],
-        REAL_BINARY_ENV: str(fake),
-        PYTHON_ENV: sys.executable,
-        "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
-    }
+    env = stand_in_haproxy(tmp_path, f'echo "$@" > {echo}')
     args = ["-db", "-f", str(config), "-sf", "123"]
     subprocess.run([str(FRONT_WRAPPER), *args], env=env, check=True, timeout=30)
     assert config.read_text() == (
@@ -222,16 +228,7 @@ def test_the_wrappers_haproxy_dies_with_the_process_that_started_it(tmp_path: Pa
     """A parent that is SIGKILLed runs no cleanup: the kernel's parent-death signal, set by the
     wrapper, still takes HAProxy (here a stand-in that sleeps) with it."""
     pid_file = tmp_path / "pid"
-    fake = tmp_path / "haproxy"
-    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 120\n")
-    fake.chmod(0o755)
-    env = {
-        "PATH": os.environ["PATH"],
-        REAL_BINARY_ENV: str(fake),
-        PYTHON_ENV: sys.executable,
-        "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": "19101",
-    }
+    env = stand_in_haproxy(tmp_path, f"echo $$ > {pid_file}\nexec sleep 120")
     parent_code = (
         "import subprocess, sys, time; "
         f"subprocess.Popen([{str(FRONT_WRAPPER)!r}, '-db']); time.sleep(120)"
