@@ -10,9 +10,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format bench bench-transfer chaos clean manifests
 
+# Bytecode is compiled at install: every Ray worker imports torch, timm and Ray, and where
+# PYTHONDONTWRITEBYTECODE is set (as in many CI images) importing them from source took each
+# worker 3x as long (measured: the Ray test suite twice as long).
 .venv/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	touch $@
 
 install: .venv/.installed
