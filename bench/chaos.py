@@ -2,8 +2,9 @@
 
 Everything goes to 127.0.0.1 only, and every phase is bounded in time (flags below):
 
-1. Overload (:mod:`bench.overload`): the saturation throughput of closed-loop clients, then
-   open-loop arrivals at 1x and 10x of it: how many requests were refused and how fast, the
+1. Overload (:mod:`bench.overload`): the saturation throughput of closed-loop clients, a flood
+   of 128 closed-loop clients on a new connection per request, then open-loop arrivals at 1x
+   and 10x of saturation: how many requests were refused and how fast, the
    accepted throughput against saturation, and the latency of the health probes meanwhile
    (``PROBES``: the app's ``/v2/health/live`` and ``/ready``, and the HTTP front's own
    ``/-/healthz``).
@@ -97,6 +98,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a("--sat-s", type=float, default=8.0)
     a("--overload-factors", type=float, nargs="+", default=[1.0, 10.0])
     a("--overload-s", type=float, default=10.0)
+    a("--flood-clients", type=int, default=128, help="closed-loop clients of the flood; 0: none")
+    a("--flood-s", type=float, default=15.0)
     a("--overload-rounds", type=int, default=3, help="saturation then each level, this often")
     a("--max-in-flight", type=int, default=2000, help="the load client's own bound")
     a("--probe-every-s", type=float, default=0.1)

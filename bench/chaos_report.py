@@ -101,8 +101,8 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
     for lv in o["levels"]:
         rows.append(
             {
-                "load": f"{lv['level']} open-loop",
-                "offered rps": f"{lv['offered_rps']:.0f} (sent {lv['sent_rps']:.0f})",
+                "load": _load(lv),
+                "offered rps": _offered(lv),
                 "sent": lv["sent"],
                 "statuses": _counts(lv["statuses"]),
                 "refused": lv["refused"],
@@ -114,6 +114,18 @@ def overload_rows(o: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _load(level: dict[str, Any]) -> str:
+    if level["offered_rps"] is None:
+        return f"{level['level']} ({level['clients']} closed-loop clients, a new connection each)"
+    return f"{level['level']} open-loop"
+
+
+def _offered(level: dict[str, Any]) -> str:
+    if level["offered_rps"] is None:  # a closed loop offers what it gets
+        return f"- (sent {level['sent_rps']:.0f})"
+    return f"{level['offered_rps']:.0f} (sent {level['sent_rps']:.0f})"
 
 
 def _probe_cells(level: dict[str, Any]) -> dict[str, str]:

@@ -77,7 +77,9 @@ async def overload_round(
     # Over the same span as every level (first request sent to last answer), so that the
     # answers still coming in after the clients stop count alike on both sides of the ratio.
     saturation = sum(r.status == 200 for r in sat) / _span(sat, args.sat_s)
-    levels = []
+    levels = (
+        [await flood(target, images, args, prober, roles, saturation)] if args.flood_clients else []
+    )
     for factor in args.overload_factors:
         rate = max(saturation, 1.0) * factor
         prober.start()
@@ -107,10 +109,34 @@ async def overload_round(
     }
 
 
-def overload_summary(
-    level: str, rate: float, seconds: float, replies: list[Reply], skipped: int, health: list
+async def flood(
+    target: Target,
+    images: list[bytes],
+    args: argparse.Namespace,
+    prober: Prober,
+    roles: dict,
+    saturation: float,
 ) -> dict[str, Any]:
-    """One overload level's figures: refusals, accepted throughput, health latency."""
+    """``--flood-clients`` closed-loop clients, each request on a new connection, for
+    ``--flood-s``: a crowd of clients that retry at once (issue 30's shape), far past the
+    admission bound, while the probes run."""
+    prober.start()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
+    replies = await closed_loop(target, images, args.flood_clients, args.flood_s, args.timeout_s)
+    cores = cores_used(roles, cpu0, time.perf_counter() - t0)
+    row = overload_summary("flood", None, args.flood_s, replies, 0, await prober.stop())
+    row["clients"] = args.flood_clients
+    row["accepted_over_saturation"] = row["accepted_rps"] / saturation if saturation else None
+    row["cores"] = cores
+    await asyncio.sleep(args.settle_s)
+    return row
+
+
+def overload_summary(
+    level: str, rate: float | None, seconds: float, replies: list[Reply], skipped: int, health: list
+) -> dict[str, Any]:
+    """One overload level's figures: refusals, accepted throughput, health latency (``rate``
+    None: a closed loop, which offers what it gets)."""
     ok = [r for r in replies if r.status == 200]
     refused = [r for r in replies if r.status in REFUSED]
     row: dict[str, Any] = {

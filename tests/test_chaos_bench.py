@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bench import chaos_report, harness, overload
-from bench.loadclient import HOST, Reply, exchange, parse_reply, raw_request
+from bench.loadclient import HOST, Reply, Target, exchange, parse_reply, raw_request
 from carclf.config import apply_overrides
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -158,3 +158,41 @@ def test_app_flags_reach_into_the_sections_and_old_keys_name_their_successor() -
         harness.app_args(["b"], {}, ["ingress_replicas=1"])
     with pytest.raises(SystemExit, match=r"ingress\.no_such_key"):
         harness.app_args(["b"], {}, ["ingress.no_such_key=1"])
+
+
+def test_the_flood_opens_a_connection_per_request_and_its_row_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flood level (issue 30's shape): closed-loop clients, each request on a new
+    connection, and its row in the overload table says so, with no offered rate."""
+    connections = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    class Probes:
+        def start(self) -> None:
+            pass
+
+        async def stop(self) -> list[Reply]:
+            return []
+
+    async def main() -> dict:
+        server = await asyncio.start_server(handler, HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        args = argparse.Namespace(flood_clients=4, flood_s=0.3, timeout_s=2.0, settle_s=0.0)
+        async with server:
+            return await overload.flood(Target(port, "body"), [b"x"], args, Probes(), {}, 10.0)
+
+    row = asyncio.run(main())
+    assert row["sent"] == len(connections) > 4  # each request came on its own connection
+    assert row["statuses"] == {"503": row["sent"]} and row["refused"] == row["sent"]
+    table = chaos_report.overload_rows(
+        {"saturation": {"clients": 2, "statuses": {}, "ok_rps": 10.0}, "levels": [row]}
+    )
+    assert table[1]["load"] == "flood (4 closed-loop clients, a new connection each)"
+    assert table[1]["offered rps"].startswith("- (sent ")
