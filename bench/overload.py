@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -77,24 +78,14 @@ async def overload_round(
     # Over the same span as every level (first request sent to last answer), so that the
     # answers still coming in after the clients stop count alike on both sides of the ratio.
     saturation = sum(r.status == 200 for r in sat) / _span(sat, args.sat_s)
-    levels = (
-        [await flood(target, images, args, prober, roles, saturation)] if args.flood_clients else []
-    )
+    levels = []
+    if args.flood_clients:
+        levels.append(await flood(target, images, args, prober, roles, saturation))
     for factor in args.overload_factors:
         rate = max(saturation, 1.0) * factor
-        prober.start()
-        t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
-        replies, skipped = await open_loop(
-            target, images, rate, args.overload_s, args.timeout_s, args.max_in_flight
-        )
-        cores = cores_used(roles, cpu0, time.perf_counter() - t0)
-        row = overload_summary(
-            f"{factor:g}x", rate, args.overload_s, replies, skipped, await prober.stop()
-        )
-        row["accepted_over_saturation"] = row["accepted_rps"] / saturation if saturation else None
-        row["cores"] = cores
-        levels.append(row)
-        await asyncio.sleep(args.settle_s)  # let queues drain before the next level
+        load = open_loop(target, images, rate, args.overload_s, args.timeout_s, args.max_in_flight)
+        level = (f"{factor:g}x", rate, args.overload_s)
+        levels.append(await _level(level, load, args, prober, roles, saturation))
     return {
         "saturation": {
             "clients": args.sat_clients,
@@ -120,15 +111,34 @@ async def flood(
     """``--flood-clients`` closed-loop clients, each request on a new connection, for
     ``--flood-s``: a crowd of clients that retry at once (issue 30's shape), far past the
     admission bound, while the probes run."""
+
+    async def load() -> tuple[list[Reply], int]:
+        clients, seconds = args.flood_clients, args.flood_s
+        return await closed_loop(target, images, clients, seconds, args.timeout_s), 0
+
+    row = await _level(("flood", None, args.flood_s), load(), args, prober, roles, saturation)
+    return {**row, "clients": args.flood_clients}
+
+
+async def _level(
+    level: tuple[str, float | None, float],
+    load: Awaitable[tuple[list[Reply], int]],
+    args: argparse.Namespace,
+    prober: Prober,
+    roles: dict,
+    saturation: float,
+) -> dict[str, Any]:
+    """One level's row: ``load`` (its replies, and how many were not sent) run with the
+    probes, named, offered and timed by ``level`` (:func:`overload_summary`'s first three),
+    the cores each part used, against ``saturation``; then ``--settle-s`` for queues to drain."""
     prober.start()
     t0, cpu0 = time.perf_counter(), cpu_seconds(roles)
-    replies = await closed_loop(target, images, args.flood_clients, args.flood_s, args.timeout_s)
+    replies, skipped = await load
     cores = cores_used(roles, cpu0, time.perf_counter() - t0)
-    row = overload_summary("flood", None, args.flood_s, replies, 0, await prober.stop())
-    row["clients"] = args.flood_clients
+    row = overload_summary(*level, replies, skipped, await prober.stop())
     row["accepted_over_saturation"] = row["accepted_rps"] / saturation if saturation else None
     row["cores"] = cores
-    await asyncio.sleep(args.settle_s)
+    await asyncio.sleep(args.settle_s)  # let queues drain before the next level
     return row
 
 
